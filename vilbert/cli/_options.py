@@ -1,0 +1,18 @@
+"""Options shared by the commands that take a run configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vilbert.config import Config, load_config, preset
+
+PRESET_OPTION = typer.Option("vilbert_base", "--preset", help="Starting point: tiny, vilbert_base, vilbert_original.")
+CONFIG_OPTION = typer.Option(None, "--config", help="A TOML file with config sections, applied after the preset.")
+SET_OPTION = typer.Option(None, "--set", help="Override one key, e.g. --set pretrain.lr=1e-4 (repeatable).")
+
+
+def resolve_config(preset_name: str, config_file: Path | None, overrides: list[str] | None) -> Config:
+    """The preset, then the TOML file, then the `--set` overrides."""
+    return load_config(config_file, overrides or (), base=preset(preset_name))

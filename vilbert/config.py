@@ -1,0 +1,455 @@
+"""Configuration: frozen, keyword-only dataclasses with the thesis's defaults.
+
+A run is described by one `Config` with sections (`model`, `data`, `pretrain`, `finetune`). Presets
+are functions that return a whole `Config` (`tiny()`, `vilbert_base()`, `vilbert_original()`). A TOML
+file and repeated `--set section.key=value` overrides map onto the same dataclasses; an unknown key or
+a value outside its range raises `ConfigError` naming the key and the valid choices.
+
+    [pretrain]
+    lr = 1e-4
+    [model.cross]
+    pattern = ["co", "self", "co", "self"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vilbert.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "TextConfig",
+    "VisionConfig",
+    "CrossConfig",
+    "ModelConfig",
+    "DataConfig",
+    "PretrainConfig",
+    "FinetuneConfig",
+    "Config",
+    "PRESETS",
+    "preset",
+    "tiny",
+    "vilbert_base",
+    "vilbert_original",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+
+def _check(ok: bool, name: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid; valid: {valid}")
+
+
+def _positive(name: str, value: float) -> None:
+    _check(value > 0, name, value, "> 0")
+
+
+def _probability(name: str, value: float) -> None:
+    _check(0.0 <= value < 1.0, name, value, "0 <= p < 1")
+
+
+def _choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    _check(value in choices, name, value, "one of " + ", ".join(map(str, choices)))
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """The BERT text stream (post-LayerNorm), shaped like `transformers.BertConfig`."""
+
+    vocab_size: int = 30522
+    """BERT-base uncased WordPiece vocabulary; a cache with another tokenizer overrides it."""
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    """The thesis TODO "add dropout in attention": BERT's attention_probs_dropout_prob."""
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    pretrained: str | None = None
+    """A Hugging Face BERT directory (config.json + weights); None trains from scratch."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _positive(f"text.{name}", getattr(self, name))
+        _check(self.hidden_size % self.num_heads == 0, "text.num_heads", self.num_heads,
+               f"a divisor of text.hidden_size={self.hidden_size}")
+        _probability("text.dropout", self.dropout)
+        _probability("text.attention_dropout", self.attention_dropout)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """The ViT vision stream: timm's `VisionTransformer`."""
+
+    timm_name: str = "vit_base_patch16_224"
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    pretrained: str | None = None
+    """A timm model name (online) or a local safetensors/state-dict file; None: random init."""
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads"):
+            _positive(f"vision.{name}", getattr(self, name))
+        _check(self.image_size % self.patch_size == 0, "vision.patch_size", self.patch_size,
+               f"a divisor of vision.image_size={self.image_size}")
+        _check(self.hidden_size % self.num_heads == 0, "vision.num_heads", self.num_heads,
+               f"a divisor of vision.hidden_size={self.hidden_size}")
+        _probability("vision.dropout", self.dropout)
+        _probability("vision.attention_dropout", self.attention_dropout)
+
+
+CROSS_LAYER_KINDS = ("co", "self")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossConfig:
+    """The cross-modal stack joining the two streams."""
+
+    pattern: tuple[str, ...] = ("co", "self", "co", "self")
+    """Thesis layout: co-attention, dual self-attention, co-attention, dual self-attention."""
+    interleave_from: int | None = None
+    """None: the stack runs after both encoders. An int k: layer i of the pattern runs after encoder
+    block k+i of both streams (the original ViLBERT interleaves with the upper layers)."""
+    hidden_size: int = 768
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", tuple(self.pattern))
+        for kind in self.pattern:
+            _choice("cross.pattern item", kind, CROSS_LAYER_KINDS)
+        for name in ("hidden_size", "num_heads", "intermediate_size"):
+            _positive(f"cross.{name}", getattr(self, name))
+        _check(self.hidden_size % self.num_heads == 0, "cross.num_heads", self.num_heads,
+               f"a divisor of cross.hidden_size={self.hidden_size}")
+        if self.interleave_from is not None:
+            _check(self.interleave_from >= 0, "cross.interleave_from", self.interleave_from, ">= 0")
+        _probability("cross.dropout", self.dropout)
+        _probability("cross.attention_dropout", self.attention_dropout)
+
+
+FREEZABLE_PARTS = ("text", "vision", "cross", "heads")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """ViLBERT: two streams, a cross-modal stack, task heads."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    cross: CrossConfig = field(default_factory=CrossConfig)
+    freeze: tuple[str, ...] = ("text", "vision")
+    """The thesis froze both pretrained encoders and trained only the cross layers and heads."""
+    mim_projection_dim: int = 256
+    num_labels: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+        for part in self.freeze:
+            _choice("model.freeze item", part, FREEZABLE_PARTS)
+        _positive("model.mim_projection_dim", self.mim_projection_dim)
+        _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """What the cache was (or will be) built with."""
+
+    image_size: int = 224
+    max_len: int = 36
+    """ViLBERT's maximum caption length in tokens."""
+    train_ratio: float = 0.8
+    """The thesis split Conceptual Captions 80/20 into train and test."""
+
+    def __post_init__(self) -> None:
+        _positive("data.image_size", self.image_size)
+        _check(self.max_len >= 3, "data.max_len", self.max_len, ">= 3 ([CLS] x [SEP])")
+        _check(0.0 < self.train_ratio < 1.0, "data.train_ratio", self.train_ratio, "0 < r < 1")
+
+
+PRETRAIN_TASKS = ("mlm", "ap", "mim")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """The pretraining loop and its three tasks."""
+
+    tasks: tuple[str, ...] = ("mlm", "ap", "mim")
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    mlm_probability: float = 0.15
+    """BERT: 15% of real tokens are selected; of those 80% [MASK], 10% random, 10% unchanged."""
+    mim_mask_ratio: float = 0.4
+    mim_temperature: float = 0.1
+    mim_positions: str = "masked"
+    """InfoNCE at masked patches (ConMIM/iBOT); the thesis used `unmasked`; `all` also works."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        for task in self.tasks:
+            _choice("pretrain.tasks item", task, PRETRAIN_TASKS)
+        for name in ("epochs", "batch_size", "lr", "grad_accum", "mim_temperature"):
+            _positive(f"pretrain.{name}", getattr(self, name))
+        _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
+        _check(self.warmup_steps >= 0, "pretrain.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.grad_clip >= 0, "pretrain.grad_clip", self.grad_clip, ">= 0 (0 disables)")
+        _choice("pretrain.schedule", self.schedule, ("linear", "cosine", "constant"))
+        _check(0 < self.mlm_probability < 1, "pretrain.mlm_probability", self.mlm_probability, "0 < p < 1")
+        _check(0 < self.mim_mask_ratio < 1, "pretrain.mim_mask_ratio", self.mim_mask_ratio, "0 < r < 1")
+        _choice("pretrain.mim_positions", self.mim_positions, ("masked", "unmasked", "all"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Binary classification (Hateful Memes) on top of a (pre)trained model."""
+
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr"):
+            _positive(f"finetune.{name}", getattr(self, name))
+        _check(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, ">= 0")
+        _check(self.warmup_steps >= 0, "finetune.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.grad_clip >= 0, "finetune.grad_clip", self.grad_clip, ">= 0 (0 disables)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a run needs, by section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.data.image_size == self.model.vision.image_size, "data.image_size",
+               self.data.image_size, f"equal to model.vision.image_size={self.model.vision.image_size}")
+
+
+# ----------------------------------------------------------------------------------------- presets
+
+
+def vilbert_base() -> Config:
+    """The thesis model: BERT-base and ViT-B/16, frozen, then co, self, co, self."""
+    return Config()
+
+
+def vilbert_original() -> Config:
+    """Lu et al. 2019: co-attention interleaved with the upper six layers of both streams."""
+    cross = CrossConfig(pattern=("co",) * 6, interleave_from=6)
+    return Config(model=ModelConfig(cross=cross, freeze=()))
+
+
+def tiny() -> Config:
+    """A few-hundred-thousand-parameter model for CPU tests and the demo."""
+    model = ModelConfig(
+        text=TextConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
+        vision=VisionConfig(timm_name="vit_tiny_patch16_224", image_size=64, patch_size=8,
+                            hidden_size=64, num_layers=2, num_heads=2),
+        cross=CrossConfig(hidden_size=64, num_heads=2, intermediate_size=128),
+        freeze=(),
+        mim_projection_dim=32,
+    )
+    return Config(
+        model=model,
+        data=DataConfig(image_size=64),
+        pretrain=PretrainConfig(lr=1e-3, batch_size=64, warmup_steps=20),
+        finetune=FinetuneConfig(lr=5e-4, batch_size=64),
+    )
+
+
+PRESETS = {"vilbert_base": vilbert_base, "vilbert_original": vilbert_original, "tiny": tiny}
+
+
+def preset(name: str) -> Config:
+    """The preset called `name`; `ConfigError` lists the valid names."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------ TOML and overrides
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain, JSON- and TOML-friendly dict of a config (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
+    """`base` (default: `Config()`) with every key of a nested dict applied; strict about keys."""
+    return _merge(base if base is not None else Config(), data, prefix="")
+
+
+def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            section = prefix.rstrip(".") or "top level"
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys in {section}: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {dotted!r} is a section; set its keys, e.g. {dotted}.<key>")
+            changes[key] = _merge(current, value, prefix=f"{dotted}.")
+        else:
+            changes[key] = _coerce(value, _field_type(type(obj), key), dotted)
+    try:
+        return dataclasses.replace(obj, **changes)
+    except ValueError as err:
+        where = prefix.rstrip(".")
+        raise ConfigError(f"bad config value{' in ' + where if where else ''}: {err}") from None
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, dotted)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        items = _split_list(value) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"config key {dotted!r} expects a list, got {value!r}")
+        return tuple(_coerce(item, args[0], dotted) for item in items)
+    return _coerce_scalar(value, annotation, dotted)
+
+
+def _split_list(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
+
+
+def _coerce_scalar(value: Any, kind: Any, dotted: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        raise ConfigError(f"config key {dotted!r} expects {kind.__name__}, got {value!r}") from None
+    raise AssertionError(f"unsupported config field type {kind!r} for {dotted}")
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Apply `section.key=value` strings (as given to `--set`) in order."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = raw.strip()
+        config = config_from_dict(nested, base=config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Config | None = None) -> Config:
+    """`base` (default: the `vilbert_base` preset), then a TOML file, then `--set` overrides.
+
+    A TOML file may name a preset at top level (`preset = "tiny"`) to start from.
+    """
+    config = base if base is not None else vilbert_base()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        if "preset" in data:
+            config = preset(str(data.pop("preset")))
+        config = config_from_dict(data, base=config)
+    return apply_overrides(config, overrides)
