@@ -93,8 +93,12 @@ class TextConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _positive(f"text.{name}", getattr(self, name))
-        _check(self.hidden_size % self.num_heads == 0, "text.num_heads", self.num_heads,
-               f"a divisor of text.hidden_size={self.hidden_size}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "text.num_heads",
+            self.num_heads,
+            f"a divisor of text.hidden_size={self.hidden_size}",
+        )
         _probability("text.dropout", self.dropout)
         _probability("text.attention_dropout", self.attention_dropout)
 
@@ -118,10 +122,18 @@ class VisionConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads"):
             _positive(f"vision.{name}", getattr(self, name))
-        _check(self.image_size % self.patch_size == 0, "vision.patch_size", self.patch_size,
-               f"a divisor of vision.image_size={self.image_size}")
-        _check(self.hidden_size % self.num_heads == 0, "vision.num_heads", self.num_heads,
-               f"a divisor of vision.hidden_size={self.hidden_size}")
+        _check(
+            self.image_size % self.patch_size == 0,
+            "vision.patch_size",
+            self.patch_size,
+            f"a divisor of vision.image_size={self.image_size}",
+        )
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "vision.num_heads",
+            self.num_heads,
+            f"a divisor of vision.hidden_size={self.hidden_size}",
+        )
         _probability("vision.dropout", self.dropout)
         _probability("vision.attention_dropout", self.attention_dropout)
 
@@ -150,8 +162,12 @@ class CrossConfig:
             _choice("cross.pattern item", kind, CROSS_LAYER_KINDS)
         for name in ("hidden_size", "num_heads", "intermediate_size"):
             _positive(f"cross.{name}", getattr(self, name))
-        _check(self.hidden_size % self.num_heads == 0, "cross.num_heads", self.num_heads,
-               f"a divisor of cross.hidden_size={self.hidden_size}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "cross.num_heads",
+            self.num_heads,
+            f"a divisor of cross.hidden_size={self.hidden_size}",
+        )
         if self.interleave_from is not None:
             _check(self.interleave_from >= 0, "cross.interleave_from", self.interleave_from, ">= 0")
         _probability("cross.dropout", self.dropout)
@@ -269,8 +285,12 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        _check(self.data.image_size == self.model.vision.image_size, "data.image_size",
-               self.data.image_size, f"equal to model.vision.image_size={self.model.vision.image_size}")
+        _check(
+            self.data.image_size == self.model.vision.image_size,
+            "data.image_size",
+            self.data.image_size,
+            f"equal to model.vision.image_size={self.model.vision.image_size}",
+        )
 
 
 # ----------------------------------------------------------------------------------------- presets
@@ -291,8 +311,9 @@ def tiny() -> Config:
     """A few-hundred-thousand-parameter model for CPU tests and the demo."""
     model = ModelConfig(
         text=TextConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
-        vision=VisionConfig(timm_name="vit_tiny_patch16_224", image_size=64, patch_size=8,
-                            hidden_size=64, num_layers=2, num_heads=2),
+        vision=VisionConfig(
+            timm_name="vit_tiny_patch16_224", image_size=64, patch_size=8, hidden_size=64, num_layers=2, num_heads=2
+        ),
         cross=CrossConfig(hidden_size=64, num_heads=2, intermediate_size=128),
         freeze=(),
         mim_projection_dim=32,
@@ -366,9 +387,9 @@ def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -434,8 +455,7 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Config | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
     """`base` (default: the `vilbert_base` preset), then a TOML file, then `--set` overrides.
 
     A TOML file may name a preset at top level (`preset = "tiny"`) to start from.

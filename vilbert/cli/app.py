@@ -42,8 +42,9 @@ def _version(value: bool) -> None:
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     _state["verbose"] = verbose
     setup_logging(verbose=verbose, quiet=quiet)
