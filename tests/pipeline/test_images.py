@@ -1,0 +1,162 @@
+"""`vilbert.pipeline.images`: decode + resize against an independent PIL reference."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from vilbert.errors import DataError
+from vilbert.pipeline.images import (
+    RESIZE_MODES,
+    ImageDecodeError,
+    decode_resize,
+    encode_jpeg,
+    jpeg_orientation,
+    load_resized,
+)
+
+TOLERANCE = 3.0
+"""Mean absolute difference (0-255) allowed against the reference; JPEG re-encoding alone is ~1."""
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth, photo-like RGB image with a bright marker in the top-left corner."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(1, 4), rng.uniform(1, 4), rng.uniform(0, 6)
+        channels.append(127 + 100 * np.sin(fx * x / width * 6.28 + phase) * np.cos(fy * y / height * 6.28))
+    rgb = np.stack(channels, axis=-1)
+    rgb[: height // 4, : width // 4] = (255, 0, 0)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def to_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def reference(data: bytes, size: int, mode: str) -> np.ndarray:
+    """The obvious full-resolution PIL pipeline, written independently of the code under test."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    image = image.convert("RGB")
+    w, h = image.size
+    if mode == "stretch":
+        return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
+    if mode == "center-crop":
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)))
+    s = size / max(w, h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(image.resize((nw, nh), Image.Resampling.LANCZOS), ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(canvas)
+
+
+def mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+@pytest.mark.parametrize("shape", [(640, 480), (300, 1100), (1200, 1200), (150, 100)])
+def test_jpeg_matches_reference(mode: str, shape: tuple[int, int]) -> None:
+    data = to_bytes(Image.fromarray(photo(*shape)), "JPEG", quality=95)
+    out = load_resized(data, size=224, mode=mode)
+    assert out.pixels.shape == (224, 224, 3) and out.pixels.dtype == np.uint8
+    assert (out.orig_width, out.orig_height) == shape
+    assert mad(out.pixels, reference(data, 224, mode)) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: to_bytes(Image.fromarray(a), "PNG"),
+        lambda a: to_bytes(Image.fromarray(a).convert("RGBA"), "PNG"),
+        lambda a: to_bytes(Image.fromarray(a).convert("L"), "JPEG", quality=95),
+        lambda a: to_bytes(Image.fromarray(a).convert("L"), "PNG"),
+        lambda a: to_bytes(Image.fromarray(a).convert("P"), "GIF"),
+        lambda a: to_bytes(Image.fromarray(a).convert("CMYK"), "JPEG", quality=95),
+        lambda a: to_bytes(Image.fromarray(a), "WEBP", quality=95),
+    ],
+    ids=["png", "rgba-png", "gray-jpeg", "gray-png", "palette-gif", "cmyk-jpeg", "webp"],
+)
+def test_other_formats_and_modes_become_rgb(make) -> None:
+    data = make(photo(500, 380, seed=1))
+    out = decode_resize(data, size=128)
+    assert out.shape == (128, 128, 3)
+    assert mad(out, reference(data, 128, "center-crop")) < TOLERANCE
+
+
+def test_transparent_pixels_become_white() -> None:
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    data = to_bytes(Image.fromarray(rgba, "RGBA"), "PNG")
+    assert decode_resize(data, size=32).min() == 255
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_jpeg_comes_out_upright(orientation: int) -> None:
+    upright = photo(400, 300, seed=2)  # red marker top-left
+    stored = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    image = Image.fromarray(upright).transpose(stored[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = to_bytes(image, "JPEG", quality=95, exif=exif.tobytes())
+    assert jpeg_orientation(data) == orientation
+    out = load_resized(data, size=224, mode="stretch")
+    assert (out.orig_width, out.orig_height) == (400, 300)
+    expected = np.asarray(Image.fromarray(upright).resize((224, 224), Image.Resampling.LANCZOS))
+    assert mad(out.pixels, expected) < TOLERANCE
+    red = out.pixels[:40, :40].mean(axis=(0, 1))
+    assert red[0] > 200 and red[1] < 60, "the marker must stay top-left"
+
+
+def test_plain_jpeg_has_no_orientation() -> None:
+    assert jpeg_orientation(to_bytes(Image.fromarray(photo(32, 32)), "JPEG")) is None
+
+
+@pytest.mark.parametrize("data", [b"", b"<html>not found</html>", b"\xff\xd8\xff\xe0garbage", b"\x89PNG\r\n\x1a\nxx"])
+def test_garbage_is_undecodable(data: bytes) -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        decode_resize(data)
+    assert info.value.reason == "undecodable"
+    assert isinstance(info.value, DataError)
+
+
+def test_truncated_jpeg_is_undecodable() -> None:
+    data = to_bytes(Image.fromarray(photo(400, 400)), "JPEG")
+    with pytest.raises(ImageDecodeError, match="decode"):
+        decode_resize(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decompression_bomb_is_refused_before_decoding(fmt: str) -> None:
+    data = to_bytes(Image.new("L", (4000, 3000)), fmt)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_resize(data, max_pixels=10_000_000)
+    assert info.value.reason == "too-large" and "4000x3000" in str(info.value)
+
+
+def test_bad_mode_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="center-crop, pad, stretch"):
+        decode_resize(b"", mode="crop")
+
+
+def test_encode_jpeg_round_trips() -> None:
+    pixels = photo(224, 224)
+    data = encode_jpeg(pixels, quality=90)
+    assert data[:2] == b"\xff\xd8"
+    back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert mad(back, pixels) < TOLERANCE
+    with pytest.raises(ValueError, match="uint8"):
+        encode_jpeg(pixels.astype(np.float32))

@@ -1,0 +1,237 @@
+"""Decode image bytes and resize them to a square model input; encode the result as JPEG.
+
+Shared by fetch (bytes from the network -> 224x224 JPEG in an image shard) and preprocess (bytes
+from a shard or a folder -> pixels in the cache), so both stages produce the same pixels.
+
+Two decoders, chosen per image:
+
+- **JPEG fast path** (most of Conceptual Captions): libjpeg-turbo through `simplejpeg`, decoding
+  straight to a reduced size with DCT-domain scaling (1/2, 1/4, 1/8, ...) that is still at least
+  the target size, then one antialiased PIL resize. It is taken when the JPEG is RGB or grayscale
+  and its EXIF orientation (read from the APP1 header without decoding) is absent or upright.
+- **PIL** for everything else: PNG, GIF, WebP, CMYK/YCCK JPEGs, and rotated JPEGs (PIL's `draft`
+  still gives reduced-size decoding; `ImageOps.exif_transpose` makes them upright). RGBA, LA and
+  palette images with transparency are composited over white; 16-bit images are scaled to 8 bits.
+
+Resize modes (`RESIZE_MODES`): `center-crop` (shorter side to `size`, then the centre square; the
+crop and the resize are one resample), `pad` (longer side to `size`, centred on black), `stretch`
+(both sides to `size`, aspect ratio ignored). The resample filter is PIL's antialiased bicubic.
+
+Decompression bombs: the pixel count is read from the header before any pixel is decoded; more than
+`max_pixels` raises `ImageDecodeError(reason="too-large")`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import simplejpeg
+from PIL import Image, ImageOps
+
+from vilbert.errors import DataError
+
+__all__ = [
+    "RESIZE_MODES",
+    "MAX_PIXELS",
+    "ImageDecodeError",
+    "ResizedImage",
+    "decode_resize",
+    "load_resized",
+    "encode_jpeg",
+    "jpeg_orientation",
+]
+
+RESIZE_MODES = ("center-crop", "pad", "stretch")
+MAX_PIXELS = 89_478_485
+"""PIL's own default bomb limit (about 0.25 GiB of RGBA); larger sources are refused unread."""
+
+_RESAMPLE = Image.Resampling.BICUBIC
+_REDUCING_GAP = 3.0
+"""Box-reduce first when the source is more than 3x the target: fast and visually identical."""
+
+# Pillow warns (and raises above 2x) on its own limit; we check first with ours.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageDecodeError(DataError):
+    """Bytes that cannot become a model input; `.reason` is a short label used for skip counting."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ResizedImage:
+    """A decoded, resized image and the size of its (upright) source."""
+
+    pixels: np.ndarray
+    """uint8, (size, size, 3), RGB, C-contiguous."""
+    orig_width: int
+    orig_height: int
+
+
+def decode_resize(
+    data: bytes, *, size: int = 224, mode: str = "center-crop", max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Decode `data` (any format PIL reads) to an upright RGB square of `size` pixels.
+
+    Args:
+        data: The encoded image.
+        size: Side of the square output.
+        mode: One of `RESIZE_MODES`.
+        max_pixels: Sources with more pixels are refused before decoding.
+
+    Returns:
+        uint8 array of shape (size, size, 3).
+
+    Raises:
+        ImageDecodeError: `reason` is `"undecodable"` or `"too-large"`.
+    """
+    return load_resized(data, size=size, mode=mode, max_pixels=max_pixels).pixels
+
+
+def load_resized(
+    data: bytes, *, size: int = 224, mode: str = "center-crop", max_pixels: int = MAX_PIXELS
+) -> ResizedImage:
+    """Like `decode_resize`, also returning the source's upright width and height."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"mode={mode!r} is invalid; valid: {', '.join(RESIZE_MODES)}")
+    if size <= 0:
+        raise ValueError(f"size={size!r} is invalid; valid: > 0")
+    if data[:3] == b"\xff\xd8\xff" and jpeg_orientation(data) in (None, 1):
+        fast = _load_jpeg_fast(data, size, mode, max_pixels)
+        if fast is not None:
+            return fast
+    return _load_pil(data, size, mode, max_pixels)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an RGB uint8 HWC array as a baseline JPEG with 4:2:0 chroma subsampling."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB")
+
+
+def jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag (1-8) of a JPEG, read from its APP1 segment; None if absent."""
+    pos, end = 2, min(len(data), 1 << 20)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more header segments
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        pos += 2 + length
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int | None:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return None
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            return None
+        tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+        if tag == 0x0112:
+            (value,) = struct.unpack_from(order + ("H" if kind == 3 else "I"), tiff, entry + 8)
+            return value
+    return None
+
+
+def _min_decoded_size(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
+    """Smallest (width, height) a reduced decode may have and still be downscaled to the target."""
+    if mode == "stretch":
+        return size, size
+    side = min(width, height) if mode == "center-crop" else max(width, height)
+    scale = size / side
+    return math.ceil(width * scale), math.ceil(height * scale)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError("undecodable", f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError("too-large", f"image is {width}x{height} = {width * height} pixels, limit {max_pixels}")
+
+
+def _load_jpeg_fast(data: bytes, size: int, mode: str, max_pixels: int) -> ResizedImage | None:
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # let PIL try, and name the error
+    if colorspace not in ("YCbCr", "Gray", "RGB"):
+        return None  # CMYK/YCCK: PIL knows the Adobe inversion
+    _check_pixels(width, height, max_pixels)
+    min_w, min_h = _min_decoded_size(width, height, size, mode)
+    try:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=min_w, min_height=min_h)
+    except ValueError as err:
+        raise ImageDecodeError("undecodable", f"JPEG decode failed: {err}") from err
+    pixels = _resize(Image.fromarray(rgb), size, mode)
+    return ResizedImage(pixels, width, height)
+
+
+def _load_pil(data: bytes, size: int, mode: str, max_pixels: int) -> ResizedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter on dirty web images
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            _check_pixels(width, height, max_pixels)
+            if image.format == "JPEG":
+                image.draft("RGB", _min_decoded_size(width, height, size, mode))
+            quarter_turn = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            upright = ImageOps.exif_transpose(image)
+            pixels = _resize(_to_rgb(upright), size, mode)
+    except ImageDecodeError:
+        raise
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise ImageDecodeError("undecodable", f"cannot decode image: {err}") from err
+    return ResizedImage(pixels, *((height, width) if quarter_turn else (width, height)))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((array >> 8).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _resize(image: Image.Image, size: int, mode: str) -> np.ndarray:
+    width, height = image.size
+    if mode == "stretch":
+        out = image.resize((size, size), _RESAMPLE, reducing_gap=_REDUCING_GAP)
+    elif mode == "center-crop":
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        box = (left, top, left + side, top + side)
+        out = image.resize((size, size), _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+    else:
+        scale = size / max(width, height)
+        inner = (max(1, round(width * scale)), max(1, round(height * scale)))
+        out = Image.new("RGB", (size, size))
+        out.paste(
+            image.resize(inner, _RESAMPLE, reducing_gap=_REDUCING_GAP), ((size - inner[0]) // 2, (size - inner[1]) // 2)
+        )
+    return np.asarray(out)
