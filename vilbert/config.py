@@ -239,11 +239,66 @@ class PretrainConfig:
     mim_temperature: float = 0.1
     mim_positions: str = "masked"
     """InfoNCE at masked patches (ConMIM/iBOT); the thesis used `unmasked`; `all` also works."""
+    mim_stop_grad: bool = True
+    """No gradient through the unmasked (target) view, like ConMIM's and iBOT's teacher view."""
+    mlm_weight: float = 1.0
+    ap_weight: float = 1.0
+    mim_weight: float = 1.0
+    """Each task's weight in the total loss."""
+    mlm_batch_size: int | None = None
+    ap_batch_size: int | None = None
+    mim_batch_size: int | None = None
+    """A task's own batch size: the first N rows of each shuffled batch; None: the whole batch. A small
+    MIM batch saves most of its second (target-view) forward pass (the thesis TODO "different
+    batchsizes for tasks")."""
+    align_only_for_mlm_mim: bool = True
+    """MLM and MIM only on aligned pairs: a masked colour word cannot be recovered from another image."""
+    augment: bool = False
+    """On-device random resized crop + colour jitter of the images (both MIM views share it)."""
+    augment_crop_scale: float = 0.6
+    """Smallest crop area, as a fraction of the image."""
+    augment_flip: float = 0.0
+    """Horizontal flip probability; 0 because captions say "left of"."""
+    augment_jitter: float = 0.3
+    """Brightness, contrast and saturation factors in [1 - j, 1 + j] (no hue: captions name colours)."""
+    log_every: int = 10
+    """Optimizer steps per train record in metrics.jsonl."""
+    eval_every: int = 0
+    """Steps between evaluations besides each epoch's end; 0: only at epoch ends."""
+    eval_split: str = "test"
+    """The cache split (a directory beside `train`) evaluated; a missing one skips evaluation."""
+    eval_max_batches: int | None = None
+    """Cap on evaluation batches (None: the whole split)."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints besides each epoch's end; 0: only at epoch ends."""
+    keep_last: int = 3
+    """Checkpoints kept in runs/NAME/checkpoints (older ones are deleted); 0 keeps all."""
+    compile: bool = False
+    """torch.compile the model (checkpoints keep the uncompiled parameter names)."""
+    log_sample_indices: bool = False
+    """Each rank appends the cache indices of its batches to runs/NAME/samples/rank-R.jsonl (for tests)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        _check(len(self.tasks) > 0, "pretrain.tasks", self.tasks, "a non-empty subset of " + ", ".join(PRETRAIN_TASKS))
         for task in self.tasks:
             _choice("pretrain.tasks item", task, PRETRAIN_TASKS)
+        for task in PRETRAIN_TASKS:
+            weight, size = getattr(self, f"{task}_weight"), getattr(self, f"{task}_batch_size")
+            _check(weight >= 0, f"pretrain.{task}_weight", weight, ">= 0")
+            valid = f"None or 1..pretrain.batch_size={self.batch_size}"
+            _check(size is None or 1 <= size <= self.batch_size, f"pretrain.{task}_batch_size", size, valid)
+        ap_rows = self.ap_batch_size or self.batch_size
+        valid = ">= 2 (half of the AP batch gets another row's caption)"
+        _check("ap" not in self.tasks or ap_rows >= 2, "pretrain.ap_batch_size", ap_rows, valid)
+        _check(0 < self.augment_crop_scale <= 1, "pretrain.augment_crop_scale", self.augment_crop_scale, "0 < s <= 1")
+        _check(0 <= self.augment_flip <= 1, "pretrain.augment_flip", self.augment_flip, "0 <= p <= 1")
+        _probability("pretrain.augment_jitter", self.augment_jitter)
+        _check(self.log_every >= 1, "pretrain.log_every", self.log_every, ">= 1")
+        for name in ("keep_last", "eval_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, f"pretrain.{name}", getattr(self, name), ">= 0")
+        batches = self.eval_max_batches
+        _check(batches is None or batches >= 1, "pretrain.eval_max_batches", batches, "None or >= 1")
         for name in ("epochs", "batch_size", "lr", "grad_accum", "mim_temperature"):
             _positive(f"pretrain.{name}", getattr(self, name))
         _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
