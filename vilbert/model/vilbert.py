@@ -1,0 +1,290 @@
+"""ViLBERT: a BERT text stream, a timm ViT vision stream, and a cross-modal stack between them.
+
+    input_ids, attention_mask -> TextEncoder.embeddings ─┐
+    pixels, image_mask       -> VisionEncoder.embed    ─┤  encoder blocks of both streams, with the
+                                                         │  cross layers (config.cross.pattern) either
+                                                         │  after the last block (the thesis) or after
+                                                         │  blocks k, k+1, ... (Lu et al.: k=6)
+                                                         └> ViLBERTOutput(text, vision, pooled_*)
+
+Heads (MLM, alignment, MIM projection, classifier) run only when their method is called, so
+`forward` costs the two streams, the cross stack and two poolers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from vilbert.config import FREEZABLE_PARTS, ModelConfig, config_from_dict, config_to_dict
+from vilbert.errors import ConfigError, ModelError
+from vilbert.model.attention import init_bert_weights, padding_mask
+from vilbert.model.cross import TEXT_EPS, build_cross_layer
+from vilbert.model.heads import AlignmentHead, Classifier, MIMProjection, MLMHead, Pooler
+from vilbert.model.text import TextEncoder
+from vilbert.model.vision import VisionEncoder
+from vilbert.model.weights import read_state_dict
+
+__all__ = ["ViLBERT", "ViLBERTOutput", "WEIGHTS_NAME", "CONFIG_NAME"]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class ViLBERTOutput:
+    """What `ViLBERT.forward` returns.
+
+    Attributes:
+        text: `(B, T, Dt)` text stream after the last layer.
+        vision: `(B, 1+P, Dv)` vision stream, [CLS] first.
+        pooled_text: `(B, Dc)` first text token -> Linear -> ReLU.
+        pooled_vision: `(B, Dc)` first vision token -> Linear -> ReLU.
+        layer_pooled: With `output_layers`, one `(pooled_text, pooled_vision)` per cross layer, right
+            after that layer, through the same poolers (so both live in the `Dc`-wide space the
+            alignment head compares, whatever the stream widths); else None.
+        layer_cls: With `output_layers`, the raw first tokens `(text[:, 0], vision[:, 0])` after each
+            cross layer (no pooler); else None.
+    """
+
+    text: Tensor
+    vision: Tensor
+    pooled_text: Tensor
+    pooled_vision: Tensor
+    layer_pooled: list[tuple[Tensor, Tensor]] | None = None
+    layer_cls: list[tuple[Tensor, Tensor]] | None = None
+
+
+class ViLBERT(nn.Module):
+    """The two-stream model. See the module docstring for the data flow.
+
+    Args:
+        config: The model section of a run config. `text.pretrained` / `vision.pretrained` load
+            encoder weights at construction; `freeze` is applied at the end.
+
+    Raises:
+        ModelError: Weights that cannot be loaded, or a cross schedule that does not fit the encoders.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        t, v, c = config.text, config.vision, config.cross
+        self.text = TextEncoder(t)
+        if t.pretrained is not None:
+            self.text.load_hf_weights(t.pretrained)
+        self.vision = VisionEncoder(v)
+        self._cross_after = _cross_schedule(config)
+        self.cross = nn.ModuleList(build_cross_layer(kind, c, t.hidden_size, v.hidden_size) for kind in c.pattern)
+        self.text_pooler = Pooler(t.hidden_size, c.hidden_size)
+        self.vision_pooler = Pooler(v.hidden_size, c.hidden_size)
+        self.mlm_head = MLMHead(t.hidden_size, t.vocab_size, TEXT_EPS)
+        self.alignment_head = AlignmentHead(c.hidden_size, c.dropout)
+        self.mim_head = MIMProjection(v.hidden_size, config.mim_projection_dim)
+        self.classifier = Classifier(c.hidden_size, config.num_labels, c.dropout)
+        for module in self._new_modules():
+            module.apply(init_bert_weights)
+        self.freeze(config.freeze)
+
+    def _new_modules(self) -> Iterable[nn.Module]:
+        return (
+            self.cross,
+            self.text_pooler,
+            self.vision_pooler,
+            self.mlm_head,
+            self.alignment_head,
+            self.mim_head,
+            self.classifier,
+        )
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixels: Tensor,
+        image_mask: Tensor | None = None,
+        output_layers: bool = False,
+    ) -> ViLBERTOutput:
+        """Run both streams and the cross stack.
+
+        Args:
+            input_ids: `(B, T)` token ids.
+            attention_mask: `(B, T)`, 1 for real tokens, 0 for padding (position 0 must be real).
+            pixels: `(B, 3, H, W)` normalized with `image_mean`/`image_std`.
+            image_mask: `(B, P)` bool, True = that patch embedding is replaced by the mask token.
+            output_layers: Also return the pooled streams after every cross layer.
+        """
+        if attention_mask.shape != input_ids.shape:
+            raise ModelError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                f"{tuple(input_ids.shape)}; they must match"
+            )
+        mask = padding_mask(attention_mask)  # (B, 1, 1, T)
+        text = self.text.embeddings(input_ids)  # (B, T, Dt)
+        vision = self.vision.embed(pixels, image_mask)  # (B, 1+P, Dv)
+        text_layers, blocks = self.text.layers, self.vision.blocks
+        layer_pooled: list[tuple[Tensor, Tensor]] = []
+        layer_cls: list[tuple[Tensor, Tensor]] = []
+        for j in range(max(len(text_layers), len(blocks))):
+            if j < len(text_layers):
+                text = text_layers[j](text, mask)
+            if j < len(blocks):
+                vision = blocks[j](vision)
+                if j == len(blocks) - 1:
+                    vision = self.vision.norm(vision)
+            for i in self._cross_after.get(j, ()):
+                text, vision = self.cross[i](text, vision, mask)
+                if output_layers:
+                    layer_pooled.append((self.text_pooler(text), self.vision_pooler(vision)))
+                    layer_cls.append((text[:, 0], vision[:, 0]))
+        return ViLBERTOutput(
+            text=text,
+            vision=vision,
+            pooled_text=self.text_pooler(text),
+            pooled_vision=self.vision_pooler(vision),
+            layer_pooled=layer_pooled if output_layers else None,
+            layer_cls=layer_cls if output_layers else None,
+        )
+
+    # -------------------------------------------------------------------------------------- heads
+
+    def mlm_logits(self, text_hidden: Tensor) -> Tensor:
+        """`(M, Dt)` text states at the masked positions -> `(M, vocab)` logits (decoder = word
+        embeddings)."""
+        return self.mlm_head(text_hidden, self.text.embeddings.word_embeddings.weight)
+
+    def alignment_logits(self, output: ViLBERTOutput) -> Tensor:
+        """`(B, 2)`: logit 1 = caption and image belong together."""
+        return self.alignment_head(output.pooled_text, output.pooled_vision)
+
+    def mim_projection(self, vision_patches: Tensor) -> Tensor:
+        """`(B, P, Dv)` patch states (pass `output.vision[:, 1:]`) -> `(B, P, mim_projection_dim)`."""
+        return self.mim_head(vision_patches)
+
+    def classify(self, output: ViLBERTOutput) -> Tensor:
+        """`(B, num_labels)` downstream logits."""
+        return self.classifier(output.pooled_text, output.pooled_vision)
+
+    # ------------------------------------------------------------------------------ input facts
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        """Per-channel mean the vision weights expect."""
+        return self.vision.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        """Per-channel std the vision weights expect."""
+        return self.vision.image_std
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image; `image_mask` is `(B, num_patches)`."""
+        return self.vision.num_patches
+
+    # ---------------------------------------------------------------------- freezing and counts
+
+    @staticmethod
+    def part_of(name: str) -> str:
+        """The part (`text`, `vision`, `cross`, `heads`) a parameter name belongs to.
+
+        The MIM mask token lives in the vision encoder but is a task parameter the pretrained ViT
+        lacks, so it counts (and trains) with the heads, like the poolers.
+        """
+        root = name.split(".", 1)[0]
+        if name == "vision.mask_token":
+            return "heads"
+        return root if root in ("text", "vision", "cross") else "heads"
+
+    def freeze(self, parts: Iterable[str]) -> None:
+        """Freeze exactly `parts` (subset of text, vision, cross, heads); unfreeze the others."""
+        parts = tuple(parts)
+        for part in parts:
+            if part not in FREEZABLE_PARTS:
+                raise ConfigError(f"unknown model part {part!r} to freeze; valid: {', '.join(FREEZABLE_PARTS)}")
+        for name, param in self.named_parameters():
+            param.requires_grad_(self.part_of(name) not in parts)
+
+    def parameter_report(self) -> dict[str, dict[str, int]]:
+        """`{part: {"total": n, "trainable": m}}` for each part, plus `"all"`."""
+        report = {part: {"total": 0, "trainable": 0} for part in (*FREEZABLE_PARTS, "all")}
+        for name, param in self.named_parameters():
+            for key in (self.part_of(name), "all"):
+                report[key]["total"] += param.numel()
+                report[key]["trainable"] += param.numel() if param.requires_grad else 0
+        return report
+
+    # ------------------------------------------------------------------------------ weights I/O
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `model.safetensors` and `config.json` (the `ModelConfig`) into `directory`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ViLBERT:
+        """The model `save_pretrained` wrote; encoder `pretrained` sources are not re-read."""
+        directory = Path(directory)
+        config = _read_model_config(directory / CONFIG_NAME)
+        offline = dataclasses.replace(
+            config,
+            text=dataclasses.replace(config.text, pretrained=None),
+            vision=dataclasses.replace(config.vision, pretrained=None),
+        )
+        model = cls(offline)
+        model.config = config
+        state = read_state_dict(directory / WEIGHTS_NAME)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ModelError(
+                f"{directory / WEIGHTS_NAME} does not fit its {CONFIG_NAME}: missing "
+                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+        return model
+
+
+def _cross_schedule(config: ModelConfig) -> dict[int, tuple[int, ...]]:
+    """Encoder block index -> the cross layers that run right after it."""
+    n = len(config.cross.pattern)
+    depth = min(config.text.num_layers, config.vision.num_layers)
+    k = config.cross.interleave_from
+    if k is None:
+        return {max(config.text.num_layers, config.vision.num_layers) - 1: tuple(range(n))}
+    if k + n > depth:
+        raise ModelError(
+            f"cross.interleave_from={k} with {n} cross layers needs {k + n} encoder blocks "
+            f"in both streams, the shallower has {depth}; valid: interleave_from <= {depth - n}"
+        )
+    return {k + i: (i,) for i in range(n)}
+
+
+def _read_model_config(path: Path) -> ModelConfig:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(
+            f"no model config at {path}; save_pretrained writes {CONFIG_NAME} and {WEIGHTS_NAME}"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path} is not valid JSON: {err}") from None
+    try:  # data.image_size must agree with the model's for the Config to validate
+        image_size = data.get("vision", {}).get("image_size", 224)
+        return config_from_dict({"model": data, "data": {"image_size": image_size}}).model
+    except ConfigError as err:
+        raise ModelError(f"{path}: {err}") from None

@@ -1,0 +1,164 @@
+"""The vision stream: timm's `VisionTransformer`, with a learned mask token for MIM.
+
+`VisionEncoder(config)(pixels)` returns what timm's `forward_features` returns (`(B, 1+P, D)`, [CLS]
+first, after the final norm). ViLBERT drives the same pieces one at a time (`embed`, `blocks`,
+`norm`) so cross layers can run between blocks. Weights come from timm by name (online) or from a
+local safetensors / state-dict file; `image_mean`/`image_std` are what those weights expect.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+
+from vilbert.config import VisionConfig
+from vilbert.errors import ModelError
+from vilbert.model.weights import read_state_dict
+
+__all__ = ["VisionEncoder"]
+
+log = logging.getLogger(__name__)
+
+_LOCAL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+class VisionEncoder(nn.Module):
+    """A timm ViT shaped by `config`, plus a mask token that replaces masked patch embeddings.
+
+    Args:
+        config: The vision stream; `config.pretrained` is a timm name (downloaded), a local file,
+            or None (random init, works offline).
+
+    Raises:
+        ModelError: An unknown timm name, weights that cannot be fetched or do not fit.
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        source = config.pretrained
+        by_name = source is not None and not _looks_like_file(source)
+        self.vit = _create_vit(source if by_name else config.timm_name, config, pretrained=by_name)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if source is not None and not by_name:
+            self.load_weights(source)
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (the sequence has one more token, [CLS])."""
+        return self.vit.patch_embed.num_patches
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        """Per-channel mean the weights expect (timm's `pretrained_cfg`)."""
+        return tuple(self.vit.pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        """Per-channel std the weights expect (timm's `pretrained_cfg`)."""
+        return tuple(self.vit.pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        """The transformer blocks, run in order by ViLBERT so cross layers can interleave."""
+        return self.vit.blocks
+
+    def embed(self, pixels: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """Patch embeddings (masked ones replaced by the mask token), [CLS], positions.
+
+        Args:
+            pixels: `(B, 3, H, W)`, normalized with `image_mean`/`image_std`.
+            image_mask: `(B, P)` bool, True = replace that patch by the mask token; or None.
+
+        Returns:
+            `(B, 1+P, D)`, the input of the first block.
+        """
+        size = self.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ModelError(
+                f"pixels have shape {tuple(pixels.shape)}; the vision encoder needs "
+                f"(B, 3, {size}, {size}) (model.vision.image_size={size})"
+            )
+        x = self.vit.patch_embed(pixels)  # (B, P, D)
+        if image_mask is not None:
+            if tuple(image_mask.shape) != tuple(x.shape[:2]):
+                raise ModelError(
+                    f"image_mask has shape {tuple(image_mask.shape)}; expected (B, num_patches) = {tuple(x.shape[:2])}"
+                )
+            x = torch.where(image_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = self.vit._pos_embed(x)  # (B, 1+P, D)
+        return self.vit.norm_pre(self.vit.patch_drop(x))
+
+    def norm(self, x: Tensor) -> Tensor:
+        """The final norm after the last block (ViT is pre-LN, so its stream needs one)."""
+        return self.vit.norm(x)
+
+    def forward(self, pixels: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """`(B, 1+P, D)` features, as timm's `forward_features` (without a mask)."""
+        x = self.embed(pixels, image_mask)
+        for block in self.vit.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a timm ViT state dict (safetensors or torch file) into `self.vit`; head is dropped."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(
+                f"vision weights file not found: {path}; model.vision.pretrained takes a "
+                "timm model name (needs network) or a local .safetensors/.pth file"
+            )
+        state = read_state_dict(path)
+        state = {k.removeprefix("module.").removeprefix("vit."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("head.") and k != "mask_token"}
+        state = checkpoint_filter_fn(state, self.vit)  # resamples pos_embed to our image size
+        try:
+            self.vit.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ModelError(
+                f"vision weights in {path} do not fit model.vision (timm_name={self.config.timm_name!r}): {err}"
+            ) from None
+        log.info("loaded ViT weights from %s", path)
+
+
+def _looks_like_file(source: str) -> bool:
+    return source.endswith(_LOCAL_SUFFIXES) or Path(source).exists()
+
+
+def _create_vit(name: str, config: VisionConfig, pretrained: bool) -> VisionTransformer:
+    kwargs = dict(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.hidden_size,
+        depth=config.num_layers,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        proj_drop_rate=config.dropout,
+        attn_drop_rate=config.attention_dropout,
+        num_classes=0,
+    )
+    if not timm.is_model(name.split(".")[0]):
+        valid = ", ".join(timm.list_models("vit_*")[:8])
+        raise ModelError(f"unknown timm model {name!r}; valid: a timm ViT name such as {valid}, ...")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as err:  # network, hub and shape errors surface as many types
+        if pretrained:
+            raise ModelError(
+                f"cannot load pretrained ViT {name!r} from timm ({type(err).__name__}: {err}); "
+                "offline? download it once, or set model.vision.pretrained to a local "
+                ".safetensors/.pth file"
+            ) from None
+        raise ModelError(f"cannot build timm model {name!r} with model.vision settings: {err}") from None
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(
+            f"timm model {name!r} is a {type(model).__name__}; the vision stream needs a "
+            "VisionTransformer (e.g. vit_base_patch16_224)"
+        )
+    return model
