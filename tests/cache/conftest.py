@@ -1,0 +1,92 @@
+"""Tiny synthetic caches for the cache tests: real Arrow files in tmp_path, 16x16 images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+from vilbert.cache import CacheWriter
+
+SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "left", "of"]
+SIZE = 16
+MAX_LEN = 8
+
+
+def tokenizer_json(extra_word: str | None = None) -> str:
+    words = WORDS + ([extra_word] if extra_word else [])
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    return tokenizer.to_str()
+
+
+def make_rows(n: int, dtype: str, *, seed: int = 0, start: int = 0) -> dict:
+    """n synthetic rows whose content depends only on (seed, row number)."""
+    rng = np.random.default_rng([seed, start])
+    if dtype == "uint8":
+        pixels = rng.integers(0, 256, size=(n, 3, SIZE, SIZE), dtype=np.uint8)
+    else:
+        pixels = rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float16)
+    num_tokens = rng.integers(2, MAX_LEN + 1, size=n).astype(np.int32)
+    input_ids = rng.integers(5, len(WORDS), size=(n, MAX_LEN)).astype(np.int32)
+    input_ids[np.arange(MAX_LEN)[None, :] >= num_tokens[:, None]] = SPECIALS["pad"]
+    return {
+        "keys": [f"img{start + i:05d}" for i in range(n)],
+        "pixels": pixels,
+        "input_ids": input_ids,
+        "num_tokens": num_tokens,
+        "labels": rng.integers(0, 2, size=n).astype(np.int64),
+        "captions": [f"caption {start + i} a red circle" for i in range(n)],
+    }
+
+
+def writer_kwargs(dtype: str = "float16", **overrides) -> dict:
+    kwargs = dict(
+        split="train",
+        image_size=SIZE,
+        pixel_dtype=dtype,
+        normalization="half",
+        max_len=MAX_LEN,
+        tokenizer_json=tokenizer_json(),
+        special_token_ids=SPECIALS,
+        vocab_size=len(WORDS),
+        has_labels=True,
+        has_captions=True,
+        command="pytest",
+        rows_per_shard=7,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_cache(path: Path, n: int = 20, dtype: str = "float16", chunk: int = 5, **overrides) -> dict:
+    """Write n rows in chunks of `chunk`; returns the rows written."""
+    rows = make_rows(n, dtype)
+    with CacheWriter(path, **writer_kwargs(dtype, **overrides)) as writer:
+        for s in range(0, n, chunk):
+            writer.write(
+                rows["keys"][s : s + chunk],
+                rows["pixels"][s : s + chunk],
+                rows["input_ids"][s : s + chunk],
+                rows["num_tokens"][s : s + chunk],
+                rows["labels"][s : s + chunk],
+                rows["captions"][s : s + chunk],
+            )
+    return rows
+
+
+@pytest.fixture
+def cache_f16(tmp_path: Path) -> tuple[Path, dict]:
+    path = tmp_path / "cache-f16"
+    return path, build_cache(path, dtype="float16")
+
+
+@pytest.fixture
+def cache_u8(tmp_path: Path) -> tuple[Path, dict]:
+    path = tmp_path / "cache-u8"
+    return path, build_cache(path, dtype="uint8")

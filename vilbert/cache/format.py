@@ -1,0 +1,325 @@
+"""The cache's on-disk format: schema, manifest, normalization presets and version.
+
+Shared by the writer, the reader and verify; imports nothing of the project but `vilbert.errors`.
+See `docs/cache-format.md` for the format written out in full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vilbert.errors import CacheError, UsageError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "TOKENIZER_NAME",
+    "PIXEL_DTYPES",
+    "SPECIAL_TOKENS",
+    "Normalization",
+    "NORMALIZATIONS",
+    "normalization",
+    "ShardInfo",
+    "Manifest",
+    "shard_schema",
+    "shard_metadata",
+    "sha256_bytes",
+    "sha256_file",
+    "read_manifest",
+    "write_json_atomic",
+    "fsync_dir",
+    "CHANNELS",
+    "LAYOUT",
+]
+
+FORMAT_NAME = "vilbert-cache"
+FORMAT_VERSION = 1
+"""Bumped on any change a reader of the previous version would misread."""
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+PIXEL_DTYPES = ("float16", "uint8")
+SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask")
+LAYOUT = "CHW"
+CHANNELS = 3
+_CHUNK = 8 << 20
+
+
+# ----------------------------------------------------------------------------------- normalization
+
+
+@dataclass(frozen=True, kw_only=True)
+class Normalization:
+    """Per-channel mean/std a float cache was normalized with: `(pixel / 255 - mean) / std`."""
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != CHANNELS or len(self.std) != CHANNELS:
+            raise UsageError(
+                f"normalization {self.name!r}: mean and std need 3 values (RGB), got mean={self.mean} std={self.std}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise UsageError(f"normalization {self.name!r}: std must be > 0, got {self.std}")
+
+    def matches(self, other: Normalization, tol: float = 1e-6) -> bool:
+        """Same mean and std (names may differ: `half` equals a custom 0.5/0.5)."""
+        return all(abs(a - b) <= tol for a, b in zip(self.mean + self.std, other.mean + other.std, strict=True))
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels `[..., 3, H, W]` -> normalized float16, computed in float32."""
+        mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
+        scale = (1.0 / (255.0 * np.asarray(self.std, np.float32))).reshape(3, 1, 1)
+        inv_std = (1.0 / np.asarray(self.std, np.float32)).reshape(3, 1, 1)
+        out = pixels.astype(np.float32) * scale - mean * inv_std
+        return out.astype(np.float16)
+
+    def describe(self) -> str:
+        fmt = ", ".join
+        return f"{self.name!r} (mean=({fmt(f'{v:g}' for v in self.mean)}), std=({fmt(f'{v:g}' for v in self.std)}))"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "mean": list(self.mean), "std": list(self.std)}
+
+
+NORMALIZATIONS: dict[str, Normalization] = {
+    "imagenet": Normalization(name="imagenet", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    # timm's default ViT-B/16 weights (augreg) were trained with mean = std = 0.5.
+    "half": Normalization(name="half", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "clip": Normalization(
+        name="clip",
+        mean=(0.48145466, 0.4578275, 0.40821073),
+        std=(0.26862954, 0.26130258, 0.27577711),
+    ),
+}
+
+
+def normalization(
+    value: str | Normalization | Mapping[str, Any] | tuple[Sequence[float], Sequence[float]],
+) -> Normalization:
+    """A preset by name, a `Normalization`, a `{"name", "mean", "std"}` dict or `(mean, std)`.
+
+    Raises:
+        UsageError: an unknown preset name or malformed values.
+    """
+    if isinstance(value, Normalization):
+        return value
+    if isinstance(value, str):
+        if value not in NORMALIZATIONS:
+            raise UsageError(
+                f"unknown normalization {value!r}; valid: {', '.join(NORMALIZATIONS)} or explicit (mean, std)"
+            )
+        return NORMALIZATIONS[value]
+    if isinstance(value, Mapping):
+        return Normalization(name=str(value.get("name", "custom")), mean=value["mean"], std=value["std"])
+    mean, std = value
+    preset = Normalization(name="custom", mean=mean, std=std)
+    named = next((n for n in NORMALIZATIONS.values() if n.matches(preset)), None)
+    return named or preset
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+
+def shard_schema(
+    *,
+    image_size: int,
+    pixel_dtype: str,
+    max_len: int,
+    has_labels: bool,
+    has_captions: bool,
+    metadata: Mapping[str, str] | None = None,
+) -> pa.Schema:
+    """The Arrow schema of every shard of a cache with these settings (columns in this order)."""
+    pixel_type = pa.float16() if pixel_dtype == "float16" else pa.uint8()
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field(
+            "pixels",
+            pa.list_(pa.field("item", pixel_type, nullable=False), CHANNELS * image_size * image_size),
+            nullable=False,
+        ),
+        pa.field("input_ids", pa.list_(pa.field("item", pa.int32(), nullable=False), max_len), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+    ]
+    if has_labels:
+        fields.append(pa.field("label", pa.int64(), nullable=False))
+    if has_captions:
+        fields.append(pa.field("caption", pa.string(), nullable=False))
+    return pa.schema(fields, metadata=dict(metadata) if metadata else None)
+
+
+def shard_metadata(
+    *, pixel_dtype: str, norm: Normalization, tokenizer_fingerprint: str, image_size: int
+) -> dict[str, str]:
+    """Schema metadata that makes each shard self-describing (and lets the reader catch a shard
+    copied in from another cache). Deterministic: no timestamps."""
+    return {
+        "vilbert.format": FORMAT_NAME,
+        "vilbert.format_version": str(FORMAT_VERSION),
+        "vilbert.layout": LAYOUT,
+        "vilbert.image_size": str(image_size),
+        "vilbert.pixel_dtype": pixel_dtype,
+        "vilbert.normalization": json.dumps(norm.to_dict(), sort_keys=True),
+        "vilbert.tokenizer_fingerprint": tokenizer_fingerprint,
+    }
+
+
+# ---------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardInfo:
+    """One shard as the manifest lists it."""
+
+    name: str
+    rows: int
+    bytes: int
+    checksum: str
+    """`sha256:<hex>` of the whole file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """`manifest.json`: everything a consumer must know to trust and interpret the shards."""
+
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    split: str
+    num_rows: int
+    image_size: int
+    channels: int = CHANNELS
+    layout: str = LAYOUT
+    pixel_dtype: str
+    normalization: Normalization
+    tokenizer_file: str = TOKENIZER_NAME
+    tokenizer_fingerprint: str
+    """`sha256:<hex>` of `tokenizer.json`'s bytes."""
+    vocab_size: int
+    special_token_ids: dict[str, int]
+    max_len: int
+    has_labels: bool
+    has_captions: bool
+    rows_per_shard: int
+    shards: tuple[ShardInfo, ...]
+    command: str
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["normalization"] = self.normalization.to_dict()
+        data["shards"] = [dataclasses.asdict(s) for s in self.shards]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> Manifest:
+        """Parse a manifest dict; raises `CacheError` naming `source` and the bad key."""
+        version = data.get("format_version")
+        if data.get("format") != FORMAT_NAME or version != FORMAT_VERSION:
+            raise CacheError(
+                f"{source}: unknown format {data.get('format')!r} version {version!r}; "
+                f"this vilbert reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            kwargs = {k: v for k, v in data.items() if k in names}
+            kwargs["normalization"] = normalization(data["normalization"])
+            kwargs["shards"] = tuple(ShardInfo(**s) for s in data["shards"])
+            kwargs["special_token_ids"] = {str(k): int(v) for k, v in data["special_token_ids"].items()}
+            return cls(**kwargs)
+        except (KeyError, TypeError, ValueError, UsageError) as err:
+            raise CacheError(f"{source}: malformed manifest ({type(err).__name__}: {err})") from err
+
+    def schema(self) -> pa.Schema:
+        """The schema every shard must have, including its metadata."""
+        meta = shard_metadata(
+            pixel_dtype=self.pixel_dtype,
+            norm=self.normalization,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            image_size=self.image_size,
+        )
+        return shard_schema(
+            image_size=self.image_size,
+            pixel_dtype=self.pixel_dtype,
+            max_len=self.max_len,
+            has_labels=self.has_labels,
+            has_captions=self.has_captions,
+            metadata=meta,
+        )
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Load and parse `directory/manifest.json`.
+
+    Raises:
+        CacheError: no manifest (not a cache, or an unfinished build), bad JSON, unknown version.
+    """
+    path = Path(directory) / MANIFEST_NAME
+    if not Path(directory).is_dir():
+        raise CacheError(f"not a cache (no such directory): {directory}")
+    if not path.is_file():
+        raise CacheError(
+            f"not a cache (no {MANIFEST_NAME}): {directory} "
+            "(an unfinished build leaves no manifest; rebuild or resume it)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path}: unreadable manifest ({err})") from err
+    if not isinstance(data, dict):
+        raise CacheError(f"{path}: malformed manifest (not a JSON object)")
+    return Manifest.from_dict(data, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def sha256_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """`sha256:<hex>` of a file, streamed in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+    return "sha256:" + digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON to a temporary name, fsync, rename over `path`, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

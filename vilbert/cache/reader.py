@@ -1,0 +1,340 @@
+"""Read a cache: validate the manifest against the shards, memory-map them, gather batches.
+
+Each shard holds one record batch; each fixed-size-list column's child buffer is viewed as a numpy
+array in place (`np.frombuffer` over the memory map: no copy, no Python object per row). The shards
+are concatenated logically: global row `i` lives in shard `searchsorted(starts, i, "right") - 1`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vilbert.cache.format import TOKENIZER_NAME, Manifest, Normalization, normalization, read_manifest, sha256_file
+from vilbert.errors import CacheError
+
+__all__ = ["CacheReader", "NUMERIC_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+NUMERIC_COLUMNS = ("pixels", "input_ids", "num_tokens", "label")
+_MIXED_KEYS = ("tokenizer_fingerprint", "pixel_dtype", "image_size", "max_len", "has_labels", "normalization")
+
+
+class _Shard:
+    """One memory-mapped shard and zero-copy numpy views of its numeric columns."""
+
+    def __init__(self, path: Path, manifest: Manifest, expected: pa.Schema, rows: int, size: int) -> None:
+        if not path.is_file():
+            raise CacheError(f"missing shard {path} (listed in the manifest)")
+        actual = path.stat().st_size
+        if actual != size:
+            kind = "truncated" if actual < size else "has the wrong size"
+            raise CacheError(
+                f"shard {path} is {kind}: {actual} bytes on disk, the manifest says {size}; "
+                "rebuild the cache or run `vilbert cache verify`"
+            )
+        try:
+            self.source = pa.memory_map(str(path), "r")
+            reader = pa.ipc.open_file(self.source)
+            batch = reader.get_batch(0) if reader.num_record_batches == 1 else None
+        except (OSError, pa.ArrowInvalid) as err:
+            raise CacheError(f"shard {path} is not a readable Arrow IPC file ({err})") from err
+        _check_schema(path, reader.schema, expected)
+        if batch is None or batch.num_rows != rows:
+            found = "several record batches" if batch is None else f"{batch.num_rows} rows"
+            raise CacheError(f"shard {path} holds {found}; the manifest says one batch of {rows} rows")
+        self.path = path
+        self.batch = batch
+        self.views = {name: _numpy_view(batch, name) for name in NUMERIC_COLUMNS if name in batch.schema.names}
+        size = manifest.image_size
+        self.views["pixels"] = self.views["pixels"].reshape(rows, manifest.channels, size, size)
+
+
+def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
+    if actual.equals(expected, check_metadata=False):
+        meta = actual.metadata or {}
+        for key, value in (expected.metadata or {}).items():
+            if meta.get(key) != value:
+                what = key.decode().removeprefix("vilbert.")
+                mixed = " (shards built with different tokenizers)" if what == "tokenizer_fingerprint" else ""
+                raise CacheError(
+                    f"shard {path} was built with a different {what}{mixed}: "
+                    f"{(meta.get(key) or b'none').decode()} vs the manifest's {value.decode()}"
+                )
+        return
+    raise CacheError(
+        f"shard {path} has an unexpected schema: {actual.remove_metadata()} (expected {expected.remove_metadata()})"
+    )
+
+
+def _numpy_view(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    """The column's values as a numpy array over the mapped buffer (no copy)."""
+    column = batch.column(name)
+    if isinstance(column, pa.FixedSizeListArray):
+        width = column.type.list_size
+        child = column.values
+        dtype = child.type.to_pandas_dtype()
+        start = (child.offset + column.offset * width) * np.dtype(dtype).itemsize
+        flat = np.frombuffer(child.buffers()[1], dtype=dtype, count=len(column) * width, offset=start)
+        return flat.reshape(len(column), width)
+    dtype = column.type.to_pandas_dtype()
+    offset = column.offset * np.dtype(dtype).itemsize
+    return np.frombuffer(column.buffers()[1], dtype=dtype, count=len(column), offset=offset)
+
+
+class CacheReader:
+    """A validated, memory-mapped cache (or several caches of the same kind, concatenated).
+
+    Opening checks what is cheap: manifest version, tokenizer file fingerprint, and for each shard
+    its size, schema (and schema metadata) and row count. Full checksums are `verify_cache`'s job.
+
+    Args:
+        path: A cache directory, or a list of them read as one (they must agree on tokenizer,
+            pixel dtype, image size, max_len, labels and normalization).
+
+    Raises:
+        CacheError: not a cache, unknown format version, missing/truncated/foreign shard, or mixed
+            caches.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> None:
+        paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+        if not paths:
+            raise CacheError("CacheReader needs at least one cache directory")
+        self.paths = tuple(paths)
+        self.manifests = tuple(read_manifest(p) for p in paths)
+        self.manifest = self.manifests[0]
+        """The first cache's manifest (all opened caches agree on everything but rows and split)."""
+        _check_same_kind(paths, self.manifests)
+        self._check_tokenizer_files()
+        self._shards: list[_Shard] = []
+        for directory, manifest in zip(paths, self.manifests, strict=True):
+            schema = manifest.schema()
+            for info in manifest.shards:
+                self._shards.append(_Shard(directory / info.name, manifest, schema, info.rows, info.bytes))
+        counts = np.array([len(s.batch) for s in self._shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        """Global index of each shard's first row (and the total at the end)."""
+        self._row_bytes = {
+            name: view[0:1].nbytes if len(view) else 0
+            for name, view in (self._shards[0].views.items() if self._shards else ())
+        }
+
+    # ------------------------------------------------------------------------------ metadata
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __repr__(self) -> str:
+        where = ", ".join(str(p) for p in self.paths)
+        return f"CacheReader({where}: {len(self)} rows, {len(self._shards)} shards, {self.pixel_dtype})"
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def pixel_dtype(self) -> str:
+        return self.manifest.pixel_dtype
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.manifest.normalization
+
+    @property
+    def has_labels(self) -> bool:
+        return self.manifest.has_labels
+
+    @property
+    def image_size(self) -> int:
+        return self.manifest.image_size
+
+    @property
+    def max_len(self) -> int:
+        return self.manifest.max_len
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest.tokenizer_fingerprint
+
+    @property
+    def shard_paths(self) -> tuple[Path, ...]:
+        return tuple(s.path for s in self._shards)
+
+    def tokenizer(self) -> Any:
+        """The `tokenizers.Tokenizer` the captions were encoded with."""
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.paths[0] / TOKENIZER_NAME))
+
+    def check_compatible(
+        self,
+        *,
+        expected_normalization: Any = None,
+        expected_tokenizer_fingerprint: str | None = None,
+        expected_image_size: int | None = None,
+        expected_max_len: int | None = None,
+        expected_vocab_size: int | None = None,
+    ) -> None:
+        """Refuse a cache that does not match what the model expects.
+
+        Normalization is checked only for float16 caches: uint8 pixels are normalized on the device
+        with the model's own mean/std.
+
+        Raises:
+            CacheError: naming the mismatched property, both values, and how to fix it.
+        """
+        where = ", ".join(str(p) for p in self.paths)
+        if expected_normalization is not None and self.pixel_dtype == "float16":
+            want = normalization(expected_normalization)
+            if not self.normalization.matches(want):
+                raise CacheError(
+                    f"cache {where} holds float16 pixels normalized with {self.normalization.describe()}, "
+                    f"but the model expects {want.describe()}; rebuild the cache with --normalization "
+                    f"{want.name} or with --pixel-dtype uint8 (normalized on the device)"
+                )
+        checks = (
+            ("tokenizer fingerprint", self.tokenizer_fingerprint, expected_tokenizer_fingerprint),
+            ("image size", self.image_size, expected_image_size),
+            ("max_len", self.max_len, expected_max_len),
+            ("vocab size", self.manifest.vocab_size, expected_vocab_size),
+        )
+        for what, have, want in checks:
+            if want is not None and have != want:
+                raise CacheError(
+                    f"cache {where} was built with {what} {have!r}, but the model expects "
+                    f"{want!r}; rebuild the cache to match (vilbert preprocess)"
+                )
+
+    # ------------------------------------------------------------------------------ columns
+
+    def views(self, column: str) -> list[np.ndarray]:
+        """Zero-copy, read-only numpy views of a numeric column, one per shard (pixels `[n,3,H,W]`)."""
+        self._require(column)
+        return [s.views[column] for s in self._shards]
+
+    def torch_views(self, column: str) -> list[Any]:
+        """`torch.from_numpy` of `views(column)`: zero-copy; never write to them (the map is read-only)."""
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return [torch.from_numpy(v) for v in self.views(column)]
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global row indices -> (shard index, row within shard)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            bad = indices[(indices < 0) | (indices >= len(self))][0]
+            raise IndexError(f"row {bad} out of range for a cache of {len(self)} rows")
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        return shard, indices - self.starts[shard]
+
+    def allocate(self, batch_size: int, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Empty numpy buffers shaped for `gather(..., out=...)` of `batch_size` rows."""
+        first = self.manifests[0]
+        shapes = {
+            "pixels": ((first.channels, first.image_size, first.image_size), first.pixel_dtype),
+            "input_ids": ((first.max_len,), np.int32),
+            "num_tokens": ((), np.int32),
+            "label": ((), np.int64),
+        }
+        names = columns or self.numeric_columns
+        return {name: np.empty((batch_size, *shapes[name][0]), shapes[name][1]) for name in names}
+
+    @property
+    def numeric_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in NUMERIC_COLUMNS if c != "label" or self.has_labels)
+
+    def gather(
+        self, indices: Sequence[int] | np.ndarray, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Rows `indices` (in that order) of every numeric column, copied once into `out`.
+
+        Args:
+            indices: Global row indices.
+            out: Buffers from `allocate` (at least `len(indices)` rows); allocated when omitted.
+
+        Returns:
+            `{"pixels", "input_ids", "num_tokens", ["label"]}` arrays of `len(indices)` rows
+            (views into `out` when given).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(indices)
+        out = self.allocate(n) if out is None else {k: v[:n] for k, v in out.items()}
+        shard, local = self.locate(indices)
+        if n and shard[0] == shard[-1] and (shard == shard[0]).all():
+            views = self._shards[int(shard[0])].views
+            for name, buffer in out.items():
+                np.take(views[name], local, axis=0, out=buffer, mode="clip")
+            return out
+        self._gather_mixed(shard, local, out)
+        return out
+
+    def _gather_mixed(self, shard: np.ndarray, local: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """Rows spread over several shards: one copy per row for pixels (no temporary), one
+        fancy-index assignment per shard for the small columns."""
+        order = np.argsort(shard, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard[order])) + 1
+        for group in np.split(order, bounds):
+            views = self._shards[int(shard[group[0]])].views
+            rows = local[group]
+            for name, buffer in out.items():
+                if name != "pixels":
+                    buffer[group] = views[name][rows]
+                elif len(group) == group[-1] - group[0] + 1 and (np.diff(group) == 1).all():
+                    np.take(views[name], rows, axis=0, out=buffer[group[0] : group[-1] + 1], mode="clip")
+                else:
+                    source = views[name]
+                    for position, row in zip(group.tolist(), rows.tolist(), strict=True):
+                        buffer[position] = source[row]
+
+    def keys(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """Sample keys of `indices` (Python strings: not for the hot path)."""
+        return self._strings("key", indices)
+
+    def captions(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """Captions of `indices` (Python strings: not for the hot path)."""
+        self._require("caption")
+        return self._strings("caption", indices)
+
+    def _strings(self, column: str, indices: Sequence[int] | np.ndarray) -> list[str]:
+        shard, local = self.locate(np.asarray(indices))
+        return [
+            self._shards[s].batch.column(column)[r].as_py() for s, r in zip(shard.tolist(), local.tolist(), strict=True)
+        ]
+
+    def _require(self, column: str) -> None:
+        names = self._shards[0].batch.schema.names if self._shards else self.manifest.schema().names
+        if column not in names:
+            raise CacheError(f"cache {self.paths[0]} has no column {column!r}; columns: {', '.join(names)}")
+
+    def _check_tokenizer_files(self) -> None:
+        for directory, manifest in zip(self.paths, self.manifests, strict=True):
+            file = directory / TOKENIZER_NAME
+            if not file.is_file():
+                raise CacheError(f"cache {directory} lacks {TOKENIZER_NAME} (listed in the manifest)")
+            actual = sha256_file(file)
+            if actual != manifest.tokenizer_fingerprint:
+                raise CacheError(
+                    f"{file} does not match the manifest's tokenizer fingerprint "
+                    f"({actual} vs {manifest.tokenizer_fingerprint})"
+                )
+
+
+def _check_same_kind(paths: Sequence[Path], manifests: Sequence[Manifest]) -> None:
+    first = manifests[0]
+    for path, manifest in zip(paths[1:], manifests[1:], strict=True):
+        for key in _MIXED_KEYS:
+            a, b = getattr(first, key), getattr(manifest, key)
+            if a != b:
+                mixed = " (caches built with different tokenizers)" if key == "tokenizer_fingerprint" else ""
+                raise CacheError(f"cannot read {paths[0]} and {path} together{mixed}: {key} {a!r} vs {b!r}")

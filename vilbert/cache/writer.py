@@ -1,0 +1,473 @@
+"""Write a cache: batches of numpy arrays in, Arrow IPC shards and a manifest out.
+
+```
+CACHE_DIR/
+  tokenizer.json           the tokenizer the captions were encoded with (fingerprint in manifest)
+  shard-00000.arrow        Arrow IPC file, uncompressed, ONE record batch of rows_per_shard rows:
+  shard-00001.arrow          key        string
+  ...                        pixels     fixed_size_list<float16|uint8>[3*H*W]   (CHW, row-major)
+  shard-NNNNN.arrow          input_ids  fixed_size_list<int32>[max_len]         (padded with pad id)
+                             num_tokens int32
+                             label      int64                                   (if has_labels)
+                             caption    string                                  (if has_captions)
+  manifest.json            written LAST, atomically: version, shards (name, rows, bytes, sha256),
+                           image size/layout, pixel dtype, normalization, tokenizer fingerprint, ...
+
+while building:            .shard-NNNNN.arrow.tmp (renamed when complete and fsynced)
+                           .progress.json (completed shards, for mode="resume"; removed at the end)
+```
+
+Rows per shard are derived from `target_shard_bytes` and the row size only, and a shard is one
+record batch whatever the producer's batch sizes, so the same rows in the same order give
+byte-identical shards. The manifest's `created_at` is the only timestamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from vilbert.cache.format import (
+    CHANNELS,
+    MANIFEST_NAME,
+    PIXEL_DTYPES,
+    SPECIAL_TOKENS,
+    TOKENIZER_NAME,
+    Manifest,
+    Normalization,
+    ShardInfo,
+    fsync_dir,
+    normalization,
+    sha256_bytes,
+    shard_metadata,
+    shard_schema,
+    write_json_atomic,
+)
+from vilbert.cache.resume import PROGRESS_NAME, prepare_directory
+from vilbert.errors import CacheError, UsageError
+
+__all__ = ["CacheWriter", "shard_name"]
+
+log = logging.getLogger(__name__)
+
+WriteMode = Literal["create", "overwrite", "resume"]
+_STRING_ROW_ESTIMATE = 96
+"""Bytes a key plus caption take on average; only sizes shards, so it must never depend on data."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+class CacheWriter:
+    """Builds a cache directory; a context manager that finalizes on clean exit.
+
+    Args:
+        path: The cache directory (created if missing).
+        split: Split name recorded in the manifest (`train`, `test`, `dev_seen`, ...).
+        image_size: H = W of the stored images.
+        pixel_dtype: `float16` (normalized) or `uint8` (raw; the trainer normalizes on device).
+        normalization: Preset name, `Normalization` or `(mean, std)`; for uint8 caches it records
+            what the consumer should apply.
+        max_len: Length every `input_ids` row is padded to.
+        tokenizer_json: The tokenizer's JSON text (`Tokenizer.to_str()`) or a path to the file.
+        special_token_ids: Ids of at least `pad`, `unk`, `cls`, `sep`, `mask`.
+        vocab_size: Tokenizer vocabulary size.
+        has_labels: Whether `write` receives labels (and the `label` column exists).
+        has_captions: Whether `write` receives captions (and the `caption` column exists).
+        command: The command line that built the cache (provenance).
+        target_shard_bytes: Approximate shard size; rows per shard follow from it and the row size.
+        mode: `create` refuses an existing non-empty directory, `overwrite` replaces a cache,
+            `resume` keeps the completed shards of an interrupted build (see `rows_done`).
+        rows_per_shard: Exact rows per shard, overriding `target_shard_bytes` (tests, tuning).
+
+    Raises:
+        UsageError: bad arguments, or an existing directory without `overwrite`/`resume`.
+        CacheError: `resume` over a cache built with different settings.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        split: str,
+        image_size: int,
+        pixel_dtype: str,
+        normalization: str | Normalization | Any,
+        max_len: int,
+        tokenizer_json: str,
+        special_token_ids: Mapping[str, int],
+        vocab_size: int,
+        has_labels: bool,
+        has_captions: bool = True,
+        command: str,
+        target_shard_bytes: int = 256 << 20,
+        mode: WriteMode = "create",
+        rows_per_shard: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        norm = _normalization_arg(normalization)
+        _check_args(
+            split,
+            image_size,
+            pixel_dtype,
+            max_len,
+            special_token_ids,
+            vocab_size,
+            target_shard_bytes,
+            mode,
+            rows_per_shard,
+        )
+        tokenizer_bytes = _tokenizer_bytes(tokenizer_json)
+        self.pixel_dtype = pixel_dtype
+        self.normalization = norm
+        self.image_size = image_size
+        self.max_len = max_len
+        self.has_labels = has_labels
+        self.has_captions = has_captions
+        self.command = command
+        self.extra: dict[str, Any] = {}
+        self.rows_per_shard = rows_per_shard or _rows_per_shard(
+            target_shard_bytes, image_size, pixel_dtype, max_len, has_labels
+        )
+        fingerprint = sha256_bytes(tokenizer_bytes)
+        self._config = {
+            "split": split,
+            "image_size": image_size,
+            "channels": CHANNELS,
+            "pixel_dtype": pixel_dtype,
+            "normalization": norm.to_dict(),
+            "tokenizer_fingerprint": fingerprint,
+            "vocab_size": int(vocab_size),
+            "special_token_ids": {k: int(v) for k, v in special_token_ids.items()},
+            "max_len": max_len,
+            "has_labels": has_labels,
+            "has_captions": has_captions,
+            "rows_per_shard": self.rows_per_shard,
+        }
+        self._schema = shard_schema(
+            image_size=image_size,
+            pixel_dtype=pixel_dtype,
+            max_len=max_len,
+            has_labels=has_labels,
+            has_captions=has_captions,
+            metadata=shard_metadata(
+                pixel_dtype=pixel_dtype, norm=norm, tokenizer_fingerprint=fingerprint, image_size=image_size
+            ),
+        )
+        self._shards: list[ShardInfo] = prepare_directory(self.path, mode, self._config, self._schema)
+        self.rows_done = sum(s.rows for s in self._shards)
+        """Rows in completed shards kept by `resume`: the producer skips this many input rows."""
+        _write_bytes_atomic(self.path / TOKENIZER_NAME, tokenizer_bytes)
+        self._buffers: dict[str, np.ndarray] | None = None
+        self._strings: dict[str, list[str]] = {"key": [], "caption": []}
+        self._fill = 0
+        self._finished = False
+        self._closed = False
+        self.manifest: Manifest | None = None
+        """Set by `finish`."""
+
+    # ------------------------------------------------------------------------------ public API
+
+    @property
+    def rows_written(self) -> int:
+        """Rows in the cache so far, including `rows_done` and rows not yet flushed to a shard."""
+        return sum(s.rows for s in self._shards) + self._fill
+
+    def write(
+        self,
+        keys: Sequence[str],
+        pixels: np.ndarray,
+        input_ids: np.ndarray,
+        num_tokens: np.ndarray,
+        labels: np.ndarray | None = None,
+        captions: Sequence[str] | None = None,
+    ) -> None:
+        """Append N rows.
+
+        Args:
+            keys: N stable sample ids.
+            pixels: `[N, 3, H, W]`: float16 already normalized, or uint8 (normalized here with the
+                writer's normalization when the cache stores float16).
+            input_ids: `[N, max_len]` integer token ids, padded.
+            num_tokens: `[N]` real tokens per row (including special tokens), `<= max_len`.
+            labels: `[N]` integer labels, required iff `has_labels`.
+            captions: N caption strings, required iff `has_captions`.
+
+        Raises:
+            UsageError: shapes, dtypes or presence of labels/captions do not match the cache.
+        """
+        if self._closed:
+            raise UsageError(f"cache writer for {self.path} is already closed")
+        columns = self._validated(keys, pixels, input_ids, num_tokens, labels, captions)
+        n, start = len(keys), 0
+        while start < n:
+            take = min(self.rows_per_shard - self._fill, n - start)
+            self._append(columns, start, take)
+            start += take
+            if self._fill == self.rows_per_shard:
+                self._flush_shard()
+
+    def finish(self, extra: Mapping[str, Any] | None = None) -> Manifest:
+        """Flush the last shard and write `manifest.json` (last, atomically). Idempotent."""
+        if self._finished:
+            return self.manifest
+        if self._closed:
+            raise UsageError(f"cache writer for {self.path} was aborted; nothing to finish")
+        if self._fill:
+            self._flush_shard()
+        self.extra.update(extra or {})
+        self.manifest = self._build_manifest()
+        write_json_atomic(self.path / MANIFEST_NAME, self.manifest.to_dict())
+        (self.path / PROGRESS_NAME).unlink(missing_ok=True)
+        self._finished = self._closed = True
+        log.info("cache %s: %d rows in %d shards", self.path, self.manifest.num_rows, len(self._shards))
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop unflushed rows; completed shards and the progress file stay for `resume`."""
+        self._closed = True
+        self._buffers = None
+        for tmp in self.path.glob(".shard-*.arrow.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.finish()
+        elif not self._finished:
+            self.abort()
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _build_manifest(self) -> Manifest:
+        config = dict(self._config)
+        config["normalization"] = self.normalization
+        return Manifest(
+            **config,
+            num_rows=sum(s.rows for s in self._shards),
+            shards=tuple(self._shards),
+            command=self.command,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            extra=dict(self.extra),
+        )
+
+    def _validated(self, keys, pixels, input_ids, num_tokens, labels, captions) -> dict[str, Any]:
+        n, size, length = len(keys), self.image_size, self.max_len
+        pixels = np.asarray(pixels)
+        _expect_shape("pixels", pixels, (n, CHANNELS, size, size))
+        if pixels.dtype == np.uint8 and self.pixel_dtype == "float16":
+            pixels = self.normalization.apply(pixels)
+        if pixels.dtype != np.dtype(self.pixel_dtype):
+            allowed = "float16 (normalized) or uint8" if self.pixel_dtype == "float16" else "uint8"
+            raise UsageError(
+                f"pixels dtype {pixels.dtype} does not match the {self.pixel_dtype} cache {self.path}; pass {allowed}"
+            )
+        input_ids = _int_column("input_ids", input_ids, (n, length), np.int32)
+        num_tokens = _int_column("num_tokens", num_tokens, (n,), np.int32)
+        if n and (num_tokens.min() < 0 or num_tokens.max() > length):
+            raise UsageError(f"num_tokens must be in [0, max_len={length}], got {num_tokens.min()}..{num_tokens.max()}")
+        columns = {
+            "pixels": pixels.reshape(n, -1),
+            "input_ids": input_ids,
+            "num_tokens": num_tokens,
+            "key": [str(k) for k in keys],
+        }
+        if self.has_labels != (labels is not None):
+            raise UsageError(
+                f"cache {self.path} has_labels={self.has_labels} but labels "
+                f"{'were' if labels is not None else 'were not'} given"
+            )
+        if labels is not None:
+            columns["label"] = _int_column("labels", labels, (n,), np.int64)
+        if self.has_captions != (captions is not None):
+            raise UsageError(
+                f"cache {self.path} has_captions={self.has_captions} but captions "
+                f"{'were' if captions is not None else 'were not'} given"
+            )
+        if captions is not None:
+            if len(captions) != n:
+                raise UsageError(f"captions: expected {n} strings (one per key), got {len(captions)}")
+            columns["caption"] = [str(c) for c in captions]
+        return columns
+
+    def _append(self, columns: dict[str, Any], start: int, take: int) -> None:
+        if self._buffers is None:
+            self._buffers = {
+                name: np.empty((self.rows_per_shard, *value.shape[1:]), value.dtype)
+                for name, value in columns.items()
+                if isinstance(value, np.ndarray)
+            }
+        stop, fill = start + take, self._fill
+        for name, buffer in self._buffers.items():
+            buffer[fill : fill + take] = columns[name][start:stop]
+        for name, values in self._strings.items():
+            if name in columns:
+                values.extend(columns[name][start:stop])
+        self._fill += take
+
+    def _record_batch(self) -> pa.RecordBatch:
+        assert self._buffers is not None
+        n, arrays = self._fill, []
+        for field in self._schema:
+            if field.name in self._strings:
+                arrays.append(pa.array(self._strings[field.name], type=pa.string()))
+                continue
+            values = np.ascontiguousarray(self._buffers[field.name][:n])
+            flat = pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), values.size, [None, pa.py_buffer(values)])
+            if values.ndim == 2:
+                arrays.append(pa.FixedSizeListArray.from_arrays(flat, type=field.type))
+            else:
+                arrays.append(flat)
+        return pa.record_batch(arrays, schema=self._schema)
+
+    def _flush_shard(self) -> None:
+        index = len(self._shards)
+        name = shard_name(index)
+        final, tmp = self.path / name, self.path / f".{name}.tmp"
+        batch = self._record_batch()
+        with open(tmp, "wb") as handle:
+            sink = _HashingSink(handle)
+            with pa.ipc.new_file(sink, self._schema) as ipc:
+                ipc.write_batch(batch)
+            handle.flush()
+            os.fsync(handle.fileno())
+        size = tmp.stat().st_size
+        if size != sink.size:
+            raise CacheError(f"{tmp}: wrote {sink.size} bytes but the file holds {size}")
+        os.replace(tmp, final)
+        fsync_dir(self.path)
+        self._shards.append(ShardInfo(name=name, rows=self._fill, bytes=size, checksum=sink.checksum()))
+        self._fill = 0
+        for values in self._strings.values():
+            values.clear()
+        write_json_atomic(
+            self.path / PROGRESS_NAME,
+            {
+                "config": self._config,
+                "shards": [
+                    {"name": s.name, "rows": s.rows, "bytes": s.bytes, "checksum": s.checksum} for s in self._shards
+                ],
+            },
+        )
+        log.debug("cache %s: wrote %s (%d rows, %d bytes)", self.path, name, self._shards[-1].rows, size)
+
+
+class _HashingSink:
+    """A file wrapper that hashes what Arrow writes through it (no second read of the shard)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._digest.update(view)
+        self.size += view.nbytes
+        return self._handle.write(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def checksum(self) -> str:
+        return "sha256:" + self._digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _normalization_arg(value: Any) -> Normalization:
+    return normalization(value)
+
+
+def _check_args(
+    split, image_size, pixel_dtype, max_len, special_token_ids, vocab_size, target_shard_bytes, mode, rows_per_shard
+) -> None:
+    if not split or "/" in split:
+        raise UsageError(f"split must be a non-empty name without '/', got {split!r}")
+    if pixel_dtype not in PIXEL_DTYPES:
+        raise UsageError(f"unknown pixel_dtype {pixel_dtype!r}; valid: {', '.join(PIXEL_DTYPES)}")
+    if mode not in ("create", "overwrite", "resume"):
+        raise UsageError(f"unknown mode {mode!r}; valid: create, overwrite, resume")
+    for name, value in (
+        ("image_size", image_size),
+        ("max_len", max_len),
+        ("vocab_size", vocab_size),
+        ("target_shard_bytes", target_shard_bytes),
+    ):
+        if int(value) <= 0:
+            raise UsageError(f"{name} must be > 0, got {value}")
+    if rows_per_shard is not None and rows_per_shard <= 0:
+        raise UsageError(f"rows_per_shard must be > 0, got {rows_per_shard}")
+    missing = [t for t in SPECIAL_TOKENS if t not in special_token_ids]
+    if missing:
+        raise UsageError(f"special_token_ids lacks {', '.join(missing)}; needed: {', '.join(SPECIAL_TOKENS)}")
+    bad = {k: v for k, v in special_token_ids.items() if not 0 <= int(v) < vocab_size}
+    if bad:
+        raise UsageError(f"special_token_ids {bad} outside the vocabulary [0, {vocab_size})")
+
+
+def _rows_per_shard(target_bytes: int, image_size: int, pixel_dtype: str, max_len: int, has_labels: bool) -> int:
+    row = CHANNELS * image_size * image_size * np.dtype(pixel_dtype).itemsize
+    row += 4 * max_len + 4 + (8 if has_labels else 0) + _STRING_ROW_ESTIMATE
+    return max(1, target_bytes // row)
+
+
+def _tokenizer_bytes(tokenizer_json: str) -> bytes:
+    text = tokenizer_json.lstrip()
+    if text.startswith("{"):
+        return tokenizer_json.encode("utf-8")
+    path = Path(tokenizer_json)
+    if not path.is_file():
+        raise UsageError(f"tokenizer_json is neither JSON text nor an existing file: {tokenizer_json[:80]!r}")
+    return path.read_bytes()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _expect_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+    if array.shape != shape:
+        raise UsageError(f"{name}: expected shape {list(shape)}, got {list(array.shape)}")
+
+
+def _int_column(name: str, values: Any, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    array = np.asarray(values)
+    _expect_shape(name, array, shape)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise UsageError(f"{name}: expected integers, got dtype {array.dtype}")
+    if array.size and array.dtype.itemsize > np.dtype(dtype).itemsize:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise UsageError(f"{name}: values {array.min()}..{array.max()} do not fit {np.dtype(dtype).name}")
+    return array.astype(dtype, copy=False)
