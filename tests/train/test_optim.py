@@ -1,0 +1,68 @@
+"""AdamW groups and the warmup + decay schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from torch import nn
+
+from vilbert.train.optim import build_optimizer, build_scheduler, lr_multiplier
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.embed = nn.Embedding(10, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_no_decay_on_biases_and_norms_and_frozen_skipped() -> None:
+    net = _Net()
+    opt = build_optimizer(net, lr=1e-3, weight_decay=0.1)
+    decayed, exempt = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    assert ids(decayed) == {id(net.linear.weight), id(net.embed.weight)}
+    assert ids(exempt) == {id(net.linear.bias), id(net.norm.weight), id(net.norm.bias)}
+
+
+def test_everything_frozen_is_an_error() -> None:
+    net = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        build_optimizer(net, lr=1e-3, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_shape(schedule: str) -> None:
+    values = [lr_multiplier(s, warmup_steps=10, total_steps=110, schedule=schedule) for s in range(110)]
+    assert values[0] == pytest.approx(1 / 11)
+    assert all(a < b for a, b in zip(values[:10], values[1:11], strict=True)), "warmup increases"
+    assert values[10] == pytest.approx(1.0)
+    if schedule == "constant":
+        assert values[-1] == 1.0
+    else:
+        assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False)), "decay never increases"
+        assert 0 < values[-1] < 0.05
+    if schedule == "cosine":
+        assert values[60] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_scheduler_state_is_plain_and_resumes() -> None:
+    net = nn.Linear(2, 2)
+    opt = build_optimizer(net, lr=1.0, weight_decay=0.0)
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=10, schedule="linear")
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    assert all(v is None for v in state["lr_lambdas"]), "the closure is not stored"
+    opt2 = build_optimizer(net, lr=1.0, weight_decay=0.0)
+    sched2 = build_scheduler(opt2, warmup_steps=2, total_steps=10, schedule="linear")
+    sched2.load_state_dict(state)
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    with pytest.raises(ValueError, match="schedule"):
+        build_scheduler(opt, warmup_steps=0, total_steps=1, schedule="step")

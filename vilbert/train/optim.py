@@ -1,0 +1,93 @@
+"""AdamW with BERT's decay exemptions, and warmup-then-decay learning-rate schedules.
+
+Generic: pretraining and fine-tuning build their optimizer and schedule here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["SCHEDULES", "build_optimizer", "build_scheduler", "lr_multiplier", "decay_groups"]
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: decayed, and exempt (biases, LayerNorm weights, embeddings'
+    1-d parameters such as mask tokens), as in BERT: a parameter with fewer than 2 dimensions or
+    whose name ends in `bias` does not decay.
+    """
+    decay, exempt = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (exempt if param.ndim < 2 or name.endswith("bias") else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": exempt, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no decay on biases and norm weights.
+
+    Args:
+        model: Its parameters with `requires_grad` are optimized (frozen parts are skipped).
+        lr: Peak learning rate (the schedule multiplies it).
+        weight_decay: Decoupled weight decay of the decayed group.
+        betas: Adam's moment coefficients.
+        eps: Adam's epsilon.
+        fused: Use the fused CUDA kernel; None picks it when every parameter is on CUDA.
+    """
+    groups = [g for g in decay_groups(model, weight_decay) if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The factor on the peak learning rate at optimizer step `step` (0-based).
+
+    Linear warmup from 1/(warmup+1) to 1 over `warmup_steps`, then `schedule`: `linear` decay to 0
+    at `total_steps`, `cosine` decay to 0, or `constant`.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is invalid; valid: {', '.join(SCHEDULES)}")
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A `LambdaLR` following `lr_multiplier`; call `.step()` after each optimizer step.
+
+    The multiplier is a closure, which `LambdaLR.state_dict()` does not store: a checkpoint holds only
+    the step count (loadable with `weights_only=True`), and a resumed run may change the schedule.
+    """
+    lr_multiplier(0, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule)  # validate
+
+    def multiplier(step: int) -> float:
+        return lr_multiplier(step, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
