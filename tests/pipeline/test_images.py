@@ -104,21 +104,41 @@ def test_transparent_pixels_become_white() -> None:
     assert decode_resize(data, size=32).min() == 255
 
 
-@pytest.mark.parametrize("orientation", [3, 6, 8])
-def test_exif_rotated_jpeg_comes_out_upright(orientation: int) -> None:
+# What a camera stores for each EXIF orientation, given the upright scene (PIL's exif_transpose undoes it).
+STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_exif_rotated_sources_come_out_upright(orientation: int, fmt: str) -> None:
     upright = photo(400, 300, seed=2)  # red marker top-left
-    stored = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
-    image = Image.fromarray(upright).transpose(stored[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = to_bytes(image, "JPEG", quality=95, exif=exif.tobytes())
-    assert jpeg_orientation(data) == orientation
+    data = to_bytes(Image.fromarray(upright).transpose(STORED[orientation]), fmt, exif=exif.tobytes())
+    if fmt == "JPEG":
+        assert jpeg_orientation(data) == orientation
     out = load_resized(data, size=224, mode="stretch")
     assert (out.orig_width, out.orig_height) == (400, 300)
     expected = np.asarray(Image.fromarray(upright).resize((224, 224), Image.Resampling.LANCZOS))
     assert mad(out.pixels, expected) < TOLERANCE
     red = out.pixels[:40, :40].mean(axis=(0, 1))
     assert red[0] > 200 and red[1] < 60, "the marker must stay top-left"
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
+    grey = (photo(120, 90)[:, :, 0].astype(np.uint16) * 257).astype(np.uint16)
+    data = to_bytes(Image.fromarray(grey), "PNG")
+    out = decode_resize(data, size=64, mode="stretch")
+    expected = np.asarray(Image.fromarray((grey >> 8).astype(np.uint8)).resize((64, 64), Image.Resampling.LANCZOS))
+    assert mad(out[:, :, 0], expected) < TOLERANCE
 
 
 def test_plain_jpeg_has_no_orientation() -> None:
