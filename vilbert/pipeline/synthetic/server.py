@@ -354,10 +354,10 @@ class ServerHandle:
         self._stop = asyncio.Event()
         server = _Server(self._files, self.plan, self.options)
         self._server = server
-        runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", self._requested_port, shutdown_timeout=1.0)
+            site = web.TCPSite(runner, "127.0.0.1", self._requested_port)
             await site.start()
             self.port = runner.addresses[0][1]
             self._ready.set()
