@@ -1,0 +1,200 @@
+"""Preprocess's parallel image stage: decode + resize + normalize into shared memory, in order.
+
+The parent owns one shared-memory block split into slots of `chunk_size` images
+(`[slots, chunk, 3, H, W]`, float16 or uint8). It sends a worker the slot index and the chunk's
+encoded images (bytes or paths: compact); the worker decodes each image with
+`vilbert.pipeline.images.decode_resize` and writes the normalized pixels straight into the slot, so
+no pixel array is pickled. Results come back in submission order; a slot is reused only after the
+consumer is done with it, and at most `slots` chunks are in flight, so memory stays bounded.
+
+Normalization to float16 is a per-channel lookup table of the 256 possible values, computed in
+float64 and rounded once: exact to float16 precision, and cheaper than float arithmetic.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize
+
+__all__ = ["RESIZE_MODES", "DecodePool", "normalization_lut", "decode_chunk"]
+
+T = TypeVar("T")
+Failures = dict[int, tuple[str, str]]
+"""Index in the chunk -> (reason, detail) for the images that did not decode."""
+
+
+def normalization_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float16 `[3, 256]`: `lut[c, v] = (v / 255 - mean[c]) / std[c]`, rounded once from float64."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean = np.asarray(mean, np.float64)[:, None]
+    std = np.asarray(std, np.float64)[:, None]
+    return ((values[None, :] - mean) / std).astype(np.float16)
+
+
+def decode_chunk(
+    images: Sequence[bytes | Path | str], out: np.ndarray, *, size: int, mode: str, lut: np.ndarray | None
+) -> Failures:
+    """Decode `images` into `out[i]` (`[3, size, size]`, float16 through `lut`, or uint8 if None)."""
+    failures: Failures = {}
+    for i, image in enumerate(images):
+        try:
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            rgb = decode_resize(data, size=size, mode=mode)  # (H, W, 3) uint8
+        except ImageDecodeError as err:
+            failures[i] = (err.reason, str(err))
+        except FileNotFoundError:
+            failures[i] = ("missing-image", f"no such file: {image}")
+        except OSError as err:
+            failures[i] = ("unreadable-image", f"{image}: {err.strerror or err}")
+        else:
+            _store(rgb, out[i], lut)
+    return failures
+
+
+def _store(rgb: np.ndarray, out: np.ndarray, lut: np.ndarray | None) -> None:
+    if lut is None:
+        out[...] = rgb.transpose(2, 0, 1)  # (3, H, W)
+        return
+    for c in range(3):
+        # mode="clip" lets numpy write into `out` directly (uint8 indices are always in range).
+        np.take(lut[c], rgb[:, :, c], out=out[c], mode="clip")
+
+
+# ------------------------------------------------------------------------------- worker process
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(name: str, shape: tuple[int, ...], dtype: str, size: int, mode: str, lut: np.ndarray | None) -> None:
+    shm = SharedMemory(name=name)
+    _WORKER.update(shm=shm, pixels=np.ndarray(shape, dtype, buffer=shm.buf), size=size, mode=mode, lut=lut)
+
+
+def _worker_chunk(slot: int, images: list[bytes | str]) -> Failures:
+    w = _WORKER
+    return decode_chunk(images, w["pixels"][slot], size=w["size"], mode=w["mode"], lut=w["lut"])
+
+
+def _ready() -> None:
+    pass
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # fork: workers start in milliseconds and import nothing. spawn/forkserver would re-import the
+    # caller's __main__ in every worker (for the `vilbert` console script: the whole CLI, torch
+    # included: seconds and hundreds of MB each). The pool is started before any thread of ours.
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+# ------------------------------------------------------------------------------------------ pool
+
+
+class DecodePool:
+    """Decodes chunks of images on `workers` processes (0: in this process), results in order.
+
+    Args:
+        workers: Worker processes; 0 decodes in the calling process.
+        chunk_size: Most images per chunk.
+        image_size: Output side.
+        resize_mode: One of `RESIZE_MODES`.
+        pixel_dtype: `float16` (normalized with `normalization`) or `uint8`.
+        mean: Per-channel mean (of pixel / 255) for float16 output.
+        std: Per-channel standard deviation for float16 output.
+        slots: Chunks in flight at most (default `2 * workers + 2`).
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        chunk_size: int,
+        image_size: int,
+        resize_mode: str,
+        pixel_dtype: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        slots: int | None = None,
+    ) -> None:
+        self.workers = workers
+        self.slots = slots or 2 * max(workers, 1) + 2
+        self.shape = (self.slots, chunk_size, 3, image_size, image_size)
+        self.dtype = np.dtype(pixel_dtype)
+        self.lut = normalization_lut(mean, std) if pixel_dtype == "float16" else None
+        self.image_size, self.resize_mode = image_size, resize_mode
+        self._shm: SharedMemory | None = None
+        self._executor: ProcessPoolExecutor | None = None
+        self.pixels: np.ndarray | None = None
+
+    def __enter__(self) -> DecodePool:
+        nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        if self.workers == 0:
+            self.pixels = np.empty(self.shape, self.dtype)
+            return self
+        self._shm = SharedMemory(create=True, size=nbytes)
+        self.pixels = np.ndarray(self.shape, self.dtype, buffer=self._shm.buf)
+        self._executor = ProcessPoolExecutor(
+            self.workers,
+            mp_context=_context(),
+            initializer=_init_worker,
+            initargs=(self._shm.name, self.shape, self.dtype.str, self.image_size, self.resize_mode, self.lut),
+        )
+        # Start every worker now, before this process uses the tokenizer's threads.
+        for future in [self._executor.submit(_ready) for _ in range(self.workers)]:
+            future.result()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self.pixels = None
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+
+    def map_ordered(
+        self, chunks: Iterable[list[Any]], image: Callable[[Any], bytes | Path], prepare: Callable[[list[Any]], T]
+    ) -> Iterator[tuple[list[Any], T, np.ndarray, Failures]]:
+        """Decode each chunk's images; yield `(chunk, prepare(chunk), pixels, failures)` in order.
+
+        `prepare` runs in this process while the workers decode (tokenization goes there).
+        `pixels` (`[len(chunk), 3, H, W]`) is a view into a slot that is reused once the consumer
+        asks for the next result: copy what must outlive the iteration step.
+        """
+        assert self.pixels is not None, "use DecodePool as a context manager"
+        free, pending = deque(range(self.slots)), deque()
+        source = iter(chunks)
+        exhausted = False
+        while True:
+            while free and not exhausted:
+                chunk = next(source, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                slot = free.popleft()
+                future = self._submit(slot, [image(item) for item in chunk])
+                pending.append((chunk, slot, future, prepare(chunk)))
+            if not pending:
+                return
+            chunk, slot, future, prepared = pending.popleft()
+            failures = future.result()
+            yield chunk, prepared, self.pixels[slot, : len(chunk)], failures
+            free.append(slot)
+
+    def _submit(self, slot: int, images: list[bytes | Path]) -> Future[Failures]:
+        if self._executor is not None:
+            return self._executor.submit(_worker_chunk, slot, images)
+        future: Future[Failures] = Future()
+        out = self.pixels[slot]
+        future.set_result(decode_chunk(images, out, size=self.image_size, mode=self.resize_mode, lut=self.lut))
+        return future

@@ -1,0 +1,484 @@
+"""The preprocess stage: samples -> decoded, normalized pixels and token ids -> one cache per split.
+
+```
+source (Sample | Skip, deterministic order)
+  -> assign_splits (key hash, sources without splits) -> drop empty captions
+  -> fast-forward what a resumed build already holds
+  -> chunks of `chunk_size` samples -> worker processes: decode + resize + normalize, written
+     straight into a shared-memory slot (no pixel bytes pickled); at most `2 * workers + 1`
+     chunks in flight, so memory is bounded whatever the corpus size
+  -> in order: tokenize the chunk (Rust, batched), CacheWriter.write per split
+OUT/<split>/           a cache (see vilbert.cache)
+OUT/preprocess-report.json    rows per split, skips by reason with examples, options
+OUT/preprocess-skips.jsonl    every image skipped by the workers (split, ordinal, key, reason);
+                              a resumed build reads it to fast-forward without decoding again
+```
+
+Dirty data is skipped and counted by reason (`malformed-line`, `empty-caption`, `missing-image`,
+`unreadable-image`, `undecodable`, `too-large`), logged, and recorded in the report and in each
+cache's manifest (`extra["preprocess"]`). A crash leaves no manifest; `mode="resume"` keeps the
+completed shards and skips the rows they hold. The same inputs and options give byte-identical
+shards whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from vilbert.cache import CacheWriter, Normalization, normalization
+from vilbert.errors import DataError, UsageError
+from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
+from vilbert.pipeline.sources import Sample, Skip, Source, assign_splits
+from vilbert.pipeline.text import CaptionEncoder, EncodedCaptions
+
+__all__ = [
+    "PIXEL_DTYPES",
+    "REPORT_NAME",
+    "SKIPS_NAME",
+    "PreprocessOptions",
+    "SplitReport",
+    "PreprocessReport",
+    "parse_normalization",
+    "drop_empty_captions",
+    "preprocess",
+]
+
+log = logging.getLogger(__name__)
+
+PIXEL_DTYPES = ("float16", "uint8")
+WRITE_MODES = ("create", "overwrite", "resume")
+REPORT_NAME = "preprocess-report.json"
+SKIPS_NAME = "preprocess-skips.jsonl"
+_EXAMPLES = 20  # skipped keys kept per reason in the report
+_LOGGED = 5  # skips logged one by one per reason, then only counted
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessOptions:
+    """How samples become cache rows. Everything but `workers` and `chunk_size` shapes the output."""
+
+    image_size: int = 224
+    resize_mode: str = "center-crop"
+    pixel_dtype: str = "float16"
+    """`float16` stores pixels normalized; `uint8` half the disk, normalized on the device later."""
+    normalize: str | Normalization = "half"
+    """timm's default ViT-B/16 weights were trained with mean = std = 0.5 (`half`), not ImageNet's."""
+    max_len: int = 36
+    """ViLBERT's caption length in tokens."""
+    train_ratio: float = 0.8
+    """The thesis split Conceptual Captions 80/20 (only for sources without splits)."""
+    workers: int | None = None
+    """Decoding processes; None = all cores, 0 = decode in this process."""
+    chunk_size: int = 64
+    mode: str = "create"
+    """`create`, `overwrite` or `resume` (keep the completed shards of an interrupted build)."""
+    target_shard_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.pixel_dtype in PIXEL_DTYPES, "pixel_dtype", self.pixel_dtype, ", ".join(PIXEL_DTYPES)),
+            (self.resize_mode in RESIZE_MODES, "resize_mode", self.resize_mode, ", ".join(RESIZE_MODES)),
+            (self.mode in WRITE_MODES, "mode", self.mode, ", ".join(WRITE_MODES)),
+            (self.image_size > 0, "image_size", self.image_size, "> 0"),
+            (self.max_len >= 3, "max_len", self.max_len, ">= 3"),
+            (0.0 < self.train_ratio < 1.0, "train_ratio", self.train_ratio, "0 < ratio < 1"),
+            (self.workers is None or self.workers >= 0, "workers", self.workers, ">= 0"),
+            (self.chunk_size > 0, "chunk_size", self.chunk_size, "> 0"),
+        )
+        for ok, name, value, valid in checks:
+            if not ok:
+                raise UsageError(f"{name}={value!r} is invalid; valid: {valid}")
+        object.__setattr__(self, "normalize", parse_normalization(self.normalize))
+
+
+@dataclass
+class SplitReport:
+    """What one split's cache received."""
+
+    path: str
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PreprocessReport:
+    """The outcome of a run (also written to `OUT/preprocess-report.json`)."""
+
+    out: str
+    source: str
+    splits: dict[str, SplitReport]
+    skipped: dict[str, int]
+    examples: dict[str, list[str]]
+    """Up to 20 skipped keys (or FILE:LINE) with details, per reason."""
+    rows_resumed: int
+    seconds: float
+    options: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.splits.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"rows": self.rows}
+
+
+def parse_normalization(value: str | Normalization) -> Normalization:
+    """A preset name (`half`, `imagenet`, `clip`) or `mean=R,G,B:std=R,G,B`.
+
+    Raises:
+        UsageError: an unknown name or malformed values.
+    """
+    if isinstance(value, Normalization):
+        return value
+    text = value.strip()
+    if "=" not in text:
+        return normalization(text)
+    try:
+        parts = dict(part.split("=", 1) for part in text.split(":"))
+        mean, std = (tuple(float(v) for v in parts[k].split(",")) for k in ("mean", "std"))
+    except (ValueError, KeyError) as err:
+        raise UsageError(
+            f"normalization {value!r} is malformed; valid: half, imagenet, clip, "
+            "or mean=R,G,B:std=R,G,B (e.g. mean=0.5,0.5,0.5:std=0.5,0.5,0.5)"
+        ) from err
+    return normalization((mean, std))
+
+
+def drop_empty_captions(items: Iterable[Sample | Skip]) -> Iterator[Sample | Skip]:
+    """Turn samples whose caption is blank into `Skip(reason="empty-caption")`."""
+    for item in items:
+        if isinstance(item, Sample) and not item.caption.strip():
+            item = Skip(item.key, "empty-caption", "caption is empty or whitespace", item.split)
+        yield item
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def preprocess(
+    source: Source,
+    out: str | os.PathLike[str],
+    tokenizer: Tokenizer,
+    options: PreprocessOptions | None = None,
+    *,
+    command: str = "vilbert.pipeline.preprocess",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> PreprocessReport:
+    """Turn `source` into one cache per split under `out`.
+
+    Args:
+        source: Where samples come from (see `vilbert.pipeline.sources`).
+        out: Root directory; caches go to `out/<split>`.
+        tokenizer: Encodes captions; stored in every cache.
+        options: Image, text, split and parallelism settings.
+        command: The command line, recorded in each manifest.
+        progress: Called after each chunk with `done` (items read), `total` (or None), `rows`,
+            `skipped` and `splits` (rows per split).
+
+    Returns:
+        Rows per split and skips by reason.
+
+    Raises:
+        UsageError: `out` exists without `overwrite`/`resume`, or a resume with other inputs.
+        DataError: no sample could be used.
+    """
+    options = options or PreprocessOptions()
+    out, started = Path(out), time.perf_counter()
+    encoder = CaptionEncoder(tokenizer, options.max_len)
+    run = _RunState(out, source, encoder, options, command)
+    items = drop_empty_captions(assign_splits(source, options.train_ratio))
+    with ExitStack() as stack:
+        stack.callback(run.close)
+        pool = stack.enter_context(
+            DecodePool(
+                workers=_default_workers(options.workers),
+                chunk_size=options.chunk_size,
+                image_size=options.image_size,
+                resize_mode=options.resize_mode,
+                pixel_dtype=options.pixel_dtype,
+                mean=options.normalize.mean,
+                std=options.normalize.std,
+            )
+        )
+        total = source.size_hint()
+        chunks = _batched(run.plan(items, stack), options.chunk_size)
+        results = pool.map_ordered(
+            chunks, image=lambda item: item[1].image, prepare=lambda chunk: encoder([s.caption for _, s in chunk])
+        )
+        for samples, encoded, pixels, failures in results:
+            run.write_chunk(samples, encoded, pixels, failures)
+            if progress is not None:
+                progress(run.progress(total))
+        report = run.finish(time.perf_counter() - started)
+    if report.rows == 0:
+        raise DataError(
+            f"no usable sample in {source.description}: skipped {report.skipped or 'nothing'}; see {out / REPORT_NAME}"
+        )
+    return report
+
+
+def _default_workers(workers: int | None) -> int:
+    if workers is not None:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _RunState:
+    """Writers per split, skip accounting, the resume log and the report of one run."""
+
+    def __init__(
+        self, out: Path, source: Source, encoder: CaptionEncoder, options: PreprocessOptions, command: str
+    ) -> None:
+        self.out, self.source, self.encoder, self.options, self.command = out, source, encoder, options, command
+        self.option_record = _option_record(options)
+        identity = json.dumps([source.description, self.option_record, encoder.fingerprint], sort_keys=True)
+        run_id = hashlib.sha256(identity.encode()).hexdigest()
+        self.log = _SkipLog(out, run_id, options.mode)
+        self.writers: dict[str, CacheWriter] = {}
+        self.ordinals: Counter[str] = Counter()
+        self.fast_forwarded: Counter[str] = Counter()
+        self.rows: Counter[str] = Counter()
+        self.skipped: dict[str | None, Counter[str]] = {}
+        self.examples: dict[str, list[str]] = {}
+        self.done = 0
+
+    # ------------------------------------------------------------------------ planning (in order)
+
+    def plan(self, items: Iterable[Sample | Skip], stack: ExitStack) -> Iterator[tuple[int, Sample]]:
+        """Samples to decode, tagged with their ordinal in their split; skips are counted here."""
+        for item in items:
+            self.done += 1
+            if isinstance(item, Skip):
+                self.count_skip(item)
+                continue
+            writer = self.writers.get(item.split) or self._open_writer(item.split, stack)
+            ordinal = self.ordinals[item.split]
+            self.ordinals[item.split] += 1
+            logged = self.log.skipped.get((item.split, ordinal))
+            if logged is not None:
+                self.count_skip(Skip(item.key, logged[0], logged[1], item.split))
+            elif self.fast_forwarded[item.split] < writer.rows_done:
+                self.fast_forwarded[item.split] += 1
+                self.rows[item.split] += 1
+            else:
+                yield ordinal, item
+
+    def _open_writer(self, split: str, stack: ExitStack) -> CacheWriter:
+        writer = stack.enter_context(
+            CacheWriter(
+                self.out / split,
+                split=split,
+                image_size=self.options.image_size,
+                pixel_dtype=self.options.pixel_dtype,
+                normalization=self.options.normalize,
+                max_len=self.options.max_len,
+                tokenizer_json=self.encoder.tokenizer_json,
+                special_token_ids=self.encoder.special_ids,
+                vocab_size=self.encoder.vocab_size,
+                has_labels=self._has_labels(split),
+                has_captions=True,
+                command=self.command,
+                target_shard_bytes=self.options.target_shard_bytes,
+                mode=self.options.mode,
+            )
+        )
+        if writer.rows_done:
+            log.info("%s: resuming after %d rows in completed shards", self.out / split, writer.rows_done)
+        self.writers[split] = writer
+        return writer
+
+    def _has_labels(self, split: str) -> bool:
+        names = self.source.split_names()
+        if names is not None and split not in names:
+            raise DataError(f"{self.source.description} yielded split {split!r} outside its splits {names}")
+        return self.source.has_labels(split)
+
+    def count_skip(self, skip: Skip) -> None:
+        self.skipped.setdefault(skip.split, Counter())[skip.reason] += 1
+        examples = self.examples.setdefault(skip.reason, [])
+        if len(examples) < _EXAMPLES:
+            examples.append(f"{skip.key}: {skip.detail}" if skip.detail else skip.key)
+        if len(examples) <= _LOGGED:
+            log.warning("skipped %s (%s)%s", skip.key, skip.reason, f": {skip.detail}" if skip.detail else "")
+
+    # ----------------------------------------------------------------------- writing (in order)
+
+    def write_chunk(
+        self,
+        samples: list[tuple[int, Sample]],
+        encoded: EncodedCaptions,
+        pixels: np.ndarray,
+        failures: dict[int, tuple[str, str]],
+    ) -> None:
+        """Log the chunk's skips, then hand its rows to the writers, split by split."""
+        for index, (reason, detail) in sorted(failures.items()):
+            ordinal, sample = samples[index]
+            self.log.append(sample.split, ordinal, sample.key, reason, detail)
+            self.count_skip(Skip(sample.key, reason, detail, sample.split))
+        self.log.flush()  # before the rows: a completed shard's skips are always in the log
+        ids, num_tokens = encoded
+        by_split: dict[str, list[int]] = {}
+        for index, (_, sample) in enumerate(samples):
+            if index not in failures:
+                by_split.setdefault(sample.split, []).append(index)
+        for split, rows in by_split.items():
+            take = _index(rows)
+            chosen = [samples[i][1] for i in rows]
+            writer = self.writers[split]
+            labels = np.array([s.label for s in chosen], np.int64) if writer.has_labels else None
+            writer.write(
+                [s.key for s in chosen], pixels[take], ids[take], num_tokens[take], labels, [s.caption for s in chosen]
+            )
+            self.rows[split] += len(rows)
+
+    def progress(self, total: int | None) -> dict[str, Any]:
+        skipped = sum(sum(c.values()) for c in self.skipped.values())
+        return {
+            "done": self.done,
+            "total": total,
+            "rows": sum(self.rows.values()),
+            "skipped": skipped,
+            "splits": dict(self.rows),
+        }
+
+    # ---------------------------------------------------------------------------------- finish
+
+    def finish(self, seconds: float) -> PreprocessReport:
+        splits = {}
+        for split, writer in sorted(self.writers.items()):
+            skipped = dict(sorted(self.skipped.get(split, Counter()).items()))
+            extra = {
+                "source": self.source.description,
+                "rows": self.rows[split],
+                "skipped": skipped,
+                "options": self.option_record,
+            }
+            writer.finish(extra={"preprocess": extra})
+            splits[split] = SplitReport(path=str(self.out / split), rows=self.rows[split], skipped=skipped)
+        total: Counter[str] = Counter()
+        for counter in self.skipped.values():
+            total.update(counter)
+        report = PreprocessReport(
+            out=str(self.out),
+            source=self.source.description,
+            splits=splits,
+            skipped=dict(sorted(total.items())),
+            examples=self.examples,
+            rows_resumed=sum(self.fast_forwarded.values()),
+            seconds=round(seconds, 3),
+            options=self.option_record,
+        )
+        _write_json(self.out / REPORT_NAME, report.to_dict())
+        for reason, count in sorted(total.items()):
+            log.info("skipped %d samples: %s", count, reason)
+        return report
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _index(rows: list[int]) -> slice | np.ndarray:
+    """A slice (a view, no copy) when the rows are consecutive, else an index array."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return slice(rows[0], rows[-1] + 1)
+    return np.asarray(rows)
+
+
+def _option_record(options: PreprocessOptions) -> dict[str, Any]:
+    norm = options.normalize
+    assert isinstance(norm, Normalization)
+    return {
+        "image_size": options.image_size,
+        "resize_mode": options.resize_mode,
+        "pixel_dtype": options.pixel_dtype,
+        "normalization": norm.to_dict(),
+        "max_len": options.max_len,
+        "train_ratio": options.train_ratio,
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _SkipLog:
+    """`OUT/preprocess-skips.jsonl`: the run's identity, then one line per image the workers skipped.
+
+    Resuming needs it: a completed shard holds the first `rows_done` *rows* of a split, and which
+    samples became rows depends on which images failed to decode; the log says so without decoding
+    the prefix again.
+    """
+
+    def __init__(self, out: Path, run_id: str, mode: str) -> None:
+        self.path = out / SKIPS_NAME
+        self.skipped: dict[tuple[str, int], tuple[str, str]] = {}
+        if mode == "create" and out.exists() and any(out.iterdir()):
+            raise UsageError(
+                f"output directory {out} is not empty; pass --overwrite to rebuild it or --resume "
+                "to continue an interrupted run"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "resume" and self.path.is_file():
+            self._load(run_id)
+        elif mode == "resume" and any(p.is_dir() for p in out.iterdir()):
+            raise UsageError(f"cannot resume into {out}: {self.path.name} is missing; pass --overwrite")
+        else:
+            (out / REPORT_NAME).unlink(missing_ok=True)
+            self.path.write_text(json.dumps({"run": run_id}) + "\n", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def _load(self, run_id: str) -> None:
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        complete = lines[:-1]  # the text after the last newline is a torn write
+        header = json.loads(complete[0]) if complete else {}
+        if header.get("run") != run_id:
+            raise UsageError(
+                f"cannot resume into {self.path.parent}: it was built from other inputs or options; "
+                "pass --overwrite to rebuild it, or the same sources and options"
+            )
+        for line in complete[1:]:
+            entry = json.loads(line)
+            self.skipped[(entry["split"], entry["ordinal"])] = (entry["reason"], entry["detail"])
+        self.path.write_text("\n".join(complete) + "\n", encoding="utf-8")
+
+    def append(self, split: str, ordinal: int, key: str, reason: str, detail: str) -> None:
+        if (split, ordinal) in self.skipped:
+            return
+        self.skipped[(split, ordinal)] = (reason, detail)
+        entry = {"split": split, "ordinal": ordinal, "key": key, "reason": reason, "detail": detail}
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,405 @@
+"""Where preprocess reads samples from: fetch output, Hateful Memes, or a folder with a listing.
+
+A source is an iterable of `Sample` (a key, the encoded image as bytes or a path, the caption, an
+optional label and split) and `Skip` (a line or sample that cannot be used, with a short reason),
+in a deterministic order. Sources with their own splits (Hateful Memes' jsonl files, a JSONL listing
+with a `split` field) say so through `split_names()`; the others are split by key hash
+(`assign_splits`, `split_for_key`) so that a key always lands in the same split.
+
+- `FetchSource(dirs)`: the saved rows of one or more `vilbert fetch` output directories, in order
+  (`vilbert.pipeline.fetch.iter_fetched`); JPEG bytes already at the fetch size, no labels.
+- `HatefulMemesSource(dir)`: `train.jsonl`, `dev_seen.jsonl`, `test_seen.jsonl` (and
+  `dev_unseen.jsonl`, `test_unseen.jsonl`, phase-1 `dev.jsonl`/`test.jsonl` when present), lines
+  `{"id", "img", "label", "text"}`, images under the directory; each file is a split.
+- `FolderSource(dir, listing)`: a TSV (`image<TAB>caption[<TAB>label]`, optional header) or JSONL
+  (`{"image"|"img"|"path", "caption"|"text", "label"?, "key"|"id"?, "split"?}`) listing image
+  paths relative to `dir`.
+
+Malformed lines are skipped, reported as `Skip(key="FILE:LINE", reason="malformed-line")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vilbert.errors import DataError, UsageError
+
+__all__ = [
+    "SOURCE_FORMATS",
+    "HATEFUL_MEMES_SPLITS",
+    "Sample",
+    "Skip",
+    "Source",
+    "FetchSource",
+    "HatefulMemesSource",
+    "FolderSource",
+    "open_source",
+    "split_for_key",
+    "assign_splits",
+]
+
+SOURCE_FORMATS = ("fetch", "hateful-memes", "folder")
+HATEFUL_MEMES_SPLITS = ("train", "dev_seen", "test_seen", "dev_unseen", "test_unseen", "dev", "test")
+"""The jsonl files read, in this order, when present (phase 1 had dev/test, phase 2 *_seen/*_unseen)."""
+UNSPLIT = ("train", "test")
+_IMAGE_FIELDS = ("image", "img", "path", "file")
+_CAPTION_FIELDS = ("caption", "text")
+_KEY_FIELDS = ("key", "id")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image-caption pair."""
+
+    key: str
+    """Stable id, unique within its split."""
+    image: bytes | Path
+    """The encoded image (any format PIL reads), or the path of a file holding it."""
+    caption: str
+    label: int | None = None
+    split: str | None = None
+    """None until the source's own split or `assign_splits` sets it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """An input that does not become a row, and why."""
+
+    key: str
+    """The sample key, or `FILE:LINE` for a line that could not be parsed."""
+    reason: str
+    """Short label used to count skips: `malformed-line`, `empty-caption`, `undecodable`, ..."""
+    detail: str = ""
+    split: str | None = None
+
+
+class Source(ABC):
+    """A deterministic stream of samples and skips."""
+
+    description: str = ""
+    """One line naming what is read (for logs and the report)."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Sample | Skip]:
+        """Samples (and skips) in a fixed order: the same input gives the same sequence."""
+
+    def split_names(self) -> tuple[str, ...] | None:
+        """The splits the source defines itself, or None: split by key hash into train/test."""
+        return None
+
+    def has_labels(self, split: str) -> bool:
+        """Whether the samples of `split` carry labels."""
+        return False
+
+    def size_hint(self) -> int | None:
+        """Number of items the iteration yields, when cheap to know (for progress bars)."""
+        return None
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def split_for_key(key: str, train_ratio: float) -> str:
+    """`train` or `test` from a hash of the key: stable across runs, machines and Python versions."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return "train" if int.from_bytes(digest, "big") < train_ratio * 2.0**64 else "test"
+
+
+def assign_splits(items: Iterable[Sample | Skip], train_ratio: float) -> Iterator[Sample | Skip]:
+    """Set the split of samples (and keyed skips) that have none, by key hash."""
+    if not 0.0 < train_ratio < 1.0:
+        raise UsageError(f"train_ratio={train_ratio} is invalid; valid: 0 < ratio < 1")
+    for item in items:
+        if item.split is None and (isinstance(item, Sample) or item.reason != "malformed-line"):
+            item = dataclasses.replace(item, split=split_for_key(item.key, train_ratio))
+        yield item
+
+
+# ------------------------------------------------------------------------------------ fetch output
+
+
+class FetchSource(Source):
+    """The saved rows of `vilbert fetch` output directories, directory by directory, in row order."""
+
+    def __init__(self, dirs: Sequence[str | os.PathLike[str]]) -> None:
+        self.dirs = _distinct_dirs(dirs)
+        for directory in self.dirs:
+            if _looks_like_hateful_memes(directory):
+                raise UsageError(
+                    f"{directory} looks like Hateful Memes (train.jsonl + img/); pass --format hateful-memes"
+                )
+        self.description = "fetch output " + ", ".join(str(d.resolve()) for d in self.dirs)
+
+    def __iter__(self) -> Iterator[Sample | Skip]:
+        from vilbert.pipeline.fetch import iter_fetched  # the fetch stage imports aiohttp: only when used
+
+        for directory in self.dirs:
+            for batch in iter_fetched(directory):
+                keys = batch.column("key").to_pylist()
+                captions = batch.column("caption").to_pylist()
+                images = batch.column("jpeg").to_pylist()
+                for key, caption, image in zip(keys, captions, images, strict=True):
+                    yield Sample(key=key, image=image, caption=caption or "")
+
+
+def _distinct_dirs(dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    if not dirs:
+        raise UsageError("no source given; pass one or more directories")
+    out: list[Path] = []
+    for entry in dirs:
+        path = Path(entry)
+        if not path.is_dir():
+            raise UsageError(f"source directory {path} does not exist")
+        if any(path.resolve() == seen.resolve() for seen in out):
+            raise UsageError(f"source directory {path} is given twice")
+        out.append(path)
+    return out
+
+
+def _looks_like_hateful_memes(directory: Path) -> bool:
+    return (directory / "train.jsonl").is_file() and (directory / "img").is_dir()
+
+
+# ---------------------------------------------------------------------------------- hateful memes
+
+
+class HatefulMemesSource(Source):
+    """The Hateful Memes layout: one split per jsonl file, images under the directory."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.root = Path(directory)
+        if not self.root.is_dir():
+            raise UsageError(f"Hateful Memes directory {self.root} does not exist")
+        self.files = {s: self.root / f"{s}.jsonl" for s in HATEFUL_MEMES_SPLITS if (self.root / f"{s}.jsonl").is_file()}
+        if not self.files:
+            raise UsageError(
+                f"{self.root} holds none of {', '.join(s + '.jsonl' for s in HATEFUL_MEMES_SPLITS)}; "
+                "is it a Hateful Memes directory?"
+            )
+        self._labelled = {split: _any_labelled(file) for split, file in self.files.items()}
+        self.description = f"Hateful Memes {self.root.resolve()} ({', '.join(self.files)})"
+
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    def has_labels(self, split: str) -> bool:
+        return self._labelled[split]
+
+    def size_hint(self) -> int:
+        return sum(_count_lines(f) for f in self.files.values())
+
+    def __iter__(self) -> Iterator[Sample | Skip]:
+        for split, file in self.files.items():
+            for where, record in _jsonl_records(file):
+                if isinstance(record, Skip):
+                    yield dataclasses.replace(record, split=split)
+                    continue
+                yield _record_sample(
+                    record,
+                    where,
+                    self.root,
+                    split,
+                    self._labelled[split],
+                    image_fields=("img",),
+                    caption_fields=("text",),
+                    key_fields=("id",),
+                )
+
+
+# ----------------------------------------------------------------------------------------- folder
+
+
+class FolderSource(Source):
+    """Images under a directory, listed with captions (and labels) in a TSV or JSONL file."""
+
+    def __init__(self, directory: str | os.PathLike[str], listing: str | os.PathLike[str]) -> None:
+        self.root, self.listing = Path(directory), Path(listing)
+        if not self.root.is_dir():
+            raise UsageError(f"image folder {self.root} does not exist")
+        if not self.listing.is_file():
+            raise UsageError(f"listing {self.listing} does not exist; pass a TSV or JSONL with --listing")
+        self.jsonl = _is_jsonl(self.listing)
+        self._labelled, self._splits = self._scan()
+        self.description = f"folder {self.root.resolve()} listed in {self.listing.resolve()}"
+
+    def split_names(self) -> tuple[str, ...] | None:
+        return self._splits
+
+    def has_labels(self, split: str) -> bool:
+        return self._labelled
+
+    def size_hint(self) -> int:
+        return _count_lines(self.listing)
+
+    def __iter__(self) -> Iterator[Sample | Skip]:
+        for where, record in self._records():
+            if isinstance(record, Skip):
+                yield record
+                continue
+            split = record.get("split")
+            if self._splits is not None and split not in self._splits:
+                yield Skip(where, "malformed-line", f"split {split!r} is not a name", None)
+                continue
+            yield _record_sample(
+                record,
+                where,
+                self.root,
+                split,
+                self._labelled,
+                image_fields=_IMAGE_FIELDS,
+                caption_fields=_CAPTION_FIELDS,
+                key_fields=_KEY_FIELDS,
+            )
+
+    def _records(self) -> Iterator[tuple[str, dict[str, Any] | Skip]]:
+        return _jsonl_records(self.listing) if self.jsonl else _tsv_records(self.listing)
+
+    def _scan(self) -> tuple[bool, tuple[str, ...] | None]:
+        labelled, splits = False, set()
+        for _, record in self._records():
+            if isinstance(record, dict):
+                labelled = labelled or record.get("label") is not None
+                split = record.get("split")
+                if isinstance(split, str) and split and "/" not in split:
+                    splits.add(split)
+        return labelled, (tuple(sorted(splits)) if splits else None)
+
+
+def _is_jsonl(path: Path) -> bool:
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        return True
+    if path.suffix.lower() in (".tsv", ".txt", ".csv"):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return next((line for line in f if line.strip()), "").lstrip().startswith("{")
+
+
+def _tsv_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | Skip]]:
+    with open(path, encoding="utf-8", errors="strict", newline="\n") as f:
+        for number, raw in enumerate(_lines(f, path), start=1):
+            line = raw.rstrip("\r\n")
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if number == 1 and fields[0].strip().lower() in _IMAGE_FIELDS + ("filename",):
+                continue  # header
+            if len(fields) not in (2, 3):
+                yield (
+                    where,
+                    Skip(where, "malformed-line", f"expected image<TAB>caption[<TAB>label], got {len(fields)} fields"),
+                )
+                continue
+            record: dict[str, Any] = {"image": fields[0], "caption": fields[1]}
+            if len(fields) == 3 and fields[2].strip():
+                record["label"] = fields[2].strip()
+            yield where, record
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | Skip]]:
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for number, line in enumerate(_lines(f, path), start=1):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, Skip(where, "malformed-line", f"invalid JSON: {err.msg} at column {err.colno}")
+                continue
+            if not isinstance(record, dict):
+                yield where, Skip(where, "malformed-line", f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield where, record
+
+
+def _lines(handle: Any, path: Path) -> Iterator[str]:
+    try:
+        yield from handle
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from err
+
+
+def _record_sample(
+    record: dict[str, Any],
+    where: str,
+    root: Path,
+    split: str | None,
+    labelled: bool,
+    *,
+    image_fields: Sequence[str],
+    caption_fields: Sequence[str],
+    key_fields: Sequence[str],
+) -> Sample | Skip:
+    image = _first(record, image_fields)
+    caption = _first(record, caption_fields)
+    if not isinstance(image, str) or not image:
+        return Skip(where, "malformed-line", f"no image path (field {' or '.join(image_fields)})", split)
+    if caption is not None and not isinstance(caption, str):
+        return Skip(where, "malformed-line", f"caption is not a string: {caption!r}", split)
+    key = _first(record, key_fields)
+    key = image if key is None else str(key)
+    label = record.get("label")
+    if labelled:
+        if label is None:
+            return Skip(where, "malformed-line", "no label, though other lines have one", split)
+        try:
+            label = _integer(label)
+        except ValueError:
+            return Skip(where, "malformed-line", f"label {label!r} is not an integer", split)
+    return Sample(key=key, image=root / image, caption=caption or "", label=label if labelled else None, split=split)
+
+
+def _first(record: dict[str, Any], names: Sequence[str]) -> Any:
+    return next((record[n] for n in names if record.get(n) is not None), None)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or value is None:
+        raise ValueError(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+def _any_labelled(path: Path) -> bool:
+    return any(isinstance(r, dict) and r.get("label") is not None for _, r in _jsonl_records(path))
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+# ------------------------------------------------------------------------------------------- open
+
+
+def open_source(paths: Sequence[str | os.PathLike[str]], fmt: str = "fetch", listing: str | None = None) -> Source:
+    """The source for the CLI's `SOURCE... --format FMT [--listing FILE]`.
+
+    Raises:
+        UsageError: an unknown format, a wrong number of directories, or a missing listing.
+    """
+    if fmt not in SOURCE_FORMATS:
+        raise UsageError(f"unknown source format {fmt!r}; valid: {', '.join(SOURCE_FORMATS)}")
+    if listing is not None and fmt != "folder":
+        raise UsageError(f"--listing only applies to --format folder, not {fmt!r}")
+    if fmt == "fetch":
+        return FetchSource(paths)
+    if len(paths) != 1:
+        raise UsageError(
+            f"--format {fmt} takes exactly one directory, got {len(paths)}: {', '.join(str(p) for p in paths)}"
+        )
+    if fmt == "hateful-memes":
+        return HatefulMemesSource(paths[0])
+    if listing is None:
+        raise UsageError("--format folder needs --listing FILE (a TSV or JSONL of image path, caption, label)")
+    return FolderSource(paths[0], listing)
