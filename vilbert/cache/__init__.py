@@ -5,6 +5,8 @@ tokenizer it was built with and a manifest written last. See README.md beside th
 `docs/cache-format.md`.
 """
 
+from typing import TYPE_CHECKING
+
 from vilbert.cache.format import (
     FORMAT_VERSION,
     NORMALIZATIONS,
@@ -14,11 +16,25 @@ from vilbert.cache.format import (
     normalization,
     read_manifest,
 )
-from vilbert.cache.loader import Batch, BatchLoader
 from vilbert.cache.reader import CacheReader
 from vilbert.cache.sampler import EpochSampler
 from vilbert.cache.verify import VerifyReport, verify_cache
 from vilbert.cache.writer import CacheWriter
+
+if TYPE_CHECKING:
+    from vilbert.cache.loader import Batch, BatchLoader
+
+_LAZY = {"Batch": "vilbert.cache.loader", "BatchLoader": "vilbert.cache.loader"}
+
+
+def __getattr__(name: str):
+    # The loader needs torch (seconds to import); the CLI and the writer should not pay for it.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vilbert.cache' has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_VERSION",

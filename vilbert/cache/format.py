@@ -150,10 +150,10 @@ def shard_schema(
         pa.field("key", pa.string(), nullable=False),
         pa.field(
             "pixels",
-            pa.list_(pa.field("item", pixel_type, nullable=False), CHANNELS * image_size * image_size),
+            pa.list_(pixel_type, CHANNELS * image_size * image_size),
             nullable=False,
         ),
-        pa.field("input_ids", pa.list_(pa.field("item", pa.int32(), nullable=False), max_len), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32(), max_len), nullable=False),
         pa.field("num_tokens", pa.int32(), nullable=False),
     ]
     if has_labels:

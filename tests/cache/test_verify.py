@@ -1,0 +1,114 @@
+"""verify_cache and `vilbert cache verify|inspect`: every byte checked, the bad shard named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vilbert.cache import verify_cache
+from vilbert.cli.app import main
+from vilbert.errors import CacheError
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `vilbert ARGS` in this process (the CLI's own entry point, exit code included)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
+def flip_byte(file: Path, offset: int) -> None:
+    with open(file, "r+b") as handle:
+        handle.seek(offset)
+        value = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([value ^ 0x01]))
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_a_sound_cache_verifies(cache_f16):
+    report = verify_cache(cache_f16[0])
+    assert report.ok and report.shards_checked == 3 and report.rows == 20
+    report.raise_if_bad()
+
+
+def test_one_flipped_pixel_byte_is_caught_by_the_checksum(cache_f16):
+    path, _ = cache_f16
+    flip_byte(path / "shard-00001.arrow", 2000)  # inside the pixel data: the file still parses
+    report = verify_cache(path)
+    assert not report.ok
+    assert report.problems[0].startswith("shard-00001.arrow: checksum mismatch")
+    with pytest.raises(CacheError, match="is corrupt: shard-00001.arrow: checksum mismatch"):
+        report.raise_if_bad()
+
+
+def test_truncated_and_missing_shards_are_named(cache_f16):
+    path, _ = cache_f16
+    with open(path / "shard-00000.arrow", "r+b") as handle:
+        handle.truncate(1000)
+    (path / "shard-00002.arrow").unlink()
+    report = verify_cache(path)
+    assert report.problems[0].startswith("shard-00000.arrow: truncated: 1000 bytes")
+    assert report.problems[1] == "shard-00002.arrow: missing"
+
+
+def test_cli_verify_exits_0_with_a_summary(cache_u8, run_cli):
+    result = run_cli("cache", "verify", str(cache_u8[0]))
+    assert result.returncode == 0, result.stderr
+    assert f"OK {cache_u8[0]}: 3 shards, 20 rows" in " ".join(result.stdout.split())
+
+
+def test_cli_verify_exits_1_naming_the_bad_shard(cache_u8):
+    path, _ = cache_u8
+    flip_byte(path / "shard-00002.arrow", 1500)
+    # A real process: the console script's exit code and stderr as a user sees them.
+    command = [sys.executable, "-m", "vilbert", "cache", "verify", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert "shard-00002.arrow: checksum mismatch" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_verify_refuses_an_unknown_version(cache_u8, run_cli):
+    path, _ = cache_u8
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("cache", "verify", str(path))
+    assert result.returncode == 1
+    assert "unknown format 'vilbert-cache' version 2" in error_lines(result)[0]
+
+
+def test_cli_inspect_shows_the_cache(cache_f16, run_cli):
+    result = run_cli("cache", "inspect", str(cache_f16[0]))
+    assert result.returncode == 0, result.stderr
+    for fragment in ("float16 CHW 3x16x16", "'half'", "caption 0 a red circle", "img00002", "max_len"):
+        assert fragment in result.stdout
+    as_json = run_cli("cache", "inspect", "--json", str(cache_f16[0]))
+    assert json.loads(as_json.stdout)["num_rows"] == 20
+
+
+def test_cli_inspect_of_a_non_cache_is_one_line(tmp_path, run_cli):
+    result = run_cli("cache", "inspect", str(tmp_path))
+    assert result.returncode == 1
+    lines = error_lines(result)
+    assert len(lines) == 1 and "not a cache (no manifest.json)" in lines[0]

@@ -1,0 +1,219 @@
+"""CacheWriter: byte-exact round trips, determinism, atomicity, refuse/overwrite/resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import MAX_LEN, SIZE, build_cache, make_rows, writer_kwargs
+
+from vilbert.cache import CacheReader, CacheWriter, normalization
+from vilbert.errors import CacheError, UsageError
+
+
+def shard_files(path: Path) -> list[Path]:
+    return sorted(path.glob("shard-*.arrow"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_round_trip_is_byte_exact_across_shard_boundaries(tmp_path, dtype):
+    rows = build_cache(tmp_path / "c", n=20, dtype=dtype, chunk=5)  # 7 rows per shard: 7 + 7 + 6
+    reader = CacheReader(tmp_path / "c")
+    assert len(reader) == 20 and reader.num_shards == 3
+    got = reader.gather(np.arange(20))
+    assert got["pixels"].dtype == np.dtype(dtype)
+    assert got["pixels"].tobytes() == rows["pixels"].tobytes()
+    assert got["input_ids"].tobytes() == rows["input_ids"].tobytes()
+    np.testing.assert_array_equal(got["num_tokens"], rows["num_tokens"])
+    np.testing.assert_array_equal(got["label"], rows["labels"])
+    assert reader.keys(range(20)) == rows["keys"]
+    assert reader.captions(range(20)) == rows["captions"]
+
+
+def test_each_shard_opens_in_plain_pyarrow(cache_f16):
+    path, rows = cache_f16
+    total = 0
+    for file in shard_files(path):
+        with pa.memory_map(str(file)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        assert table.column_names == ["key", "pixels", "input_ids", "num_tokens", "label", "caption"]
+        assert table.schema.field("pixels").type == pa.list_(pa.float16(), 3 * SIZE * SIZE)
+        assert table.schema.field("input_ids").type == pa.list_(pa.int32(), MAX_LEN)
+        assert table.schema.metadata[b"vilbert.layout"] == b"CHW"
+        total += table.num_rows
+    assert total == 20
+
+
+def test_output_is_deterministic_whatever_the_batching(tmp_path):
+    build_cache(tmp_path / "a", n=20, chunk=3)
+    build_cache(tmp_path / "b", n=20, chunk=20)
+    a, b = shard_files(tmp_path / "a"), shard_files(tmp_path / "b")
+    assert [f.name for f in a] == [f.name for f in b]
+    for fa, fb in zip(a, b, strict=True):
+        assert fa.read_bytes() == fb.read_bytes()
+    shards_a = CacheReader(tmp_path / "a").manifest.shards
+    assert shards_a == CacheReader(tmp_path / "b").manifest.shards
+
+
+def test_rows_per_shard_follow_target_bytes(tmp_path):
+    # float16 row: 3*16*16*2 = 1536 + 4*8 + 4 + 8 + 96 (string estimate) = 1676 bytes
+    build_cache(tmp_path / "c", n=20, rows_per_shard=None, target_shard_bytes=1676 * 6)
+    manifest = CacheReader(tmp_path / "c").manifest
+    assert manifest.rows_per_shard == 6
+    assert [s.rows for s in manifest.shards] == [6, 6, 6, 2]
+
+
+def test_uint8_input_is_normalized_for_a_float16_cache(tmp_path):
+    rows = make_rows(4, "uint8")
+    with CacheWriter(tmp_path / "c", **writer_kwargs("float16", normalization="imagenet")) as writer:
+        writer.write(
+            rows["keys"], rows["pixels"], rows["input_ids"], rows["num_tokens"], rows["labels"], rows["captions"]
+        )
+    got = CacheReader(tmp_path / "c").gather(range(4))["pixels"]
+    norm = normalization("imagenet")
+    mean = np.array(norm.mean).reshape(3, 1, 1)
+    std = np.array(norm.std).reshape(3, 1, 1)
+    expected = (rows["pixels"] / 255.0 - mean) / std
+    np.testing.assert_allclose(got.astype(np.float64), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_an_exception_leaves_no_manifest_and_no_temp_files(tmp_path):
+    rows = make_rows(20, "float16")
+    path = tmp_path / "c"
+    with pytest.raises(RuntimeError), CacheWriter(path, **writer_kwargs()) as writer:
+        writer.write(
+            rows["keys"][:10],
+            rows["pixels"][:10],
+            rows["input_ids"][:10],
+            rows["num_tokens"][:10],
+            rows["labels"][:10],
+            rows["captions"][:10],
+        )
+        raise RuntimeError("producer crashed")
+    assert not (path / "manifest.json").exists()
+    assert not list(path.glob("*.tmp")) and not list(path.glob(".*.tmp"))
+    with pytest.raises(CacheError, match=r"not a cache \(no manifest.json\)"):
+        CacheReader(path)
+
+
+def test_existing_directory_is_refused_unless_overwrite(tmp_path, cache_f16):
+    path, _ = cache_f16
+    with pytest.raises(UsageError) as info:
+        CacheWriter(path, **writer_kwargs())
+    message = str(info.value)
+    assert str(path) in message and "overwrite" in message and "resume" in message
+    rows = build_cache(path, n=9, dtype="uint8", mode="overwrite")
+    reader = CacheReader(path)
+    assert len(reader) == 9 and reader.pixel_dtype == "uint8"
+    assert reader.gather(range(9))["pixels"].tobytes() == rows["pixels"].tobytes()
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_cache(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(UsageError, match="does not look like a cache"):
+        CacheWriter(tmp_path, **writer_kwargs(mode="overwrite"))
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def write_rows(writer: CacheWriter, rows: dict, start: int, stop: int, chunk: int = 4) -> None:
+    for s in range(start, stop, chunk):
+        e = min(s + chunk, stop)
+        writer.write(
+            rows["keys"][s:e],
+            rows["pixels"][s:e],
+            rows["input_ids"][s:e],
+            rows["num_tokens"][s:e],
+            rows["labels"][s:e],
+            rows["captions"][s:e],
+        )
+
+
+def test_resume_keeps_completed_shards_and_ends_byte_identical(tmp_path):
+    rows = make_rows(20, "float16")
+    build_cache(tmp_path / "clean", n=20)
+    path = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt), CacheWriter(path, **writer_kwargs()) as writer:
+        write_rows(writer, rows, 0, 17)  # shards 0 and 1 complete (14 rows), 3 rows unflushed
+        raise KeyboardInterrupt
+    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+        assert writer.rows_done == 14
+        write_rows(writer, rows, writer.rows_done, 20)
+    assert [f.read_bytes() for f in shard_files(path)] == [f.read_bytes() for f in shard_files(tmp_path / "clean")]
+    assert not (path / ".progress.json").exists()
+    assert len(CacheReader(path)) == 20
+
+
+def test_resume_drops_a_damaged_shard_and_everything_after_it(tmp_path):
+    rows = make_rows(20, "float16")
+    path = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt), CacheWriter(path, **writer_kwargs()) as writer:
+        write_rows(writer, rows, 0, 17)
+        raise KeyboardInterrupt
+    with open(path / "shard-00001.arrow", "r+b") as handle:
+        handle.truncate(100)
+    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+        assert writer.rows_done == 7
+        write_rows(writer, rows, writer.rows_done, 20)
+    assert CacheReader(path).gather(range(20))["pixels"].tobytes() == rows["pixels"].tobytes()
+
+
+def test_resume_of_a_finished_cache_keeps_its_full_shards(tmp_path, cache_f16):
+    path, rows = cache_f16
+    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+        assert writer.rows_done == 14  # the last shard (6 rows) was partial: it is rebuilt
+        assert not (path / "manifest.json").exists()
+        write_rows(writer, rows, 14, 20)
+    assert CacheReader(path).gather(range(20))["pixels"].tobytes() == rows["pixels"].tobytes()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, cache_f16):
+    path, _ = cache_f16
+    with pytest.raises(CacheError, match=r"different settings \(max_len: was 8, now 9"):
+        CacheWriter(path, **writer_kwargs(mode="resume", max_len=9))
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"pixels": np.zeros((4, 3, SIZE, SIZE + 1), np.float16)}, "pixels: expected shape [4, 3, 16, 16]"),
+        ({"pixels": np.zeros((4, 3, SIZE, SIZE), np.float32)}, "pixels dtype float32 does not match"),
+        ({"labels": None}, "has_labels=True but labels were not given"),
+        ({"num_tokens": np.full(4, MAX_LEN + 1)}, "num_tokens must be in [0, max_len=8]"),
+        ({"captions": ["only one"]}, "captions: expected 4 strings"),
+    ],
+)
+def test_bad_batches_are_refused_clearly(tmp_path, change, fragment):
+    rows = make_rows(4, "float16")
+    rows.update(change)
+    with pytest.raises(UsageError) as info, CacheWriter(tmp_path / "c", **writer_kwargs()) as writer:
+        writer.write(
+            rows["keys"], rows["pixels"], rows["input_ids"], rows["num_tokens"], rows["labels"], rows["captions"]
+        )
+    assert fragment in str(info.value)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ({"pixel_dtype": "float32"}, "unknown pixel_dtype 'float32'; valid: float16, uint8"),
+        ({"normalization": "imagenett"}, "unknown normalization 'imagenett'; valid: imagenet, half, clip"),
+        ({"special_token_ids": {"pad": 0}}, "special_token_ids lacks unk, cls, sep, mask"),
+        ({"mode": "append"}, "unknown mode 'append'"),
+    ],
+)
+def test_bad_arguments_are_refused_clearly(tmp_path, override, fragment):
+    with pytest.raises(UsageError) as info:
+        CacheWriter(tmp_path / "c", **writer_kwargs(**override))
+    assert fragment in str(info.value)
+
+
+def test_finish_records_extra_provenance(tmp_path):
+    rows = make_rows(3, "float16")
+    writer = CacheWriter(tmp_path / "c", **writer_kwargs())
+    write_rows(writer, rows, 0, 3)
+    manifest = writer.finish(extra={"skipped": {"undecodable": 2}})
+    assert manifest.extra == {"skipped": {"undecodable": 2}}
+    assert CacheReader(tmp_path / "c").manifest.extra == {"skipped": {"undecodable": 2}}
