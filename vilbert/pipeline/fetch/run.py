@@ -1,0 +1,385 @@
+"""Orchestration: URL list -> (download, decode, resize, encode) -> image parts + failures + report.
+
+One asyncio event loop runs `max_in_flight` worker coroutines that take rows from a bounded queue
+(filled from the streamed list), download through one `Downloader`, and hand bodies to a pool of
+decode processes (one per core, so both cores work while the loop waits on the network). Finished
+rows go to the `PartWriter`, whose parts are written on an I/O thread. The run ends by itself:
+every request has a deadline, and the queue ends with one stop marker per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vilbert.errors import FetchError, UsageError
+from vilbert.pipeline.fetch.decode import decode_job, init_worker
+from vilbert.pipeline.fetch.inputs import BadLine, UrlRow, read_cc_tsv, read_url_table
+from vilbert.pipeline.fetch.network import TRANSIENT_REASONS, Downloader, NetworkOptions
+from vilbert.pipeline.fetch.reader import LineSet, count_fetched, done_lines, read_failures
+from vilbert.pipeline.fetch.shards import FailedRow, PartWriter, SavedRow, write_table_atomic
+from vilbert.pipeline.images import MAX_PIXELS, RESIZE_MODES
+
+__all__ = ["FetchOptions", "fetch_cc", "fetch_url_table", "fetch_rows"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchOptions:
+    """What to make of the images, how to split the list, and how to talk to servers."""
+
+    size: int = 224
+    mode: str = "center-crop"
+    quality: int = 90
+    """JPEG quality of the saved 224x224 images (~15 KB each at 90)."""
+    max_pixels: int = MAX_PIXELS
+    decode_workers: int = 0
+    """Decode processes (or threads); 0: one per core."""
+    decode_in: str = "thread"
+    """"thread" (default: the decoders release the GIL, and torch is imported once) or "process"."""
+    rows_per_part: int = 1000
+    seconds_per_part: float = 10.0
+    """A part is written after this many rows or seconds: a crash loses at most that much work."""
+    shard_index: int = 0
+    num_shards: int = 1
+    """This run fetches the lines with `line % num_shards == shard_index`."""
+    retry_failed: bool = False
+    """On a rerun, retry permanent failures too (transient ones are always retried)."""
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"mode={self.mode!r} is invalid; valid: {', '.join(RESIZE_MODES)}")
+        if self.decode_in not in ("process", "thread"):
+            raise ValueError(f"decode_in={self.decode_in!r} is invalid; valid: process, thread")
+        checks = {
+            "size": self.size >= 1,
+            "quality": 1 <= self.quality <= 100,
+            "num_shards": self.num_shards >= 1,
+            "shard_index": 0 <= self.shard_index < self.num_shards,
+            "rows_per_part": self.rows_per_part >= 1,
+            "decode_workers": self.decode_workers >= 0,
+            "seconds_per_part": self.seconds_per_part > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                valid = f"0 <= i < num_shards={self.num_shards}" if name == "shard_index" else "see --help"
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid: {valid}")
+
+
+def fetch_cc(
+    tsv: str | Path, out_dir: str | Path, options: FetchOptions | None = None, progress: Progress | None = None
+) -> dict:
+    """Fetch a Conceptual Captions TSV (`caption<TAB>url`, no header) into `out_dir`.
+
+    Rerunning with the same arguments resumes; see `fetch_rows` for the return value.
+    """
+    source = {"input": str(Path(tsv).resolve()), "format": "cc"}
+    return fetch_rows(lambda: read_cc_tsv(tsv), out_dir, options, source=source, progress=progress)
+
+
+def fetch_url_table(
+    path: str | Path,
+    out_dir: str | Path,
+    options: FetchOptions | None = None,
+    *,
+    fmt: str = "auto",
+    url_col: str = "url",
+    caption_col: str | None = "caption",
+    progress: Progress | None = None,
+) -> dict:
+    """Fetch a TSV/CSV/JSONL/Parquet list of URLs (and captions) into `out_dir`."""
+    rows = read_url_table(path, fmt=fmt, url_col=url_col, caption_col=caption_col)  # checks --format now
+    source = {"input": str(Path(path).resolve()), "format": fmt, "url_col": url_col, "caption_col": caption_col}
+    return fetch_rows(lambda: rows, out_dir, options, source=source, progress=progress)
+
+
+def fetch_rows(
+    rows: Callable[[], Iterable[UrlRow | BadLine]],
+    out_dir: str | Path,
+    options: FetchOptions | None = None,
+    *,
+    source: dict,
+    progress: Progress | None = None,
+) -> dict:
+    """Fetch the rows `rows()` yields into `out_dir`, resuming what an earlier run left.
+
+    Args:
+        rows: Opens the list (called once, after the output directory is checked).
+        out_dir: Output directory (created; reused by a rerun with the same options).
+        options: See `FetchOptions`.
+        source: What the list is (input path, format, columns), recorded and checked on rerun.
+        progress: Called about twice a second with counts (see `_Stats.snapshot`).
+
+    Returns:
+        The report also written to `out_dir/fetch-report.json`.
+    """
+    options = options or FetchOptions()
+    out = Path(out_dir)
+    with _locked(out):
+        _check_state(out, options, source)
+        done = done_lines(out, retry_failed=options.retry_failed)
+        writer = PartWriter(out, rows_per_part=options.rows_per_part, seconds_per_part=options.seconds_per_part)
+        stats = _Stats(already_done=len(done))
+        with _decode_pool(options) as pool:
+            asyncio.run(_Run(options, writer, pool, stats, progress).main(rows(), done))
+        return _finish(out, options, source, stats)
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FetchError(f"cannot create output directory {out}: {err}") from err
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise FetchError(f"another fetch is writing to {out}; wait for it or use another --out") from err
+        yield
+
+
+_STATE_KEYS = ("size", "mode", "quality", "shard_index", "num_shards")
+
+
+def _check_state(out: Path, options: FetchOptions, source: dict) -> None:
+    """Record the options on the first run; refuse a rerun whose output would not match."""
+    state_path = out / "fetch-state.json"
+    state = {**{k: getattr(options, k) for k in _STATE_KEYS}, **source, "version": 1}
+    if not state_path.exists():
+        _write_json(state_path, state)
+        return
+    old = json.loads(state_path.read_text())
+    for key in (*_STATE_KEYS, "format", "url_col", "caption_col"):
+        if old.get(key) != state.get(key):
+            raise UsageError(
+                f"{out} was fetched with {key}={old.get(key)!r}, this run has {state.get(key)!r}; "
+                "rerun with the same options to resume, or use another --out"
+            )
+    if old.get("input") != state["input"]:
+        log.warning("%s was started from %s; resuming from %s (same lines assumed)", out, old["input"], source["input"])
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _decode_pool(options: FetchOptions) -> Iterator[Executor]:
+    workers = options.decode_workers or os.cpu_count() or 1
+    if options.decode_in == "thread":
+        pool: Executor = ThreadPoolExecutor(workers, thread_name_prefix="vilbert-decode", initializer=init_worker)
+    else:
+        context = multiprocessing.get_context("forkserver")
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker)
+    for _ in range(workers):  # start the workers (and their imports) while the first downloads run
+        pool.submit(init_worker)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Stats:
+    already_done: int = 0
+    read: int = 0
+    in_shard: int = 0
+    skipped_done: int = 0
+    saved: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    bytes_downloaded: int = 0
+    bytes_saved: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    by_status: Counter = field(default_factory=Counter)
+    malformed: list = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def snapshot(self) -> dict:
+        elapsed = time.monotonic() - self.started
+        done = self.saved + self.failed
+        return {
+            "elapsed_s": elapsed,
+            "read": self.read,
+            "done": done,
+            "saved": self.saved,
+            "failed": self.failed,
+            "skipped_done": self.skipped_done,
+            "in_flight": self.in_flight,
+            "by_reason": dict(self.by_reason),
+            "images_per_s": self.saved / elapsed if elapsed > 0 else 0.0,
+            "success_rate": self.saved / done if done else 0.0,
+            "bytes_downloaded": self.bytes_downloaded,
+        }
+
+
+class _Run:
+    """One run's event-loop side: producer, workers, periodic flush and progress."""
+
+    def __init__(
+        self, options: FetchOptions, writer: PartWriter, pool: Executor, stats: _Stats, progress: Progress | None
+    ) -> None:
+        self.options, self.writer, self.pool, self.stats, self.progress = options, writer, pool, stats, progress
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="vilbert-parts")  # one thread: parts in order
+        self.writes: list[Future] = []
+
+    async def main(self, rows: Iterable[UrlRow | BadLine], done: LineSet) -> None:
+        n_workers = self.options.network.max_in_flight
+        queue: asyncio.Queue = asyncio.Queue(maxsize=n_workers)
+        ticker = asyncio.create_task(self._tick())
+        try:
+            async with Downloader(self.options.network) as downloader:
+                workers = [asyncio.create_task(self._worker(queue, downloader)) for _ in range(n_workers)]
+                await self._produce(rows, done, queue, n_workers)
+                await asyncio.gather(*workers)
+        finally:
+            ticker.cancel()
+            self._flush()
+            self.io.shutdown(wait=True)
+            self._check_writes()
+
+    async def _produce(
+        self, rows: Iterable[UrlRow | BadLine], done: LineSet, queue: asyncio.Queue, n_workers: int
+    ) -> None:
+        stats, shards, index = self.stats, self.options.num_shards, self.options.shard_index
+        for count, row in enumerate(rows, start=1):
+            stats.read += 1
+            if row.line % shards != index:
+                continue
+            stats.in_shard += 1
+            if row.line in done:
+                stats.skipped_done += 1
+            elif isinstance(row, BadLine):
+                stats.malformed.append(row.line)
+                self._fail(row.line, row.text, "malformed-line", None, row.message, False, 0)
+            else:
+                await queue.put(row)
+            if count % 4096 == 0:
+                await asyncio.sleep(0)  # let workers run while a long skipped stretch is read
+        for _ in range(n_workers):
+            await queue.put(None)
+
+    async def _worker(self, queue: asyncio.Queue, downloader: Downloader) -> None:
+        loop = asyncio.get_running_loop()
+        opts = self.options
+        while (row := await queue.get()) is not None:
+            self.stats.in_flight += 1
+            try:
+                got = await downloader.get(row.url)
+                if got.body is None:
+                    self._fail(row.line, row.url, got.reason, got.status, got.message, got.transient, got.attempts)
+                    continue
+                self.stats.bytes_downloaded += len(got.body)
+                try:
+                    result = await loop.run_in_executor(
+                        self.pool, decode_job, got.body, opts.size, opts.mode, opts.quality, opts.max_pixels
+                    )
+                except Exception as err:  # a decoder crash must cost one image, not the run
+                    result = ("fail", "decode-error", f"{type(err).__name__}: {err}")
+                if result[0] == "ok":
+                    self._save(row, result, got.attempts)
+                else:
+                    self._fail(row.line, row.url, result[1], 200, result[2], False, got.attempts)
+            finally:
+                self.stats.in_flight -= 1
+
+    def _save(self, row: UrlRow, result: tuple, attempts: int) -> None:
+        _, jpeg, width, height, orig_width, orig_height = result
+        self.writer.add_saved(SavedRow(row.line, row.url, row.caption, jpeg, width, height, orig_width, orig_height))
+        self.stats.saved += 1
+        self.stats.bytes_saved += len(jpeg)
+        if self.writer.due():
+            self._flush()
+
+    def _fail(
+        self, line: int, url: str, reason: str | None, status: int | None, message: str, transient: bool, attempts: int
+    ) -> None:
+        reason = reason or "error"
+        self.writer.add_failed(FailedRow(line, url, reason, status, message, transient, attempts))
+        self.stats.failed += 1
+        self.stats.by_reason[reason] += 1
+        if status is not None:
+            self.stats.by_status[str(status)] += 1
+        if self.writer.due():
+            self._flush()
+
+    def _flush(self) -> None:
+        batch = self.writer.take()
+        if batch is not None:
+            self.writes.append(self.io.submit(self.writer.write, batch))
+
+    def _check_writes(self) -> None:
+        pending = []
+        for future in self.writes:
+            if not future.done():
+                pending.append(future)
+            elif future.exception() is not None:
+                err = future.exception()
+                raise FetchError(f"cannot write a part to {self.writer.out_dir}: {err}") from err
+        self.writes = pending
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self.writer.due():
+                self._flush()
+            self._check_writes()
+            if self.progress is not None:
+                self.progress(self.stats.snapshot())
+
+
+def _finish(out: Path, options: FetchOptions, source: dict, stats: _Stats) -> dict:
+    """Write the consolidated failures table and the report; return the report."""
+    failures = read_failures(out)
+    write_table_atomic(failures, out / "failures.arrow")
+    elapsed = time.monotonic() - stats.started
+    reasons = Counter(failures.column("reason").to_pylist())
+    transient = [
+        r for r in reasons if r in TRANSIENT_REASONS or r in ("http-408", "http-429") or r.startswith("http-5")
+    ]
+    report = {
+        "source": source,
+        "out": str(out),
+        "options": {**{k: v for k, v in asdict(options).items() if k != "network"}, "network": asdict(options.network)},
+        "run": {
+            "lines_read": stats.read,
+            "lines_in_shard": stats.in_shard,
+            "skipped_already_done": stats.skipped_done,
+            "attempted": stats.saved + stats.failed,
+            "saved": stats.saved,
+            "failed": stats.failed,
+            "failed_by_reason": dict(sorted(stats.by_reason.items())),
+            "failed_by_http_status": dict(sorted(stats.by_status.items())),
+            "malformed_lines": stats.malformed[:1000],
+            "bytes_downloaded": stats.bytes_downloaded,
+            "bytes_saved": stats.bytes_saved,
+            "duration_s": round(elapsed, 3),
+            "images_per_s": round(stats.saved / elapsed, 2) if elapsed > 0 else 0.0,
+            "urls_per_s": round((stats.saved + stats.failed) / elapsed, 2) if elapsed > 0 else 0.0,
+        },
+        "total": {
+            "saved": count_fetched(out),
+            "failed": failures.num_rows,
+            "failed_by_reason": dict(sorted(reasons.items())),
+            "retried_by_a_rerun": sum(reasons[r] for r in transient),
+        },
+    }
+    _write_json(out / "fetch-report.json", report)
+    return report
