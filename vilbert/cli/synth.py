@@ -60,13 +60,15 @@ def serve(
     slow_first_byte_s: float = typer.Option(2.0, "--slow-first-byte-s", help="Delay of slow responses."),
     max_runtime_s: float = typer.Option(3600.0, "--max-runtime-s", help="Stop by itself after this long."),
     kinds: str = typer.Option(",".join(FAILURE_KINDS), "--kinds", help="Comma-separated failure kinds."),
+    copies: int = typer.Option(1, "--copies", help="Also serve /copy/<k>/images/... for k < copies."),
     print_plan: bool = typer.Option(False, "--print-plan", help="Print which URLs fail and how, then serve."),
 ) -> None:
     """Serve a corpus on 127.0.0.1 with a planned, deterministic mix of failures."""
     try:
         options = ServerOptions(latency_ms=latency_ms, jitter_ms=jitter_ms, failure_rate=failure_rate,
                                 seed=seed, slow_first_byte_s=slow_first_byte_s, max_runtime_s=max_runtime_s,
-                                kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()))  # fmt: skip
+                                kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                                copies=copies)  # fmt: skip
     except ValueError as err:
         raise UsageError(str(err)) from err
     if not corpus_dir.is_dir():

@@ -184,3 +184,20 @@ def test_cli_errors_are_one_line_and_exit_2(args, fragment, synth_corpus, tmp_pa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+def test_copies_multiply_the_urls_not_the_images(synth_corpus, tmp_path):
+    options = replace(OPTIONS, copies=3, failure_rate=0.5)
+    with serve_in_background(synth_corpus, options) as server:
+        tsv = write_cc_tsv(synth_corpus, server.base_url, tmp_path / "cc.tsv", copies=3)
+        paths = [urlsplit(line.split("\t")[1]).path for line in tsv.read_text().splitlines()]
+        assert len(paths) == 3 * len(plan_outcomes(synth_corpus, OPTIONS)) == len(set(paths))
+        assert set(paths) == set(server.plan)
+        kinds = collections.defaultdict(set)
+        for outcome in server.plan.values():
+            kinds[outcome.file].add(outcome.kind)
+        assert any(len(k) > 1 for k in kinds.values()), "copies of one image get their own outcomes"
+        copy = next(p for p, o in server.plan.items() if p.startswith("/copy/2/") and o.kind == "redirect")
+        with urllib.request.urlopen(server.base_url + copy, timeout=5) as response:
+            expected = (synth_corpus / "images" / server.plan[copy].file).read_bytes()
+            assert response.read() == expected

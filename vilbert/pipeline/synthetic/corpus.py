@@ -103,16 +103,24 @@ def generate_corpus(
     return out
 
 
-def write_cc_tsv(corpus_dir: str | Path, base_url: str, out_path: str | Path) -> Path:
-    """Rewrite the corpus's `cc.tsv` with URLs under `base_url` (e.g. a server on a random port)."""
+def write_cc_tsv(corpus_dir: str | Path, base_url: str, out_path: str | Path, *, copies: int = 1) -> Path:
+    """Rewrite the corpus's `cc.tsv` with URLs under `base_url` (e.g. a server on a random port).
+
+    Args:
+        copies: Write the whole list this many times, copy k under /copy/<k>/images/... (a server
+            with `ServerOptions(copies=...)` at least as large plans and serves each copy).
+    """
     source = Path(corpus_dir) / "cc.tsv"
     if not source.is_file():
         raise UsageError(f"{corpus_dir} is not a synthetic corpus: {source} is missing")
+    if copies < 1:
+        raise UsageError(f"copies must be >= 1, got {copies}")
     base = base_url.rstrip("/")
+    pairs = [line.split("\t") for line in source.read_text(encoding="utf-8").splitlines()]
     lines = []
-    for line in source.read_text(encoding="utf-8").splitlines():
-        caption, url = line.split("\t")
-        lines.append(f"{caption}\t{base}{urlsplit(url).path}\n")
+    for copy in range(copies):
+        prefix = f"/copy/{copy}" if copy else ""
+        lines += [f"{caption}\t{base}{prefix}{urlsplit(url).path}\n" for caption, url in pairs]
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(lines), encoding="utf-8")
@@ -179,9 +187,9 @@ def _make_image(job: tuple[int, int, str, str]) -> dict:
     long = min(1200, round(short * float(rng.choice(_ASPECTS))))
     width, height = (long, short) if rng.random() < 0.65 else (short, long)
     shapes = random_shapes(rng, int(rng.choice([1, 2, 2, 3])))
-    pixels, placed = render_scene(rng, width, height, shapes)
+    image, placed = render_scene(rng, width, height, shapes)
     caption = describe(placed, rng, colour=variant != "jpeg-l")
-    data, fmt, mode, orientation, quality = _encode(rng, Image.fromarray(pixels), variant)
+    data, fmt, mode, orientation, quality = _encode(rng, image, variant)
     name = f"{index:06d}"
     file = f"{name}.{'jpg' if fmt == 'JPEG' else 'png'}"
     Path(images_dir, file).write_bytes(data)

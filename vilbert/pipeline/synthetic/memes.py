@@ -139,8 +139,8 @@ def _ref(rng: np.random.Generator, shape: Shape) -> str:
 
 def _render(render_seed: int, size: int, shapes: list[Shape]) -> Image.Image:
     # The same seed for S and S': identical background and jitter, only the swapped attribute differs.
-    pixels, _ = render_scene(np.random.default_rng(render_seed), size, size, shapes, noise=3)
-    return Image.fromarray(pixels)
+    image, _ = render_scene(np.random.default_rng(render_seed), size, size, shapes, noise=3)
+    return image
 
 
 def _encode(image: Image.Image, ext: str) -> bytes:

@@ -8,6 +8,7 @@ solid, saturated and at least a tenth of that square across, so they stay recogn
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -28,6 +29,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "c
 # Radius as a fraction of the central square's side: large shapes fill most of a grid cell (1/3),
 # small ones are still ~13 px across at 64x64.
 SIZES: dict[str, float] = {"small": 0.10, "large": 0.155}
+
+_MAX_SIDE = 1200  # the largest image side the grain tile covers
 
 _CELL_PHRASES = {
     (0, 0): "in the top left corner",
@@ -83,13 +86,13 @@ def random_shapes(rng: np.random.Generator, count: int) -> list[Shape]:
 
 def render_scene(
     rng: np.random.Generator, width: int, height: int, shapes: list[Shape], *, noise: int = 4
-) -> tuple[np.ndarray, list[Shape]]:
+) -> tuple[Image.Image, list[Shape]]:
     """Draw `shapes` on a fresh background.
 
     Returns:
-        The upright RGB image (uint8, HWC) and the shapes with their pixel centres and radii.
+        The upright RGB image and the shapes with their pixel centres and radii.
     """
-    image = Image.fromarray(_background(rng, width, height))
+    image = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
@@ -103,18 +106,18 @@ def render_scene(
         _draw_shape(draw, shape.shape, cx, cy, radius, angle, COLOURS[shape.colour])
         placed.append(Shape(**{**asdict(shape), "cx": round(cx), "cy": round(cy), "radius": round(radius)}))
     if noise > 0:
-        # Film grain at half resolution (2x2 pixel grains): a quarter of the random numbers.
-        gw, gh = (width + 1) // 2, (height + 1) // 2
-        grain = rng.integers(128 - noise, 128 + noise + 1, size=(gh, gw, 3), dtype=np.uint8)
-        grain_image = Image.fromarray(grain).resize((width, height), Image.Resampling.NEAREST)
-        image = ImageChops.add(image, grain_image, scale=1.0, offset=-128)
-    return np.asarray(image), placed
+        # Film grain: a window of one fixed grain tile at a random offset (much cheaper than fresh
+        # random numbers per image, and still deterministic).
+        tile = _grain_tile(noise)
+        ox, oy = int(rng.integers(tile.width - width + 1)), int(rng.integers(tile.height - height + 1))
+        image = ImageChops.add(image, tile.crop((ox, oy, ox + width, oy + height)), scale=1.0, offset=-128)
+    return image, placed
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A muted two-colour gradient plus low-frequency texture: photo-like, never saturated.
 
-    Built on a coarse grid and upsampled once (bicubic keeps a linear gradient linear), which is
+    Built on a coarse grid and upsampled once (bilinear keeps a linear gradient linear), which is
     ~10x cheaper than full-resolution float arithmetic.
     """
     gw, gh = int(rng.integers(4, 10)), int(rng.integers(4, 10))
@@ -126,7 +129,17 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     texture = rng.uniform(-1, 1, size=(gh, gw, 3)) * rng.uniform(6, 26)
     grid = c0 + t[..., None] * (c1 - c0) + texture
     small = Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8))
-    return np.asarray(small.resize((width, height), Image.Resampling.BICUBIC))
+    return small.resize((width, height), Image.Resampling.BILINEAR)
+
+
+@functools.lru_cache(maxsize=4)
+def _grain_tile(noise: int) -> Image.Image:
+    """Uniform grain in [128 - noise, 128 + noise], 2x2-pixel grains, big enough for any image."""
+    rng = np.random.default_rng([5_000_011, noise])
+    grain = rng.integers(
+        128 - noise, 128 + noise + 1, size=(_MAX_SIDE // 2 + 64, _MAX_SIDE // 2 + 64, 3), dtype=np.uint8
+    )
+    return Image.fromarray(grain).resize((grain.shape[1] * 2, grain.shape[0] * 2), Image.Resampling.NEAREST)
 
 
 def _draw_shape(

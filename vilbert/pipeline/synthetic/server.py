@@ -36,6 +36,7 @@ __all__ = [
     "plan_outcomes",
     "serve_in_background",
     "load_corpus_files",
+    "copy_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ class ServerOptions:
     """The server stops by itself after this long (None: never)."""
     kinds: tuple[str, ...] = FAILURE_KINDS
     """The failure kinds to deal out (e.g. leave out endless/stall for a throughput benchmark)."""
+    copies: int = 1
+    """Also serve every path as /copy/<k><path> for k in 1..copies-1, each with its own outcome: a
+    benchmark gets copies x the URLs without copies x the images (see `write_cc_tsv(copies=)`)."""
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "jitter_ms", "slow_first_byte_s", "retry_after_s"):
@@ -95,6 +99,8 @@ class ServerOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.failure_rate <= 1.0:
             raise ValueError(f"failure_rate must be in [0, 1], got {self.failure_rate}")
+        if self.copies < 1:
+            raise ValueError(f"copies must be >= 1, got {self.copies}")
         if self.max_runtime_s is not None and self.max_runtime_s <= 0:
             raise ValueError(f"max_runtime_s must be > 0 or None, got {self.max_runtime_s}")
         unknown = [k for k in self.kinds if k not in FAILURE_KINDS]
@@ -144,7 +150,15 @@ def plan_outcomes(corpus_dir: str | Path, options: ServerOptions | None = None) 
     return _plan(sorted(files), tsv_paths, options or ServerOptions())
 
 
+def copy_path(path: str, copy: int) -> str:
+    """The URL path of copy `copy` (0: the path itself) of a corpus path."""
+    return path if copy == 0 else f"/copy/{copy}{path}"
+
+
 def _plan(existing: list[str], tsv_paths: list[str], options: ServerOptions) -> dict[str, Outcome]:
+    copies = range(options.copies)
+    existing = [copy_path(p, k) for k in copies for p in existing]
+    tsv_paths = [copy_path(p, k) for k in copies for p in tsv_paths]
     ranked = sorted(existing, key=lambda p: _hash(options.seed, "rank", p))
     n_fail = round(options.failure_rate * len(ranked))
     deck = _deck(options.kinds)
@@ -223,7 +237,7 @@ class _Server:
         if kind == "html":
             return web.Response(body=_HTML, content_type="text/html")
         if kind == "redirect":
-            raise web.HTTPFound(location=_DIRECT + path)
+            raise web.HTTPFound(location=f"{_DIRECT}/images/{outcome.file}")
         if kind in ("truncated", "endless", "stall"):
             return await self._broken_body(request, kind, path)
         if kind == "slow-first-byte":
@@ -234,7 +248,7 @@ class _Server:
         return response
 
     def _image(self, path: str) -> web.Response:
-        data = self.files.get(path)
+        data = self.files.get("/images/" + path.rsplit("/", 1)[-1])
         if data is None:
             return web.Response(status=404, text="not found\n")
         return web.Response(body=data, headers={"Content-Type": _content_type(path)})
@@ -249,7 +263,7 @@ class _Server:
         return web.Response(status=500)  # never reaches the client
 
     async def _broken_body(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
-        data = self.files[path]
+        data = self.files["/images/" + path.rsplit("/", 1)[-1]]
         response = web.StreamResponse(headers={"Content-Type": _content_type(path)})
         if kind != "endless":
             response.content_length = len(data)
