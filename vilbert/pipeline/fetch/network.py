@@ -27,6 +27,7 @@ import errno
 import ipaddress
 import random
 import socket
+import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import time as wall_time
@@ -99,6 +100,8 @@ class Download:
     message: str = ""
     transient: bool = False
     attempts: int = 0
+    seconds: float = 0.0
+    """Time spent on the URL: its attempts and the waits between them (not waiting for a busy host)."""
 
 
 class _Failure(Exception):
@@ -128,7 +131,7 @@ def _forbidden_address(address: str) -> str | None:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     return None
@@ -204,15 +207,23 @@ class Downloader:
     async def get(self, url: str) -> Download:
         """Fetch `url` with retries; never raises for network or server behaviour."""
         result = Download(url)
+        await self._attempts(url, result)
+        return result
+
+    async def _attempts(self, url: str, result: Download) -> None:
         for attempt in range(self.options.retries + 1):
             result.attempts = attempt + 1
             reading = [False]  # set once headers are in: a deadline then means a slow body
             try:
-                async with self._host_slot(url):
-                    result.body = await asyncio.wait_for(self._attempt(url, reading), self.options.timeout_s)
+                async with self._host_slot(url):  # waiting for a busy host does not count as time spent
+                    started = time.monotonic()
+                    try:
+                        result.body = await asyncio.wait_for(self._attempt(url, reading), self.options.timeout_s)
+                    finally:
+                        result.seconds += time.monotonic() - started
                 result.reason = result.status = None
                 result.message, result.transient = "", False
-                return result
+                return
             except _Failure as failure:
                 _record(result, failure)
                 retry, retry_after = failure.retry, failure.retry_after
@@ -228,7 +239,7 @@ class Downloader:
             if delay is None:
                 break
             await asyncio.sleep(delay)
-        return result
+            result.seconds += delay
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float | None:
         if retry_after is not None:

@@ -268,7 +268,7 @@ class _Run:
                 stats.skipped_done += 1
             elif isinstance(row, BadLine):
                 stats.malformed.append(row.line)
-                self._fail(row.line, row.text, "malformed-line", None, row.message, False, 0)
+                self._fail(row.line, row.text, "malformed-line", None, row.message, False, 0, 0.0)
             else:
                 await queue.put(row)
             if count % 4096 == 0:
@@ -284,7 +284,9 @@ class _Run:
             try:
                 got = await downloader.get(row.url)
                 if got.body is None:
-                    self._fail(row.line, row.url, got.reason, got.status, got.message, got.transient, got.attempts)
+                    self._fail(
+                        row.line, row.url, got.reason, got.status, got.message, got.transient, got.attempts, got.seconds
+                    )
                     continue
                 self.stats.bytes_downloaded += len(got.body)
                 try:
@@ -296,7 +298,7 @@ class _Run:
                 if result[0] == "ok":
                     self._save(row, result, got.attempts)
                 else:
-                    self._fail(row.line, row.url, result[1], 200, result[2], False, got.attempts)
+                    self._fail(row.line, row.url, result[1], 200, result[2], False, got.attempts, got.seconds)
             finally:
                 self.stats.in_flight -= 1
 
@@ -309,10 +311,18 @@ class _Run:
             self._flush()
 
     def _fail(
-        self, line: int, url: str, reason: str | None, status: int | None, message: str, transient: bool, attempts: int
+        self,
+        line: int,
+        url: str,
+        reason: str | None,
+        status: int | None,
+        message: str,
+        transient: bool,
+        attempts: int,
+        seconds: float,
     ) -> None:
         reason = reason or "error"
-        self.writer.add_failed(FailedRow(line, url, reason, status, message, transient, attempts))
+        self.writer.add_failed(FailedRow(line, url, reason, status, message, transient, attempts, seconds))
         self.stats.failed += 1
         self.stats.by_reason[reason] += 1
         if status is not None:

@@ -57,6 +57,7 @@ FAILURE_SCHEMA = pa.schema(
         ("message", pa.string()),
         ("transient", pa.bool_()),
         ("attempts", pa.int32()),
+        ("seconds", pa.float32()),
     ]
 )
 _PART = re.compile(r"^part-(\d{6,})\.arrow$")
@@ -90,6 +91,7 @@ class FailedRow:
     message: str
     transient: bool
     attempts: int
+    seconds: float
 
 
 def list_parts(out_dir: Path, kind: str) -> list[tuple[int, Path]]:
