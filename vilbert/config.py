@@ -321,13 +321,32 @@ class FinetuneConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     seed: int = 0
+    schedule: str = "linear"
+    """Warmup, then linear decay to 0 at the last step (BERT's fine-tuning schedule)."""
+    dev_split: str = "dev_seen"
+    """Evaluated every epoch (a cache directory beside `train`); a missing one is skipped."""
+    test_split: str = "test_seen"
+    """Evaluated once, at the end; a missing one is skipped."""
+    eval_batch_size: int = 128
+    log_every: int = 10
+    """Optimizer steps per train record in metrics.jsonl."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints besides each epoch's end; 0: only at epoch ends."""
+    keep_last: int = 2
+    """Checkpoints kept in runs/NAME/checkpoints; 0 keeps all."""
+    reinit_classifier: bool = True
+    """Draw the classifier head from `seed` even when starting from a checkpoint (its head is untrained),
+    so seeds differ in the head as they do from scratch."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr"):
+        for name in ("epochs", "batch_size", "lr", "eval_batch_size", "log_every"):
             _positive(f"finetune.{name}", getattr(self, name))
         _check(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, ">= 0")
         _check(self.warmup_steps >= 0, "finetune.warmup_steps", self.warmup_steps, ">= 0")
         _check(self.grad_clip >= 0, "finetune.grad_clip", self.grad_clip, ">= 0 (0 disables)")
+        _choice("finetune.schedule", self.schedule, ("linear", "cosine", "constant"))
+        for name in ("checkpoint_every", "keep_last"):
+            _check(getattr(self, name) >= 0, f"finetune.{name}", getattr(self, name), ">= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
