@@ -1,0 +1,104 @@
+"""Our VisionEncoder against timm's VisionTransformer with the same state dict."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from vilbert.config import VisionConfig
+from vilbert.errors import ModelError
+from vilbert.model import VisionEncoder
+
+CONFIG = VisionConfig(
+    timm_name="vit_tiny_patch16_224", image_size=32, patch_size=8, hidden_size=48, num_layers=2, num_heads=3
+)
+
+
+def _timm_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        num_classes=10,
+    )
+    with torch.no_grad():  # random norms and cls/pos, so nothing is trivially zero or one
+        for name, p in vit.named_parameters():
+            if "norm" in name or name in ("cls_token", "pos_embed"):
+                p.add_(0.1 * torch.randn_like(p))
+    return vit.eval()
+
+
+def _pixels() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def test_equals_timm_forward_features_with_same_state_dict():
+    vit = _timm_vit()
+    ours = VisionEncoder(CONFIG).eval()
+    state = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    ours.vit.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_pixels()), vit.forward_features(_pixels()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_loads_local_weight_file(tmp_path, suffix):
+    vit = _timm_vit()
+    path = tmp_path / f"vit{suffix}"
+    state = {k: v.contiguous() for k, v in vit.state_dict().items()}  # with a 10-class head, dropped
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    ours = VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_pixels()), vit.forward_features(_pixels()), atol=1e-5, rtol=1e-5)
+
+
+def test_mask_token_replaces_exactly_the_masked_patches():
+    ours = VisionEncoder(CONFIG).eval()
+    pixels = _pixels()
+    mask = torch.zeros(2, ours.num_patches, dtype=torch.bool)
+    mask[0, 3] = True
+    plain, masked = ours.embed(pixels), ours.embed(pixels, mask)
+    changed = (plain != masked).any(-1)  # (B, 1+P)
+    expected = torch.zeros_like(changed)
+    expected[0, 4] = True  # patch 3 sits after [CLS]
+    assert torch.equal(changed, expected)
+    pos = ours.vit.pos_embed[0, 4]
+    torch.testing.assert_close(masked[0, 4], ours.mask_token[0, 0] + pos)
+
+
+def test_exposes_the_normalization_of_its_weights():
+    ours = VisionEncoder(CONFIG)
+    cfg = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
+    assert ours.image_mean == tuple(cfg["mean"]) and ours.image_std == tuple(cfg["std"])
+    assert ours.num_patches == 16
+
+
+def test_offline_download_is_a_model_error(monkeypatch):
+    # Hub offline mode: the download fails at once instead of waiting on the network.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="offline|local"):
+        VisionEncoder(dataclasses.replace(CONFIG, pretrained="vit_tiny_patch16_224"))
+
+
+def test_unknown_timm_name_lists_choices():
+    with pytest.raises(ModelError, match="unknown timm model 'vit_nope'"):
+        VisionEncoder(dataclasses.replace(CONFIG, timm_name="vit_nope"))
+
+
+def test_wrong_image_size_is_a_model_error():
+    with pytest.raises(ModelError, match="image_size=32"):
+        VisionEncoder(CONFIG)(torch.randn(1, 3, 64, 64))
