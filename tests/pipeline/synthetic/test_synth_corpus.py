@@ -79,6 +79,7 @@ def test_shapes_survive_centre_crop_to_64(synth_corpus):
             if r["mode"] == "L":
                 luma = np.dot(COLOURS[s["colour"]], [0.299, 0.587, 0.114])
                 assert abs(patch.mean() - luma) < 25, (r["file"], s)
+                assert abs(patch.mean() - np.median(small)) > 40, "visible against the background"
             else:
                 assert _near(patch, COLOURS[s["colour"]], 70), (r["file"], s, patch)
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from vilbert.errors import DataError, UsageError
 from vilbert.pipeline.synthetic.captions import describe
-from vilbert.pipeline.synthetic.scenes import random_shapes, render_scene
+from vilbert.pipeline.synthetic.scenes import contrasting_grey, random_shapes, render_scene
 
 __all__ = ["DEFAULT_BASE_URL", "generate_corpus", "write_cc_tsv", "read_corpus", "prepare_out_dir"]
 
@@ -187,7 +187,8 @@ def _make_image(job: tuple[int, int, str, str]) -> dict:
     long = min(1200, round(short * float(rng.choice(_ASPECTS))))
     width, height = (long, short) if rng.random() < 0.65 else (short, long)
     shapes = random_shapes(rng, int(rng.choice([1, 2, 2, 3])))
-    image, placed = render_scene(rng, width, height, shapes)
+    grey = contrasting_grey(shapes) if variant == "jpeg-l" else (70.0, 200.0)
+    image, placed = render_scene(rng, width, height, shapes, grey=grey)
     caption = describe(placed, rng, colour=variant != "jpeg-l")
     data, fmt, mode, orientation, quality = _encode(rng, image, variant)
     name = f"{index:06d}"

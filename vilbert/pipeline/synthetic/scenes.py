@@ -9,13 +9,14 @@ solid, saturated and at least a tenth of that square across, so they stay recogn
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-__all__ = ["COLOURS", "SHAPES", "SIZES", "Shape", "render_scene", "random_shapes", "cell_phrase"]
+__all__ = ["COLOURS", "SHAPES", "SIZES", "Shape", "render_scene", "random_shapes", "cell_phrase", "contrasting_grey"]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 35),
@@ -85,14 +86,24 @@ def random_shapes(rng: np.random.Generator, count: int) -> list[Shape]:
 
 
 def render_scene(
-    rng: np.random.Generator, width: int, height: int, shapes: list[Shape], *, noise: int = 4
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    shapes: list[Shape],
+    *,
+    noise: int = 4,
+    grey: tuple[float, float] = (70.0, 200.0),
 ) -> tuple[Image.Image, list[Shape]]:
     """Draw `shapes` on a fresh background.
+
+    Args:
+        noise: Film grain amplitude (0: none).
+        grey: Range of the background's grey level (see `contrasting_grey` for grayscale images).
 
     Returns:
         The upright RGB image and the shapes with their pixel centres and radii.
     """
-    image = _background(rng, width, height)
+    image = _background(rng, width, height, grey)
     draw = ImageDraw.Draw(image)
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
@@ -114,14 +125,24 @@ def render_scene(
     return image, placed
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+def contrasting_grey(shapes: list[Shape]) -> tuple[float, float]:
+    """A background grey range far from every shape's luminance, so shapes stay visible in a
+    grayscale image (where red on mid-grey would vanish)."""
+    lumas = sorted(0.299 * r + 0.587 * g + 0.114 * b for r, g, b in (COLOURS[s.colour] for s in shapes))
+    # Candidate greys: the darkest and lightest backgrounds, and the middle of each gap between shapes.
+    candidates = [20.0, 235.0] + [(a + b) / 2 for a, b in itertools.pairwise(lumas)]
+    best = max(candidates, key=lambda g: min(abs(g - luma) for luma in lumas))
+    return (max(20.0, best - 10), min(235.0, best + 10))
+
+
+def _background(rng: np.random.Generator, width: int, height: int, grey_range: tuple[float, float]) -> Image.Image:
     """A muted two-colour gradient plus low-frequency texture: photo-like, never saturated.
 
     Built on a coarse grid and upsampled once (bilinear keeps a linear gradient linear), which is
     ~10x cheaper than full-resolution float arithmetic.
     """
     gw, gh = int(rng.integers(4, 10)), int(rng.integers(4, 10))
-    grey = rng.uniform(70, 200, size=2)
+    grey = rng.uniform(*grey_range, size=2)
     c0, c1 = (grey[:, None] + rng.uniform(-25, 25, size=(2, 3))).astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     t = np.linspace(0, math.sin(angle), gh)[:, None] + np.linspace(0, math.cos(angle), gw)[None, :]

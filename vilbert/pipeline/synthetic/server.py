@@ -202,6 +202,7 @@ class _Server:
     def __init__(self, files: dict[str, bytes], plan: dict[str, Outcome], options: ServerOptions):
         self.files, self.plan, self.options = files, plan, options
         self.attempts: dict[str, int] = {}
+        self.attempts_lock = threading.Lock()  # `ServerHandle.attempts` copies from another thread
         self.stopping = asyncio.Event()
 
     def app(self) -> web.Application:
@@ -216,8 +217,9 @@ class _Server:
         outcome = self.plan.get(path)
         if outcome is None:
             return web.Response(status=404, text="not in the corpus\n")
-        attempt = self.attempts.get(path, 0)
-        self.attempts[path] = attempt + 1
+        with self.attempts_lock:
+            attempt = self.attempts.get(path, 0)
+            self.attempts[path] = attempt + 1
         await self._latency(path, attempt)
         return await self._answer(request, outcome, attempt)
 
@@ -329,7 +331,11 @@ class ServerHandle:
     @property
     def attempts(self) -> dict[str, int]:
         """Requests received so far per planned URL path."""
-        return dict(self._server.attempts) if self._server else {}
+        server = self._server
+        if server is None:
+            return {}
+        with server.attempts_lock:
+            return dict(server.attempts)
 
     def start(self, timeout: float = 30.0) -> ServerHandle:
         """Start serving; returns once the socket is listening."""
