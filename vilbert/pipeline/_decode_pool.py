@@ -14,6 +14,8 @@ float64 and rounded once: exact to float16 precision, and cheaper than float ari
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import simplejpeg
 
-from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize
+from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, jpeg_orientation
 
 __all__ = ["RESIZE_MODES", "DecodePool", "normalization_lut", "decode_chunk"]
 
@@ -48,7 +51,7 @@ def decode_chunk(
     for i, image in enumerate(images):
         try:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
-            rgb = decode_resize(data, size=size, mode=mode)  # (H, W, 3) uint8
+            rgb = _decode(data, size, mode)  # (H, W, 3) uint8
         except ImageDecodeError as err:
             failures[i] = (err.reason, str(err))
         except FileNotFoundError:
@@ -58,6 +61,23 @@ def decode_chunk(
         else:
             _store(rgb, out[i], lut)
     return failures
+
+
+def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
+    """`decode_resize`, with a shortcut for upright JPEGs already at the size (fetch output).
+
+    The shortcut is the same libjpeg-turbo decode `decode_resize` does, minus its identity resize:
+    the pixels are equal (tested), at a third of the cost.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            upright = jpeg_orientation(data) in (None, 1)
+            if height == width == size and colorspace in ("YCbCr", "Gray", "RGB") and upright:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError:
+            pass  # decode_resize names the problem
+    return decode_resize(data, size=size, mode=mode)
 
 
 def _store(rgb: np.ndarray, out: np.ndarray, lut: np.ndarray | None) -> None:
@@ -75,6 +95,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(name: str, shape: tuple[int, ...], dtype: str, size: int, mode: str, lut: np.ndarray | None) -> None:
+    # One thread per worker: the pool already uses every core (decode_resize may run torch ops).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     shm = SharedMemory(name=name)
     _WORKER.update(shm=shm, pixels=np.ndarray(shape, dtype, buffer=shm.buf), size=size, mode=mode, lut=lut)
 

@@ -239,15 +239,17 @@ def _default_workers(workers: int | None) -> int:
         return os.cpu_count() or 1
 
 
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
+def _batched(items: Iterable[tuple[int, Sample]], size: int) -> Iterator[list[tuple[int, Sample]]]:
+    """Chunks of `size` samples, each grouped by split (a stable sort: each split keeps its order),
+    so that a split's rows are one contiguous range of the chunk's pixels: written without a copy."""
+    batch: list[tuple[int, Sample]] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
-            yield batch
+            yield sorted(batch, key=lambda x: x[1].split)
             batch = []
     if batch:
-        yield batch
+        yield sorted(batch, key=lambda x: x[1].split)
 
 
 class _RunState:

@@ -6,8 +6,9 @@ in a deterministic order. Sources with their own splits (Hateful Memes' jsonl fi
 with a `split` field) say so through `split_names()`; the others are split by key hash
 (`assign_splits`, `split_for_key`) so that a key always lands in the same split.
 
-- `FetchSource(dirs)`: the saved rows of one or more `vilbert fetch` output directories, in order
-  (`vilbert.pipeline.fetch.iter_fetched`); JPEG bytes already at the fetch size, no labels.
+- `FetchSource(dirs)`: the saved rows of one or more `vilbert fetch` output directories, merged in
+  source line order (`vilbert.pipeline.fetch.iter_fetched`); JPEGs already at the fetch size, no
+  labels.
 - `HatefulMemesSource(dir)`: `train.jsonl`, `dev_seen.jsonl`, `test_seen.jsonl` (and
   `dev_unseen.jsonl`, `test_unseen.jsonl`, phase-1 `dev.jsonl`/`test.jsonl` when present), lines
   `{"id", "img", "label", "text"}`, images under the directory; each file is a split.
@@ -44,6 +45,7 @@ __all__ = [
     "open_source",
     "split_for_key",
     "assign_splits",
+    "iter_captions",
 ]
 
 SOURCE_FORMATS = ("fetch", "hateful-memes", "folder")
@@ -127,7 +129,7 @@ def assign_splits(items: Iterable[Sample | Skip], train_ratio: float) -> Iterato
 
 
 class FetchSource(Source):
-    """The saved rows of `vilbert fetch` output directories, directory by directory, in row order."""
+    """The saved rows of `vilbert fetch` output directories, in source line order."""
 
     def __init__(self, dirs: Sequence[str | os.PathLike[str]]) -> None:
         self.dirs = _distinct_dirs(dirs)
@@ -141,13 +143,18 @@ class FetchSource(Source):
     def __iter__(self) -> Iterator[Sample | Skip]:
         from vilbert.pipeline.fetch import iter_fetched  # the fetch stage imports aiohttp: only when used
 
-        for directory in self.dirs:
-            for batch in iter_fetched(directory):
-                keys = batch.column("key").to_pylist()
-                captions = batch.column("caption").to_pylist()
-                images = batch.column("jpeg").to_pylist()
-                for key, caption, image in zip(keys, captions, images, strict=True):
-                    yield Sample(key=key, image=image, caption=caption or "")
+        # Several outputs (the --num-shards parts of one list) merge in line order.
+        for batch in iter_fetched(self.dirs, batch_size=256):
+            keys = batch.column("key").to_pylist()
+            captions = batch.column("caption").to_pylist()
+            images = batch.column("jpeg").to_pylist()
+            for key, caption, image in zip(keys, captions, images, strict=True):
+                yield Sample(key=key, image=image, caption=caption or "")
+
+    def size_hint(self) -> int:
+        from vilbert.pipeline.fetch import count_fetched
+
+        return sum(count_fetched(d) for d in self.dirs)
 
 
 def _distinct_dirs(dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -403,3 +410,52 @@ def open_source(paths: Sequence[str | os.PathLike[str]], fmt: str = "fetch", lis
     if listing is None:
         raise UsageError("--format folder needs --listing FILE (a TSV or JSONL of image path, caption, label)")
     return FolderSource(paths[0], listing)
+
+
+# --------------------------------------------------------------------------------------- captions
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def iter_captions(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
+    """The captions of fetch output directories, Hateful Memes directories and text files.
+
+    A Hateful Memes directory gives its `train.jsonl` texts only (no dev/test text in a vocabulary).
+    A file is JSONL (`caption` or `text` field), or lines of text: a CC TSV line
+    (`caption<TAB>url`) gives its first field, a folder listing line (`image<TAB>caption...`) its
+    second, any other line itself.
+
+    Raises:
+        UsageError: a path that does not exist.
+    """
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir() and (path / "train.jsonl").is_file():
+            yield from _jsonl_captions(path / "train.jsonl", ("text",))
+        elif path.is_dir():
+            from vilbert.pipeline.fetch import iter_fetched
+
+            for batch in iter_fetched(path):
+                yield from (c or "" for c in batch.column("caption").to_pylist())
+        elif path.is_file() and _is_jsonl(path):
+            yield from _jsonl_captions(path, _CAPTION_FIELDS)
+        elif path.is_file():
+            yield from _text_captions(path)
+        else:
+            raise UsageError(f"caption source {path} does not exist")
+
+
+def _jsonl_captions(path: Path, fields: Sequence[str]) -> Iterator[str]:
+    for _, record in _jsonl_records(path):
+        if isinstance(record, dict) and isinstance(caption := _first(record, fields), str):
+            yield caption
+
+
+def _text_captions(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
+        for line in f:
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) > 1 and fields[0].lower().endswith(_IMAGE_SUFFIXES):
+                yield fields[1]
+            else:
+                yield fields[0]

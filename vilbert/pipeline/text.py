@@ -261,7 +261,9 @@ class CaptionEncoder:
         if not captions:
             empty = np.zeros((0, self.max_len), np.int32)
             return EncodedCaptions(empty, np.zeros(0, np.int32))
-        encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=True)
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encodings = encode(list(captions), add_special_tokens=True)
         input_ids = np.array([e.ids for e in encodings], dtype=np.int32)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
         return EncodedCaptions(input_ids, mask.sum(axis=1, dtype=np.int32))

@@ -1,0 +1,364 @@
+"""Benchmark: `vilbert preprocess` against a single-process loop and the decode-only ceiling.
+
+All three read the same fetch output (N JPEGs at 224x224 in Arrow parts, as `vilbert fetch`
+writes them) and run in fresh subprocesses, one after another:
+
+- **ours**: `vilbert.pipeline.preprocess` (all cores), float16 pixels normalized with `half`,
+  captions tokenized to 36 ids, written through `CacheWriter`.
+- **loop**: what a user writes first: one process, PIL decode, numpy normalize (float32 -> float16
+  CHW), the same `tokenizers` tokenizer in batches of 64, the same `CacheWriter`.
+- **ceiling**: decoding the same JPEGs on all cores and nothing else (each worker memory-maps the
+  parts and decodes its share with libjpeg-turbo through simplejpeg, the decoder ours uses; a
+  PIL-decode variant is shown for context).
+
+Figures: images/s, CPU seconds per image (the process tree's user+system time), and the process
+tree's peak RSS (sampled every 20 ms; shared pages count once per process). The machine is shared:
+compare the ratios, which are measured in the same run.
+
+    python benchmarks/preprocess.py --quick          # ~1 minute: 2,000 images
+    python benchmarks/preprocess.py                  # 10,000 images
+    python benchmarks/preprocess.py --memory-scaling # ours on 2,000 and 20,000 images: peak RSS
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZE, MAX_LEN, CHUNK = 224, 36, 64
+MEAN = STD = (0.5, 0.5, 0.5)
+_VOCAB = "a small big red blue green yellow purple circle square triangle star left right of above below the near"
+WORDS = tuple(f"{_VOCAB} photo picture tiny large bright dark old new".split())
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def make_fetch_output(out: Path, n: int, seed: int = 0) -> None:
+    """N photo-like 224x224 JPEGs (q90, ~15-25 KB) with captions, in fetch's Arrow layout."""
+    import pyarrow as pa
+
+    from vilbert.pipeline.fetch import IMAGE_SCHEMA, sample_key
+    from vilbert.pipeline.images import encode_jpeg
+
+    rng = np.random.default_rng(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
+    bases = []
+    for _ in range(64):  # smooth colour fields, edges and texture: JPEG cost like a photo's
+        img = np.zeros((SIZE, SIZE, 3), np.float32)
+        for c in range(3):
+            for _ in range(4):
+                fx, fy, phase = rng.uniform(0.5, 6, 2).tolist() + [rng.uniform(0, 6.3)]
+                img[:, :, c] += np.sin(fx * 6.28 * xx + fy * 6.28 * yy + phase) * rng.uniform(20, 60)
+        cx, cy, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.3)]
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] += rng.uniform(-80, 80, 3)
+        img += rng.normal(0, 6, img.shape) + 128
+        bases.append(np.clip(img, 0, 255).astype(np.uint8))
+    for part, start in enumerate(range(0, n, 1000)):
+        rows = range(start, min(n, start + 1000))
+        jpegs, captions, urls = [], [], []
+        for i in rows:
+            img = np.roll(bases[i % 64], (i * 7) % SIZE, axis=1 if i % 2 else 0)
+            jpegs.append(encode_jpeg(np.ascontiguousarray(img), quality=90))
+            captions.append(" ".join(rng.choice(WORDS, rng.integers(4, 16))))
+            urls.append(f"http://127.0.0.1:8765/images/{i:06d}.jpg")
+        lines = list(rows)
+        size = pa.array([SIZE] * len(lines), pa.int32())
+        table = pa.table(
+            [
+                pa.array([sample_key(i, u, c) for i, u, c in zip(lines, urls, captions, strict=True)]),
+                pa.array(lines, pa.int64()),
+                pa.array(urls),
+                pa.array(captions),
+                pa.array(jpegs, pa.binary()),
+                size,
+                size,
+                size,
+                size,
+            ],
+            schema=IMAGE_SCHEMA,
+        )
+        path = out / "images" / f"part-{part:06d}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, IMAGE_SCHEMA) as writer:
+            writer.write_table(table)
+
+
+def make_tokenizer(data: Path, path: Path) -> None:
+    from vilbert.pipeline.sources import iter_captions
+    from vilbert.pipeline.text import train_wordpiece
+
+    train_wordpiece(iter_captions([data]), vocab_size=500).save(str(path))
+
+
+# ------------------------------------------------------------------------------------ contenders
+
+
+def run_ours(data: Path, out: Path, tokenizer: Path, workers: int | None) -> int:
+    from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
+    from vilbert.pipeline.sources import FetchSource
+    from vilbert.pipeline.text import load_tokenizer
+
+    options = PreprocessOptions(normalize="half", max_len=MAX_LEN, workers=workers, mode="overwrite")
+    report = preprocess(FetchSource([data]), out, load_tokenizer(tokenizer), options, command="benchmark")
+    return report.rows
+
+
+def run_loop(data: Path, out: Path, tokenizer: Path) -> int:
+    from PIL import Image
+
+    from vilbert.cache import CacheWriter
+    from vilbert.pipeline.fetch import iter_fetched
+    from vilbert.pipeline.sources import split_for_key
+    from vilbert.pipeline.text import CaptionEncoder, load_tokenizer
+
+    encoder = CaptionEncoder(load_tokenizer(tokenizer), MAX_LEN)
+    mean, std = np.float32(MEAN[0]), np.float32(STD[0])
+    writers = {
+        split: CacheWriter(
+            out / split,
+            split=split,
+            image_size=SIZE,
+            pixel_dtype="float16",
+            normalization="half",
+            max_len=MAX_LEN,
+            tokenizer_json=encoder.tokenizer_json,
+            special_token_ids=encoder.special_ids,
+            vocab_size=encoder.vocab_size,
+            has_labels=False,
+            command="benchmark loop",
+            mode="overwrite",
+        )
+        for split in ("train", "test")
+    }
+    rows = 0
+    for batch in iter_fetched(data, batch_size=CHUNK):
+        keys, captions, jpegs = (batch.column(c).to_pylist() for c in ("key", "caption", "jpeg"))
+        pixels = np.empty((len(keys), 3, SIZE, SIZE), np.float16)
+        for i, jpeg in enumerate(jpegs):
+            image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+            if image.size != (SIZE, SIZE):
+                image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+            array = (np.asarray(image, np.float32) / 255.0 - mean) / std
+            pixels[i] = array.transpose(2, 0, 1)
+        ids, num = encoder(captions)
+        splits = np.array([split_for_key(k, 0.8) for k in keys])
+        for split, writer in writers.items():
+            idx = np.nonzero(splits == split)[0]
+            writer.write([keys[i] for i in idx], pixels[idx], ids[idx], num[idx], None, [captions[i] for i in idx])
+        rows += len(keys)
+    for writer in writers.values():
+        writer.finish()
+    return rows
+
+
+def _decode_share(args: tuple[list[str], int, int, str]) -> int:
+    import pyarrow as pa
+
+    paths, worker, workers, decoder = args
+    count = 0
+    for path in paths:
+        column = pa.ipc.open_file(pa.memory_map(path)).read_all().column("jpeg")
+        for i in range(worker, len(column), workers):
+            data = column[i].as_py()
+            if decoder == "simplejpeg":
+                import simplejpeg
+
+                simplejpeg.decode_jpeg(data, colorspace="RGB")
+            else:
+                from PIL import Image
+
+                np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            count += 1
+    return count
+
+
+def run_ceiling(data: Path, decoder: str, workers: int) -> int:
+    import multiprocessing
+
+    paths = sorted(str(p) for p in (data / "images").glob("part-*.arrow"))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return sum(pool.map(_decode_share, [(paths, w, workers, decoder) for w in range(workers)]))
+
+
+def contender_main(args: argparse.Namespace) -> None:
+    """Runs in a fresh subprocess: one contender, prints its JSON figures."""
+    before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    start = time.perf_counter()
+    if args.contender == "ours":
+        rows = run_ours(args.data, args.out, args.tokenizer, args.workers)
+    elif args.contender == "loop":
+        rows = run_loop(args.data, args.out, args.tokenizer)
+    else:
+        rows = run_ceiling(args.data, args.contender.split("-", 1)[1], args.workers or os.cpu_count() or 1)
+    seconds = time.perf_counter() - start
+    after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before, strict=True))
+    print(json.dumps({"rows": rows, "seconds": seconds, "cpu_s": cpu}))
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def _tree_rss(pid: int) -> int:
+    """Sum of VmRSS over `pid` and its descendants, in bytes."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                stack.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int | None) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--contender",
+        contender,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(tokenizer),
+    ] + (["--workers", str(workers)] if workers is not None else [])
+    shutil.rmtree(out, ignore_errors=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(process.pid))
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = process.communicate()
+    done.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{contender} failed with exit code {process.returncode}")
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    rows, seconds = figures["rows"], figures["seconds"]
+    return {
+        "images": rows,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(rows / seconds, 1),
+        "cpu_ms_per_image": round(1000 * figures["cpu_s"] / rows, 3),
+        "peak_rss_mib": round(peak / 2**20, 1),
+    }
+
+
+def _table(results: dict[str, dict]) -> str:
+    lines = [f"{'contender':<22}{'images/s':>10}{'CPU ms/img':>12}{'peak RSS MiB':>14}{'seconds':>9}"]
+    for name, r in results.items():
+        lines.append(
+            f"{name:<22}{r['images_per_s']:>10.0f}{r['cpu_ms_per_image']:>12.2f}{r['peak_rss_mib']:>14.0f}"
+            f"{r['seconds']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,000 images (about a minute)")
+    parser.add_argument("--images", type=int, default=None, help="number of images (default 10,000)")
+    parser.add_argument("--workers", type=int, default=None, help="ours and the ceiling (default: all cores)")
+    parser.add_argument("--memory-scaling", action="store_true", help="ours on 2,000 and 20,000 images")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.contender:
+        contender_main(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
+        if args.memory_scaling:
+            memory_scaling(Path(tmp), args.workers)
+        else:
+            compare(Path(tmp), args.images or (2000 if args.quick else 10000), args.workers)
+
+
+def _prepare(tmp: Path, n: int) -> tuple[Path, Path]:
+    data, tokenizer = tmp / f"fetched-{n}", tmp / "tokenizer.json"
+    make_fetch_output(data, n)
+    if not tokenizer.exists():
+        make_tokenizer(data, tokenizer)
+    return data, tokenizer
+
+
+def compare(tmp: Path, n: int, workers: int | None) -> None:
+    data, tokenizer = _prepare(tmp, n)
+    cores = os.cpu_count() or 1
+    results = {
+        "ours": measure("ours", data, tmp / "out", tokenizer, workers),
+        "loop (1 process)": measure("loop", data, tmp / "out", tokenizer, None),
+        "ceiling (simplejpeg)": measure("ceiling-simplejpeg", data, tmp / "out", tokenizer, workers),
+        "decode-only PIL": measure("ceiling-pil", data, tmp / "out", tokenizer, workers),
+    }
+    print(f"preprocess {n:,} fetched 224x224 JPEGs -> float16 cache, {cores} cores (shared machine)")
+    print(_table(results))
+    ours = results["ours"]["images_per_s"]
+    ratios = {
+        "ours_vs_loop": round(ours / results["loop (1 process)"]["images_per_s"], 2),
+        "ours_vs_ceiling": round(ours / results["ceiling (simplejpeg)"]["images_per_s"], 2),
+        "ours_vs_pil_decode_only": round(ours / results["decode-only PIL"]["images_per_s"], 2),
+    }
+    print("  ".join(f"{k}={v}" for k, v in ratios.items()))
+    figures = {
+        "benchmark": "preprocess",
+        "images": n,
+        "cores": cores,
+        **ratios,
+        **{k.split(" ")[0] if k != "decode-only PIL" else "pil_decode_only": v for k, v in results.items()},
+    }
+    print(json.dumps(figures))
+
+
+def memory_scaling(tmp: Path, workers: int | None) -> None:
+    results = {}
+    for n in (2000, 20000):
+        data, tokenizer = _prepare(tmp, n)
+        results[n] = measure("ours", data, tmp / "out", tokenizer, workers)
+        shutil.rmtree(tmp / "out", ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
+        print(
+            f"{n:>6} images: peak RSS {results[n]['peak_rss_mib']:.0f} MiB, {results[n]['images_per_s']:.0f} images/s",
+            flush=True,
+        )
+    ratio = results[20000]["peak_rss_mib"] / results[2000]["peak_rss_mib"]
+    print(f"peak RSS 20,000 / 2,000 images: {ratio:.2f}")
+    print(
+        json.dumps(
+            {
+                "benchmark": "preprocess-memory",
+                "peak_rss_ratio_20k_vs_2k": round(ratio, 3),
+                "n2000": results[2000],
+                "n20000": results[20000],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

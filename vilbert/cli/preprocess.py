@@ -1,0 +1,128 @@
+"""`vilbert preprocess`: images and captions into one memory-mapped cache per split."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vilbert.cli.console import console
+from vilbert.errors import UsageError
+from vilbert.pipeline.preprocess import REPORT_NAME, PreprocessOptions, PreprocessReport, preprocess
+from vilbert.pipeline.sources import SOURCE_FORMATS, open_source
+from vilbert.pipeline.text import load_tokenizer
+
+DEFAULT_TOKENIZER = "bert-base-uncased"
+"""The text stream's default BERT; offline, pass a local tokenizer.json or vocab.txt."""
+
+
+def preprocess_command(
+    sources: list[Path] = typer.Argument(
+        ..., help="Fetch output directories, or one directory for --format hateful-memes / folder."
+    ),
+    to_mmap: Path = typer.Option(..., "--to-mmap", help="Output root: one cache per split in OUT/<split>."),
+    fmt: str = typer.Option("fetch", "--format", help=f"Source layout: {', '.join(SOURCE_FORMATS)}."),
+    listing: Path = typer.Option(None, "--listing", help="--format folder: TSV or JSONL of image, caption[, label]."),
+    tokenizer: str = typer.Option(
+        DEFAULT_TOKENIZER,
+        "--tokenizer",
+        help="A tokenizer.json, a BERT vocab.txt, a directory holding one, or a hub name (online only).",
+    ),
+    max_len: int = typer.Option(36, "--max-len", help="Tokens per caption, [CLS] and [SEP] included."),
+    pixel_dtype: str = typer.Option(
+        "float16", "--pixel-dtype", help="float16 (normalized) or uint8 (half the disk; normalized on the device)."
+    ),
+    normalize: str = typer.Option(
+        "half", "--normalize", help="half (timm ViT-B/16), imagenet, clip, or mean=R,G,B:std=R,G,B."
+    ),
+    image_size: int = typer.Option(224, "--image-size", help="Side of the stored square images."),
+    resize_mode: str = typer.Option("center-crop", "--resize-mode", help="center-crop, pad or stretch."),
+    train_ratio: float = typer.Option(0.8, "--train-ratio", help="Train share for sources without splits."),
+    workers: int = typer.Option(None, "--workers", help="Decoding processes (default: all cores; 0: none)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the caches under OUT."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into OUT."),
+) -> None:
+    """Decode, normalize and tokenize SOURCE... into caches under OUT (one per split)."""
+    if overwrite and resume:
+        raise UsageError("--overwrite and --resume exclude each other")
+    source = open_source(sources, fmt, str(listing) if listing is not None else None)
+    options = PreprocessOptions(
+        image_size=image_size,
+        resize_mode=resize_mode,
+        pixel_dtype=pixel_dtype,
+        normalize=normalize,
+        max_len=max_len,
+        train_ratio=train_ratio,
+        workers=workers,
+        mode="overwrite" if overwrite else "resume" if resume else "create",
+    )
+    tok = load_tokenizer(tokenizer)
+    command = "vilbert " + shlex.join(sys.argv[1:])
+    with _ProgressBar(source.size_hint()) as bar:
+        report = preprocess(source, to_mmap, tok, options, command=command, progress=bar.update)
+    _print_summary(report)
+
+
+class _ProgressBar:
+    """A rich bar refreshed from the progress callback (no refresh thread: the pool forks)."""
+
+    def __init__(self, total: int | None) -> None:
+        self.progress = Progress(
+            TextColumn("preprocess"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            auto_refresh=False,
+        )
+        self.task = self.progress.add_task("preprocess", total=total, info="")
+        self._last = 0.0
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, state: dict[str, Any]) -> None:
+        now = time.monotonic()
+        info = f"{state['rows']:,} rows, {state['skipped']:,} skipped"
+        self.progress.update(self.task, completed=state["done"], total=state["total"], info=info)
+        if now - self._last > 0.2:
+            self._last = now
+            self.progress.refresh()
+
+
+def _print_summary(report: PreprocessReport) -> None:
+    table = Table(title=f"caches in {report.out}", title_justify="left")
+    for column in ("split", "rows", "skipped", "path"):
+        table.add_column(column, justify="right" if column in ("rows", "skipped") else "left")
+    for split, info in report.splits.items():
+        table.add_row(split, f"{info.rows:,}", f"{sum(info.skipped.values()):,}", info.path)
+    console.print(table)
+    if report.skipped:
+        skips = Table(title="skipped by reason", title_justify="left")
+        for column in ("reason", "count", "first example"):
+            skips.add_column(column, justify="right" if column == "count" else "left", overflow="fold")
+        for reason, count in report.skipped.items():
+            skips.add_row(reason, f"{count:,}", (report.examples.get(reason) or [""])[0])
+        console.print(skips)
+    resumed = f", {report.rows_resumed:,} kept from completed shards" if report.rows_resumed else ""
+    console.print(
+        f"{report.rows:,} rows in {report.seconds:.1f} s{resumed}; report: {Path(report.out) / REPORT_NAME}",
+        soft_wrap=True,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("preprocess")(preprocess_command)
