@@ -37,12 +37,11 @@ class MetricsWriter:
     def __init__(self, path: str | Path | None, callback: Callback | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.callback = callback
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _plain(v) for k, v in record.items()}
         if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, allow_nan=True) + "\n")
         if self.callback is not None:

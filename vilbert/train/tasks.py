@@ -1,0 +1,224 @@
+"""The three pretraining tasks: their inputs for one batch, and their losses and accuracies.
+
+One step runs one joint forward pass, as ViLBERT does: the text carries the AP swap and the MLM
+masks, the image carries the MIM mask. MIM adds a second forward pass of the unmasked image (the
+target view) for its rows. Each task uses the first `<task>_batch_size` rows of the (shuffled) batch.
+
+- **MLM**: cross-entropy at masked positions through the tied vocabulary head; accuracy = argmax hit.
+- **AP**: cross-entropy of `model.alignment_logits` (index 1 = aligned); accuracy = argmax hit.
+- **MIM** (contrastive, ConMIM-style): projected, L2-normalized patch representations of the masked
+  view (queries) against those of the unmasked view (keys) of the same image; InfoNCE with
+  temperature tau where the positive of the patch at position p is the target patch at p and the
+  negatives are the image's other patches. Queries at `masked` positions (default), `unmasked` ones
+  (the thesis) or `all`. Top-1 = the positive scores highest (chance: 1/P).
+
+Losses are means over each task's items; `TaskOutput.sums` holds loss sums, hit counts and item
+counts, so means over steps, batches or ranks are exact (`summarize`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vilbert.config import PretrainConfig
+from vilbert.train.masking import (
+    IGNORE_INDEX,
+    PixelNormalizer,
+    SpecialTokens,
+    augment_images,
+    mask_patches,
+    mask_tokens,
+    mismatch_captions,
+)
+
+__all__ = ["TaskBatch", "TaskOutput", "build_task_batch", "PretrainObjective", "summarize", "ACCURACY_NAMES"]
+
+ACCURACY_NAMES = {"mlm": "mlm_acc", "ap": "ap_acc", "mim": "mim_top1"}
+
+
+@dataclass
+class TaskBatch:
+    """One batch's model inputs and task targets, all on the device.
+
+    Attributes:
+        input_ids: `(B, T)` int64, after the AP swap and MLM masking.
+        attention_mask: `(B, T)` int64, 1 at real tokens of the caption each row received.
+        pixels: `(B, 3, H, W)` float, normalized.
+        image_mask: `(B, P)` bool (True = masked patch) when MIM is on, else None.
+        mlm_labels: `(B, T)` int64 with `IGNORE_INDEX` at unselected positions, or None.
+        ap_labels: `(B_ap,)` int64 for the first B_ap rows (1 aligned, 0 not), or None.
+        aligned: `(B,)` bool, False where a row got another row's caption.
+        mim_rows: How many leading rows MIM uses (0 when off).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixels: torch.Tensor
+    image_mask: torch.Tensor | None
+    mlm_labels: torch.Tensor | None
+    ap_labels: torch.Tensor | None
+    aligned: torch.Tensor
+    mim_rows: int
+
+
+@dataclass
+class TaskOutput:
+    """`loss`: the weighted total to backpropagate; `sums`: detached `<task>_loss_sum`,
+    `<task>_correct`, `<task>_count` per active task."""
+
+    loss: torch.Tensor
+    sums: dict[str, torch.Tensor]
+
+
+def _rows(config: PretrainConfig, task: str, batch_size: int) -> int:
+    if task not in config.tasks:
+        return 0
+    return min(getattr(config, f"{task}_batch_size") or batch_size, batch_size)
+
+
+def build_task_batch(
+    pixels: torch.Tensor,
+    input_ids: torch.Tensor,
+    num_tokens: torch.Tensor,
+    *,
+    config: PretrainConfig,
+    special: SpecialTokens,
+    vocab_size: int,
+    num_patches: int,
+    normalizer: PixelNormalizer,
+    generator: torch.Generator,
+) -> TaskBatch:
+    """Build every task's inputs from a plain cache batch, on its device, from `generator` only.
+
+    Order of draws (fixed, so a generator state fixes the result): augmentation, AP, MLM, MIM.
+    """
+    b, t = input_ids.shape
+    dev = input_ids.device
+    if config.augment:
+        images = augment_images(
+            normalizer.unit(pixels),
+            generator=generator,
+            crop_scale=config.augment_crop_scale,
+            flip_probability=config.augment_flip,
+            jitter=config.augment_jitter,
+        )
+        model_pixels = normalizer.normalize(images)
+    else:
+        model_pixels = normalizer.model_input(pixels)
+    ids, lengths = input_ids.long(), num_tokens.long()
+    aligned = torch.ones(b, dtype=torch.bool, device=dev)
+    ap_labels = None
+    if (n_ap := _rows(config, "ap", b)) > 0:
+        source, ap_labels = mismatch_captions(n_ap, generator=generator, device=dev)
+        ids, lengths = ids.clone(), lengths.clone()
+        ids[:n_ap], lengths[:n_ap] = ids[:n_ap][source], lengths[:n_ap][source]
+        aligned[:n_ap] = ap_labels.bool()
+    mlm_labels = None
+    if (n_mlm := _rows(config, "mlm", b)) > 0:
+        masked, labels = mask_tokens(
+            ids, special=special, vocab_size=vocab_size, generator=generator, probability=config.mlm_probability
+        )
+        keep = torch.arange(b, device=dev) < n_mlm
+        if config.align_only_for_mlm_mim:
+            keep &= aligned
+        ids = torch.where(keep[:, None], masked, ids)
+        mlm_labels = torch.where(keep[:, None], labels, torch.full_like(labels, IGNORE_INDEX))
+    image_mask = None
+    if (n_mim := _rows(config, "mim", b)) > 0:
+        image_mask = mask_patches(b, num_patches, config.mim_mask_ratio, generator=generator, device=dev)
+        image_mask[n_mim:] = False
+    attention_mask = (torch.arange(t, device=dev)[None, :] < lengths[:, None]).long()
+    return TaskBatch(ids, attention_mask, model_pixels, image_mask, mlm_labels, ap_labels, aligned, n_mim)
+
+
+class PretrainObjective(nn.Module):
+    """The model plus its pretraining losses: `forward(TaskBatch) -> TaskOutput`.
+
+    One module so that DDP sees a single forward per backward (the MIM target view included).
+
+    Args:
+        model: A `vilbert.model.ViLBERT` (its heads `mlm_logits`, `alignment_logits`, `mim_projection`).
+        config: The task settings (tasks, weights, MIM positions, temperature, stop-gradient).
+    """
+
+    def __init__(self, model: nn.Module, config: PretrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def forward(self, batch: TaskBatch) -> TaskOutput:
+        out = self.model(batch.input_ids, batch.attention_mask, batch.pixels, image_mask=batch.image_mask)
+        losses: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
+        if batch.mlm_labels is not None:
+            losses["mlm"] = self._mlm(out, batch.mlm_labels, sums)
+        if batch.ap_labels is not None:
+            losses["ap"] = self._ap(out, batch.ap_labels, sums)
+        if batch.mim_rows > 0:
+            losses["mim"] = self._mim(out, batch, sums)
+        total = sum(getattr(self.config, f"{task}_weight") * loss for task, loss in losses.items())
+        return TaskOutput(loss=total, sums=sums)
+
+    def _mlm(self, out, labels: torch.Tensor, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        selected = labels != IGNORE_INDEX
+        targets = labels[selected]  # (M,)
+        logits = self.model.mlm_logits(out.text[selected]).float()  # (M, V)
+        return _record(sums, "mlm", logits, targets, fallback=out.text)
+
+    def _ap(self, out, labels: torch.Tensor, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model.alignment_logits(out)[: labels.shape[0]].float()  # (B_ap, 2)
+        return _record(sums, "ap", logits, labels, fallback=out.pooled_text)
+
+    def _mim(self, out, batch: TaskBatch, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = batch.mim_rows
+        queries = self.model.mim_projection(out.vision[:rows, 1:])  # (R, P, d): patches, CLS dropped
+        grad = contextlib.nullcontext() if not self.config.mim_stop_grad else torch.no_grad()
+        with grad:
+            target = self.model(batch.input_ids[:rows], batch.attention_mask[:rows], batch.pixels[:rows])
+            keys = self.model.mim_projection(target.vision[:, 1:])  # (R, P, d)
+        queries = F.normalize(queries.float(), dim=-1)
+        keys = F.normalize(keys.float(), dim=-1)
+        logits = queries @ keys.transpose(1, 2) / self.config.mim_temperature  # (R, P, P): query p vs key q
+        mask = batch.image_mask[:rows]
+        positions = {"masked": mask, "unmasked": ~mask, "all": torch.ones_like(mask)}[self.config.mim_positions]
+        if self.config.align_only_for_mlm_mim:
+            positions = positions & batch.aligned[:rows, None]
+        targets = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (R, P): the same position
+        return _record(sums, "mim", logits[positions], targets[positions], fallback=out.vision)
+
+
+def _record(
+    sums: dict[str, torch.Tensor], task: str, logits: torch.Tensor, targets: torch.Tensor, fallback: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy, and its sums into `sums`; an empty task gives a zero that keeps the graph."""
+    count = targets.numel()
+    if count == 0:
+        loss = fallback.sum() * 0.0
+        hits = torch.zeros((), device=logits.device)
+    else:
+        loss = F.cross_entropy(logits, targets)
+        hits = (logits.argmax(dim=-1) == targets).sum().float()
+    sums[f"{task}_loss_sum"] = loss.detach().float() * count
+    sums[f"{task}_correct"] = hits.detach()
+    sums[f"{task}_count"] = torch.tensor(float(count), device=logits.device)
+    return loss
+
+
+def summarize(sums: dict[str, float], config: PretrainConfig) -> dict[str, float]:
+    """Per-task mean loss and accuracy from accumulated sums, and `loss`, the weighted total."""
+    metrics: dict[str, float] = {}
+    total = 0.0
+    for task in config.tasks:
+        count = sums.get(f"{task}_count", 0.0)
+        if count <= 0:
+            continue
+        metrics[f"{task}_loss"] = sums[f"{task}_loss_sum"] / count
+        metrics[ACCURACY_NAMES[task]] = sums[f"{task}_correct"] / count
+        total += getattr(config, f"{task}_weight") * metrics[f"{task}_loss"]
+    metrics["loss"] = total
+    return metrics
