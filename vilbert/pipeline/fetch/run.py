@@ -184,12 +184,15 @@ def _write_json(path: Path, payload: dict) -> None:
 def _decode_pool(options: FetchOptions) -> Iterator[Executor]:
     workers = options.decode_workers or os.cpu_count() or 1
     if options.decode_in == "thread":
-        pool: Executor = ThreadPoolExecutor(workers, thread_name_prefix="vilbert-decode", initializer=init_worker)
+        # Import torch before the first request: an import running beside the event loop holds the GIL
+        # for seconds, and the loop's requests would miss their deadlines.
+        init_worker()
+        pool: Executor = ThreadPoolExecutor(workers, thread_name_prefix="vilbert-decode")
     else:
         context = multiprocessing.get_context("forkserver")
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker)
-    for _ in range(workers):  # start the workers (and their imports) while the first downloads run
-        pool.submit(init_worker)
+        for _ in range(workers):  # start the workers (and their imports) while the first downloads run
+            pool.submit(init_worker)
     try:
         yield pool
     finally:
