@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -87,10 +88,12 @@ class BatchLoader:
         shard_window: `None` shuffles globally; `k` shuffles shard order, then rows within windows
             of `k` consecutive shards, so only `k` shards are hot at a time (caches larger than RAM).
 
-    Memory: on CPU each batch is gathered into freshly allocated tensors that the consumer owns
-    (the allocator recycles them, so this costs no page faults once warm); on CUDA a ring of
-    `prefetch + 2` pinned host slots is reused, and a slot is overwritten only after the copy out
-    of it has completed on the GPU. Nothing grows with the size of the cache.
+    Memory: batches are gathered into a ring of `prefetch + 2` preallocated slots, so nothing is
+    allocated per batch and nothing grows with the cache. A slot is never overwritten while its
+    batch is in use: on CPU the loader yields tensors over the slot and reuses it only once the
+    consumer holds no tensor (or view) made from it any more, else it allocates a fresh slot and
+    the consumer keeps the old one; on CUDA it yields device tensors and reuses a pinned slot once
+    the GPU has finished the non-blocking copy out of it.
     """
 
     def __init__(
@@ -124,7 +127,9 @@ class BatchLoader:
             shard_starts=reader.starts,
             shard_window=shard_window,
         )
-        self._columns = reader.numeric_columns
+        self._ring_cache: _Ring | None = None
+        self._stream: Any = None
+        self._iterator: weakref.ref | None = None
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -146,34 +151,79 @@ class BatchLoader:
         self.sampler.load_state_dict(state)
 
     def __iter__(self) -> Iterator[Batch]:
-        return _BatchIterator(self)
+        """The rest of the current epoch. One live iterator per loader: a new one closes the last."""
+        previous = self._iterator() if self._iterator else None
+        if previous is not None:
+            previous.close()
+        iterator = _BatchIterator(self)
+        self._iterator = weakref.ref(iterator)
+        return iterator
 
-    # ---------------------------------------------------------------------------- producer side
+    def _ring(self) -> _Ring:
+        if self._ring_cache is None:
+            self._ring_cache = _Ring(self.reader, self.batch_size, self.prefetch + 2, self.device.type == "cuda")
+        return self._ring_cache
 
-    def _host_buffers(self, pinned: bool) -> dict[str, torch.Tensor]:
-        template = self.reader.allocate(0)
-        return {
-            name: torch.empty(
-                (self.batch_size, *array.shape[1:]), dtype=torch.from_numpy(array).dtype, pin_memory=pinned
-            )
-            for name, array in template.items()
-        }
-
-    def _make_batch(self, indices: np.ndarray, host: dict[str, torch.Tensor]) -> Batch:
-        n = len(indices)
-        self.reader.gather(indices, out={k: v.numpy() for k, v in host.items()})
-        tensors = {k: v[:n] for k, v in host.items()}
-        return Batch(
-            pixels=tensors["pixels"],
-            input_ids=tensors["input_ids"],
-            num_tokens=tensors["num_tokens"],
-            labels=tensors.get("label"),
-            indices=torch.from_numpy(indices.astype(np.int64, copy=False)),
-        )
+    def _copy_stream(self) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
 
 
 class _Stop(Exception):
     pass
+
+
+class _Slot:
+    """One ring slot: numpy buffers for a batch (over pinned torch memory when feeding CUDA)."""
+
+    def __init__(self, reader: CacheReader, batch_size: int, pinned: bool) -> None:
+        self.pinned: dict[str, torch.Tensor] = {}
+        if pinned:
+            for name, array in reader.allocate(0).items():
+                dtype = torch.from_numpy(array).dtype
+                self.pinned[name] = torch.empty((batch_size, *array.shape[1:]), dtype=dtype, pin_memory=True)
+            self.arrays = {name: tensor.numpy() for name, tensor in self.pinned.items()}
+        else:
+            self.arrays = reader.allocate(batch_size)
+        self.event: Any = None
+        self._idle_refs = self._refs()
+
+    def _refs(self) -> list[int]:
+        return [sys.getrefcount(array) for array in self.arrays.values()]
+
+    def in_use(self) -> bool:
+        """True while the consumer still holds a tensor (or a view of one) made from this slot:
+        each such tensor keeps a numpy view alive, and each view holds a reference to its base."""
+        return self._refs() != self._idle_refs
+
+
+class _Ring:
+    """`size` slots handed out round-robin, kept across epochs (no page faults after the first).
+
+    A slot comes back only when it is safe to overwrite: its CUDA copy has finished, or (CPU) the
+    consumer no longer holds its tensors; otherwise a fresh slot takes its place.
+    """
+
+    def __init__(self, reader: CacheReader, batch_size: int, size: int, pinned: bool) -> None:
+        self.reader, self.batch_size, self.pinned = reader, batch_size, pinned
+        self.slots: list[_Slot | None] = [None] * size
+        self.cursor = 0
+        self.allocations = 0
+        """Slots allocated so far: `size` when the consumer lets go of its batches in time."""
+
+    def acquire(self) -> _Slot:
+        position = self.cursor % len(self.slots)
+        self.cursor += 1
+        slot = self.slots[position]
+        if slot is not None and slot.event is not None:
+            slot.event.synchronize()  # the GPU has finished copying out of this slot
+        elif slot is not None and slot.in_use():
+            slot = None  # the consumer kept that batch: it owns those buffers now
+        if slot is None:
+            slot = self.slots[position] = _Slot(self.reader, self.batch_size, pinned=self.pinned)
+            self.allocations += 1
+        return slot
 
 
 class _Producer:
@@ -181,32 +231,40 @@ class _Producer:
     iterator lets it be collected, which stops the thread)."""
 
     def __init__(self, loader: BatchLoader, batches: list[np.ndarray]) -> None:
-        self.loader = loader
+        self.reader = loader.reader
+        self.batch_size = loader.batch_size
+        self.device = loader.device
         self.batches = batches
         self.stop = threading.Event()
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, loader.prefetch))
         self.cuda = loader.device.type == "cuda"
-        if self.cuda:
-            self.stream = torch.cuda.Stream(device=loader.device)
-            self.ring = [loader._host_buffers(pinned=True) for _ in range(loader.prefetch + 2)]
-            self.events: list[torch.cuda.Event | None] = [None] * len(self.ring)
+        self.stream = loader._copy_stream() if self.cuda else None
+        self.ring = loader._ring()
 
     def produce(self, number: int) -> tuple[Batch, Any]:
         """Batch `number`, and the CUDA event after which its device tensors are ready (or None)."""
         indices = self.batches[number]
-        loader = self.loader
+        n = len(indices)
+        slot = self.ring.acquire()
+        self.reader.gather(indices, out=slot.arrays)
+        if self.cuda:
+            host = {name: tensor[:n] for name, tensor in slot.pinned.items()}
+        else:
+            host = {name: torch.from_numpy(array[:n]) for name, array in slot.arrays.items()}
+        batch = Batch(
+            pixels=host["pixels"],
+            input_ids=host["input_ids"],
+            num_tokens=host["num_tokens"],
+            labels=host.get("label"),
+            indices=torch.from_numpy(indices.astype(np.int64, copy=False)),
+        )
         if not self.cuda:
-            return loader._make_batch(indices, loader._host_buffers(pinned=False)), None
-        slot = number % len(self.ring)
-        if self.events[slot] is not None:
-            self.events[slot].synchronize()  # the GPU has finished copying out of this slot
-        host = loader._make_batch(indices, self.ring[slot])
+            return batch, None
         with torch.cuda.stream(self.stream):
-            batch = host.to(loader.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.events[slot] = event
-        return dataclasses.replace(batch, indices=host.indices), event
+            moved = batch.to(self.device, non_blocking=True)
+            slot.event = torch.cuda.Event()
+            slot.event.record(self.stream)
+        return moved, slot.event
 
     def run(self) -> None:
         try:
