@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -251,8 +252,11 @@ def test_existing_output_needs_overwrite_or_resume(tmp_path: Path, fetched: dict
     preprocess(FetchSource([fetched["dir"]]), tmp_path / "out", fetched["tokenizer"], small())
     with pytest.raises(UsageError, match="not empty; pass --overwrite"):
         preprocess(FetchSource([fetched["dir"]]), tmp_path / "out", fetched["tokenizer"], small())
+    stale = tmp_path / "out" / "dev_seen"
+    shutil.copytree(tmp_path / "out" / "test", stale)  # as if an earlier run had made this split
+    (tmp_path / "out" / "notes").mkdir()
     report = preprocess(FetchSource([fetched["dir"]]), tmp_path / "out", fetched["tokenizer"], small(mode="overwrite"))
-    assert report.rows == 75
+    assert report.rows == 75 and not stale.exists() and (tmp_path / "out" / "notes").is_dir()
 
 
 # ------------------------------------------------------------------------------------ folder

@@ -19,6 +19,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import simplejpeg
 
+from vilbert.errors import DataError
 from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, jpeg_orientation
 
 __all__ = ["RESIZE_MODES", "DecodePool", "normalization_lut", "decode_chunk"]
@@ -211,7 +213,13 @@ class DecodePool:
             if not pending:
                 return
             chunk, slot, future, prepared = pending.popleft()
-            failures = future.result()
+            try:
+                failures = future.result()
+            except BrokenProcessPool as err:
+                raise DataError(
+                    "a decode worker died (killed for memory, or a crash in an image decoder); completed "
+                    "shards are kept: rerun with --resume, with fewer --workers if memory is short"
+                ) from err
             yield chunk, prepared, self.pixels[slot, : len(chunk)], failures
             free.append(slot)
 

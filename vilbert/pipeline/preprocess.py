@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -373,6 +374,8 @@ class _RunState:
     # ---------------------------------------------------------------------------------- finish
 
     def finish(self, seconds: float) -> PreprocessReport:
+        if self.options.mode == "overwrite":
+            _remove_stale_caches(self.out, keep=set(self.writers))
         splits = {}
         for split, writer in sorted(self.writers.items()):
             skipped = dict(sorted(self.skipped.get(split, Counter()).items()))
@@ -404,6 +407,19 @@ class _RunState:
 
     def close(self) -> None:
         self.log.close()
+
+
+_CACHE_FILES = ("manifest.json", ".progress.json", "tokenizer.json")
+
+
+def _remove_stale_caches(out: Path, keep: set[str]) -> None:
+    """After an overwrite: caches of splits this run did not produce would look current; remove them."""
+    for directory in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in keep):
+        names = {p.name for p in directory.iterdir()}
+        own = all(n in _CACHE_FILES or n.startswith(("shard-", ".shard-")) for n in names)
+        if own and names & {"manifest.json", ".progress.json"}:
+            shutil.rmtree(directory)
+            log.info("removed %s: a cache of an earlier run, for a split this run did not produce", directory)
 
 
 def _index(rows: list[int]) -> slice | np.ndarray:
