@@ -195,6 +195,14 @@ class ModelConfig:
             _choice("model.freeze item", part, FREEZABLE_PARTS)
         _positive("model.mim_projection_dim", self.mim_projection_dim)
         _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
+        if self.cross.interleave_from is not None:
+            depth = min(self.text.num_layers, self.vision.num_layers)
+            last = self.cross.interleave_from + len(self.cross.pattern)
+            n = len(self.cross.pattern)
+            valid = f"None or <= {depth - n}" if depth >= n else "None (after both encoders)"
+            _check(last <= depth, "model.cross.interleave_from", self.cross.interleave_from,
+                   f"{valid}; {n} cross layers run after encoder blocks k..k+{n - 1} and the shallower "
+                   f"stream has {depth} blocks")
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -376,8 +384,12 @@ def vilbert_base() -> Config:
 
 
 def vilbert_original() -> Config:
-    """Lu et al. 2019: co-attention interleaved with the upper six layers of both streams."""
-    cross = CrossConfig(pattern=("co",) * 6, interleave_from=6)
+    """Lu et al. 2019: co-attention interleaved with the upper six layers of both streams.
+
+    As in their released config, co-attention runs at a width of 1024 with 8 heads
+    (`bi_hidden_size`, `bi_num_attention_heads`) and nothing is frozen.
+    """
+    cross = CrossConfig(pattern=("co",) * 6, interleave_from=6, hidden_size=1024, num_heads=8)
     return Config(model=ModelConfig(cross=cross, freeze=()))
 
 

@@ -133,8 +133,8 @@ def test_interleaved_schedule_runs_and_is_checked(config):
     model = ViLBERT(dataclasses.replace(config, cross=cross)).eval()
     out = model(**make_batch(config), output_layers=True)
     assert len(out.layer_pooled) == 2
-    with pytest.raises(ModelError, match="interleave_from"):
-        ViLBERT(dataclasses.replace(config, cross=dataclasses.replace(cross, interleave_from=1)))
+    with pytest.raises(ValueError, match="interleave_from=1 is invalid; valid: None or <= 0"):
+        dataclasses.replace(config, cross=dataclasses.replace(cross, interleave_from=1))
 
 
 def test_different_stream_widths(config):

@@ -260,17 +260,11 @@ class ViLBERT(nn.Module):
 
 
 def _cross_schedule(config: ModelConfig) -> dict[int, tuple[int, ...]]:
-    """Encoder block index -> the cross layers that run right after it."""
-    n = len(config.cross.pattern)
-    depth = min(config.text.num_layers, config.vision.num_layers)
-    k = config.cross.interleave_from
+    """Encoder block index -> the cross layers that run right after it (`ModelConfig` has checked
+    that an interleaved stack fits both encoders)."""
+    n, k = len(config.cross.pattern), config.cross.interleave_from
     if k is None:
         return {max(config.text.num_layers, config.vision.num_layers) - 1: tuple(range(n))}
-    if k + n > depth:
-        raise ModelError(
-            f"cross.interleave_from={k} with {n} cross layers needs {k + n} encoder blocks "
-            f"in both streams, the shallower has {depth}; valid: interleave_from <= {depth - n}"
-        )
     return {k + i: (i,) for i in range(n)}
 
 
