@@ -182,6 +182,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, cache_f16):
         ({"labels": None}, "has_labels=True but labels were not given"),
         ({"num_tokens": np.full(4, MAX_LEN + 1)}, "num_tokens must be in [0, max_len=8]"),
         ({"captions": ["only one"]}, "captions: expected 4 strings"),
+        ({"input_ids": np.full((4, MAX_LEN), 12)}, "input_ids must be in [0, vocab_size=12), got 12..12"),
     ],
 )
 def test_bad_batches_are_refused_clearly(tmp_path, change, fragment):

@@ -280,6 +280,11 @@ class CacheWriter:
         num_tokens = _int_column("num_tokens", num_tokens, (n,), np.int32)
         if n and (num_tokens.min() < 0 or num_tokens.max() > length):
             raise UsageError(f"num_tokens must be in [0, max_len={length}], got {num_tokens.min()}..{num_tokens.max()}")
+        if n and (input_ids.min() < 0 or input_ids.max() >= self._config["vocab_size"]):
+            raise UsageError(
+                f"input_ids must be in [0, vocab_size={self._config['vocab_size']}), got "
+                f"{input_ids.min()}..{input_ids.max()} (keys {keys[0]!r}..{keys[-1]!r})"
+            )
         columns = {
             "pixels": pixels.reshape(n, -1),
             "input_ids": input_ids,
