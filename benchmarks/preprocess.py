@@ -212,14 +212,24 @@ def contender_main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------ measuring
 
 
-def _tree_rss(pid: int) -> int:
-    """Sum of VmRSS over `pid` and its descendants, in bytes."""
-    total, stack = 0, [pid]
+_FIELDS = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+
+
+def _tree_memory(pid: int) -> dict[str, int]:
+    """Sums over `pid` and its descendants, in bytes: RSS (and its anonymous, file-backed and
+    shared-memory parts) and PSS (shared pages divided among the processes that map them)."""
+    total = dict.fromkeys([*_FIELDS.values(), "pss"], 0)
+    stack = [pid]
     while stack:
         p = stack.pop()
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+                for line in f:
+                    name = _FIELDS.get(line.split(":", 1)[0] + ":")
+                    if name:
+                        total[name] += int(line.split()[1]) * 1024
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total["pss"] += next((int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:")), 0)
             with open(f"/proc/{p}/task/{p}/children") as f:
                 stack.extend(int(c) for c in f.read().split())
         except (OSError, ValueError):
@@ -242,12 +252,13 @@ def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int
     ] + (["--workers", str(workers)] if workers is not None else [])
     shutil.rmtree(out, ignore_errors=True)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    peak, done = 0, threading.Event()
+    peak: dict[str, int] = {}
+    done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
         while not done.is_set():
-            peak = max(peak, _tree_rss(process.pid))
+            for name, value in _tree_memory(process.pid).items():
+                peak[name] = max(peak.get(name, 0), value)
             done.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -264,16 +275,24 @@ def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / seconds, 1),
         "cpu_ms_per_image": round(1000 * figures["cpu_s"] / rows, 3),
-        "peak_rss_mib": round(peak / 2**20, 1),
+        "peak_rss_mib": round(peak.get("rss", 0) / 2**20, 1),
+        "peak_pss_mib": round(peak.get("pss", 0) / 2**20, 1),
+        "peak_rss_anon_mib": round(peak.get("anon", 0) / 2**20, 1),
+        "peak_rss_file_mib": round(peak.get("file", 0) / 2**20, 1),
+        "peak_rss_shmem_mib": round(peak.get("shmem", 0) / 2**20, 1),
     }
 
 
+_MEMORY = ("peak_rss_mib", "peak_pss_mib", "peak_rss_anon_mib", "peak_rss_file_mib", "peak_rss_shmem_mib")
+
+
 def _table(results: dict[str, dict]) -> str:
-    lines = [f"{'contender':<22}{'images/s':>10}{'CPU ms/img':>12}{'peak RSS MiB':>14}{'seconds':>9}"]
+    head = f"{'contender':<22}{'images/s':>10}{'CPU ms/img':>12}{'RSS MiB':>9}{'PSS MiB':>9}{'seconds':>9}"
+    lines = [head]
     for name, r in results.items():
         lines.append(
-            f"{name:<22}{r['images_per_s']:>10.0f}{r['cpu_ms_per_image']:>12.2f}{r['peak_rss_mib']:>14.0f}"
-            f"{r['seconds']:>9.2f}"
+            f"{name:<22}{r['images_per_s']:>10.0f}{r['cpu_ms_per_image']:>12.2f}{r['peak_rss_mib']:>9.0f}"
+            f"{r['peak_pss_mib']:>9.0f}{r['seconds']:>9.2f}"
         )
     return "\n".join(lines)
 
@@ -335,29 +354,20 @@ def compare(tmp: Path, n: int, workers: int | None) -> None:
     print(json.dumps(figures))
 
 
-def memory_scaling(tmp: Path, workers: int | None) -> None:
+def memory_scaling(tmp: Path, workers: int | None, sizes: tuple[int, int] = (2000, 20000)) -> None:
+    """Ours on a small and a 10x larger corpus: the process tree's peak memory should not grow."""
     results = {}
-    for n in (2000, 20000):
+    for n in sizes:
         data, tokenizer = _prepare(tmp, n)
         results[n] = measure("ours", data, tmp / "out", tokenizer, workers)
         shutil.rmtree(tmp / "out", ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
-        print(
-            f"{n:>6} images: peak RSS {results[n]['peak_rss_mib']:.0f} MiB, {results[n]['images_per_s']:.0f} images/s",
-            flush=True,
-        )
-    ratio = results[20000]["peak_rss_mib"] / results[2000]["peak_rss_mib"]
-    print(f"peak RSS 20,000 / 2,000 images: {ratio:.2f}")
-    print(
-        json.dumps(
-            {
-                "benchmark": "preprocess-memory",
-                "peak_rss_ratio_20k_vs_2k": round(ratio, 3),
-                "n2000": results[2000],
-                "n20000": results[20000],
-            }
-        )
-    )
+        memory = ", ".join(f"{k[5:-4]} {results[n][k]:.0f}" for k in _MEMORY)
+        print(f"{n:>6} images, {results[n]['images_per_s']:.0f} images/s, peak MiB: {memory}", flush=True)
+    small, large = (results[n] for n in sizes)
+    ratios = {f"{k[5:-4]}_ratio": round(large[k] / max(small[k], 1e-9), 3) for k in _MEMORY}
+    print(f"peak memory {sizes[1]:,} / {sizes[0]:,} images: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print(json.dumps({"benchmark": "preprocess-memory", **ratios, f"n{sizes[0]}": small, f"n{sizes[1]}": large}))
 
 
 if __name__ == "__main__":

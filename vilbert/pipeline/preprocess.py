@@ -281,7 +281,7 @@ class _RunState:
             if isinstance(item, Skip):
                 self.count_skip(item)
                 continue
-            writer = self.writers.get(item.split) or self._open_writer(item.split, stack)
+            writer = self.writers[item.split] if item.split in self.writers else self._open_writer(item.split, stack)
             ordinal = self.ordinals[item.split]
             self.ordinals[item.split] += 1
             logged = self.log.skipped.get((item.split, ordinal))
@@ -459,6 +459,8 @@ class _SkipLog:
     def __init__(self, out: Path, run_id: str, mode: str) -> None:
         self.path = out / SKIPS_NAME
         self.skipped: dict[tuple[str, int], tuple[str, str]] = {}
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"output {out} is a file; pass a directory to hold one cache per split")
         if mode == "create" and out.exists() and any(out.iterdir()):
             raise UsageError(
                 f"output directory {out} is not empty; pass --overwrite to rebuild it or --resume "
