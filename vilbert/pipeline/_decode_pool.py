@@ -5,7 +5,8 @@ The parent owns one shared-memory block split into slots of `chunk_size` images
 encoded images (bytes or paths: compact); the worker decodes each image with
 `vilbert.pipeline.images.decode_resize` and writes the normalized pixels straight into the slot, so
 no pixel array is pickled. Results come back in submission order; a slot is reused only after the
-consumer is done with it, and at most `slots` chunks are in flight, so memory stays bounded.
+consumer releases it (possibly from another thread, once the rows are written), and at most `slots`
+chunks are in flight or being written, so memory stays bounded.
 
 Normalization to float16 is a per-channel lookup table of the 256 possible values, computed in
 float64 and rounded once: exact to float16 precision, and cheaper than float arithmetic.
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import simplejpeg
@@ -30,11 +33,23 @@ import simplejpeg
 from vilbert.errors import DataError
 from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, jpeg_orientation
 
-__all__ = ["RESIZE_MODES", "DecodePool", "normalization_lut", "decode_chunk"]
+__all__ = ["RESIZE_MODES", "Decoded", "DecodePool", "normalization_lut", "decode_chunk"]
 
 T = TypeVar("T")
 Failures = dict[int, tuple[str, str]]
 """Index in the chunk -> (reason, detail) for the images that did not decode."""
+
+
+@dataclass(frozen=True)
+class Decoded(Generic[T]):
+    """One decoded chunk: the items, what `prepare` made of them, their pixels and failures."""
+
+    chunk: list[Any]
+    prepared: T
+    pixels: np.ndarray
+    """`[len(chunk), 3, H, W]`, a view into a shared slot: valid until `DecodePool.release`."""
+    failures: Failures
+    slot: int
 
 
 def normalization_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -158,6 +173,9 @@ class DecodePool:
         self.dtype = np.dtype(pixel_dtype)
         self.lut = normalization_lut(mean, std) if pixel_dtype == "float16" else None
         self.image_size, self.resize_mode = image_size, resize_mode
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(self.slots):
+            self._free.put(slot)
         self._shm: SharedMemory | None = None
         self._executor: ProcessPoolExecutor | None = None
         self.pixels: np.ndarray | None = None
@@ -190,24 +208,29 @@ class DecodePool:
 
     def map_ordered(
         self, chunks: Iterable[list[Any]], image: Callable[[Any], bytes | Path], prepare: Callable[[list[Any]], T]
-    ) -> Iterator[tuple[list[Any], T, np.ndarray, Failures]]:
-        """Decode each chunk's images; yield `(chunk, prepare(chunk), pixels, failures)` in order.
+    ) -> Iterator[Decoded[T]]:
+        """Decode each chunk's images; yield a `Decoded` per chunk, in order.
 
-        `prepare` runs in this process while the workers decode (tokenization goes there).
-        `pixels` (`[len(chunk), 3, H, W]`) is a view into a slot that is reused once the consumer
-        asks for the next result: copy what must outlive the iteration step.
+        `prepare(chunk)` runs in this process while the workers decode (tokenization goes there).
+        Each result's `pixels` (`[len(chunk), 3, H, W]`) is a view into a slot that stays reserved
+        until `release(result)` is called (from any thread); with every slot reserved, the next
+        submission waits for a release.
         """
         assert self.pixels is not None, "use DecodePool as a context manager"
-        free, pending = deque(range(self.slots)), deque()
+        pending: deque[tuple[list[Any], int, Future[Failures], T]] = deque()
         source = iter(chunks)
         exhausted = False
         while True:
-            while free and not exhausted:
+            while not exhausted:
+                try:
+                    slot = self._free.get(block=not pending)
+                except queue.Empty:
+                    break
                 chunk = next(source, None)
                 if chunk is None:
                     exhausted = True
+                    self._free.put(slot)
                     break
-                slot = free.popleft()
                 future = self._submit(slot, [image(item) for item in chunk])
                 pending.append((chunk, slot, future, prepare(chunk)))
             if not pending:
@@ -220,8 +243,11 @@ class DecodePool:
                     "a decode worker died (killed for memory, or a crash in an image decoder); completed "
                     "shards are kept: rerun with --resume, with fewer --workers if memory is short"
                 ) from err
-            yield chunk, prepared, self.pixels[slot, : len(chunk)], failures
-            free.append(slot)
+            yield Decoded(chunk, prepared, self.pixels[slot, : len(chunk)], failures, slot)
+
+    def release(self, result: Decoded[Any]) -> None:
+        """Give `result`'s slot back for reuse (its `pixels` must not be read afterwards)."""
+        self._free.put(result.slot)
 
     def _submit(self, slot: int, images: list[bytes | Path]) -> Future[Failures]:
         if self._executor is not None:

@@ -27,12 +27,11 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from tokenizers import Tokenizer
 from vilbert.cache import CacheWriter, Normalization, normalization
 from vilbert.errors import DataError, UsageError
 from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
+from vilbert.pipeline._preprocess_io import REPORT_NAME, SKIPS_NAME, BackgroundWriter, SkipLog, remove_stale_caches
 from vilbert.pipeline.sources import Sample, Skip, Source, assign_splits
 from vilbert.pipeline.text import CaptionEncoder, EncodedCaptions
 
@@ -61,8 +61,6 @@ log = logging.getLogger(__name__)
 
 PIXEL_DTYPES = ("float16", "uint8")
 WRITE_MODES = ("create", "overwrite", "resume")
-REPORT_NAME = "preprocess-report.json"
-SKIPS_NAME = "preprocess-skips.jsonl"
 _EXAMPLES = 20  # skipped keys kept per reason in the report
 _LOGGED = 5  # skips logged one by one per reason, then only counted
 
@@ -201,29 +199,26 @@ def preprocess(
     encoder = CaptionEncoder(tokenizer, options.max_len)
     run = _RunState(out, source, encoder, options, command)
     items = drop_empty_captions(assign_splits(source, options.train_ratio))
-    with ExitStack() as stack:
-        stack.callback(run.close)
-        pool = stack.enter_context(
-            DecodePool(
-                workers=_default_workers(options.workers),
-                chunk_size=options.chunk_size,
-                image_size=options.image_size,
-                resize_mode=options.resize_mode,
-                pixel_dtype=options.pixel_dtype,
-                mean=options.normalize.mean,
-                std=options.normalize.std,
-            )
-        )
-        total = source.size_hint()
-        chunks = _batched(run.plan(items, stack), options.chunk_size)
-        results = pool.map_ordered(
-            chunks, image=lambda item: item[1].image, prepare=lambda chunk: encoder([s.caption for _, s in chunk])
-        )
-        for samples, encoded, pixels, failures in results:
-            run.write_chunk(samples, encoded, pixels, failures)
-            if progress is not None:
-                progress(run.progress(total))
+    total = source.size_hint()
+    norm = options.normalize
+    pool = DecodePool(workers=_default_workers(options.workers), chunk_size=options.chunk_size,
+                      image_size=options.image_size, resize_mode=options.resize_mode,
+                      pixel_dtype=options.pixel_dtype, mean=norm.mean, std=norm.std)  # fmt: skip
+    try:
+        with pool, BackgroundWriter() as background:
+            chunks = _batched(run.plan(items), options.chunk_size)
+            prepare = lambda chunk: encoder([s.caption for _, s in chunk])  # noqa: E731 - tokenize while decoding
+            for result in pool.map_ordered(chunks, image=lambda item: item[1].image, prepare=prepare):
+                writes = run.take_chunk(result.chunk, result.prepared, result.pixels, result.failures)
+                background.submit(writes, done=partial(pool.release, result))
+                if progress is not None:
+                    progress(run.progress(total))
         report = run.finish(time.perf_counter() - started)
+    except BaseException:
+        run.abort()
+        raise
+    finally:
+        run.close()
     if report.rows == 0:
         raise DataError(
             f"no usable sample in {source.description}: skipped {report.skipped or 'nothing'}; see {out / REPORT_NAME}"
@@ -263,7 +258,7 @@ class _RunState:
         self.option_record = _option_record(options)
         identity = json.dumps([source.description, self.option_record, encoder.fingerprint], sort_keys=True)
         run_id = hashlib.sha256(identity.encode()).hexdigest()
-        self.log = _SkipLog(out, run_id, options.mode)
+        self.log = SkipLog(out, run_id, options.mode)
         self.writers: dict[str, CacheWriter] = {}
         self.ordinals: Counter[str] = Counter()
         self.fast_forwarded: Counter[str] = Counter()
@@ -274,14 +269,14 @@ class _RunState:
 
     # ------------------------------------------------------------------------ planning (in order)
 
-    def plan(self, items: Iterable[Sample | Skip], stack: ExitStack) -> Iterator[tuple[int, Sample]]:
+    def plan(self, items: Iterable[Sample | Skip]) -> Iterator[tuple[int, Sample]]:
         """Samples to decode, tagged with their ordinal in their split; skips are counted here."""
         for item in items:
             self.done += 1
             if isinstance(item, Skip):
                 self.count_skip(item)
                 continue
-            writer = self.writers[item.split] if item.split in self.writers else self._open_writer(item.split, stack)
+            writer = self.writers[item.split] if item.split in self.writers else self._open_writer(item.split)
             ordinal = self.ordinals[item.split]
             self.ordinals[item.split] += 1
             logged = self.log.skipped.get((item.split, ordinal))
@@ -293,24 +288,22 @@ class _RunState:
             else:
                 yield ordinal, item
 
-    def _open_writer(self, split: str, stack: ExitStack) -> CacheWriter:
-        writer = stack.enter_context(
-            CacheWriter(
-                self.out / split,
-                split=split,
-                image_size=self.options.image_size,
-                pixel_dtype=self.options.pixel_dtype,
-                normalization=self.options.normalize,
-                max_len=self.options.max_len,
-                tokenizer_json=self.encoder.tokenizer_json,
-                special_token_ids=self.encoder.special_ids,
-                vocab_size=self.encoder.vocab_size,
-                has_labels=self._has_labels(split),
-                has_captions=True,
-                command=self.command,
-                target_shard_bytes=self.options.target_shard_bytes,
-                mode=self.options.mode,
-            )
+    def _open_writer(self, split: str) -> CacheWriter:
+        writer = CacheWriter(
+            self.out / split,
+            split=split,
+            image_size=self.options.image_size,
+            pixel_dtype=self.options.pixel_dtype,
+            normalization=self.options.normalize,
+            max_len=self.options.max_len,
+            tokenizer_json=self.encoder.tokenizer_json,
+            special_token_ids=self.encoder.special_ids,
+            vocab_size=self.encoder.vocab_size,
+            has_labels=self._has_labels(split),
+            has_captions=True,
+            command=self.command,
+            target_shard_bytes=self.options.target_shard_bytes,
+            mode=self.options.mode,
         )
         if writer.rows_done:
             log.info("%s: resuming after %d rows in completed shards", self.out / split, writer.rows_done)
@@ -333,14 +326,14 @@ class _RunState:
 
     # ----------------------------------------------------------------------- writing (in order)
 
-    def write_chunk(
+    def take_chunk(
         self,
         samples: list[tuple[int, Sample]],
         encoded: EncodedCaptions,
         pixels: np.ndarray,
         failures: dict[int, tuple[str, str]],
-    ) -> None:
-        """Log the chunk's skips, then hand its rows to the writers, split by split."""
+    ) -> Callable[[], None]:
+        """Log the chunk's skips now; return the writes of its rows, split by split, to run later."""
         for index, (reason, detail) in sorted(failures.items()):
             ordinal, sample = samples[index]
             self.log.append(sample.split, ordinal, sample.key, reason, detail)
@@ -351,15 +344,23 @@ class _RunState:
         for index, (_, sample) in enumerate(samples):
             if index not in failures:
                 by_split.setdefault(sample.split, []).append(index)
+        writes = []
         for split, rows in by_split.items():
             take = _index(rows)
             chosen = [samples[i][1] for i in rows]
             writer = self.writers[split]
             labels = np.array([s.label for s in chosen], np.int64) if writer.has_labels else None
-            writer.write(
-                [s.key for s in chosen], pixels[take], ids[take], num_tokens[take], labels, [s.caption for s in chosen]
+            args = (
+                [s.key for s in chosen],
+                pixels[take],
+                ids[take],
+                num_tokens[take],
+                labels,
+                [s.caption for s in chosen],
             )
+            writes.append(partial(writer.write, *args))
             self.rows[split] += len(rows)
+        return partial(_run_all, writes)
 
     def progress(self, total: int | None) -> dict[str, Any]:
         skipped = sum(sum(c.values()) for c in self.skipped.values())
@@ -375,7 +376,7 @@ class _RunState:
 
     def finish(self, seconds: float) -> PreprocessReport:
         if self.options.mode == "overwrite":
-            _remove_stale_caches(self.out, keep=set(self.writers))
+            remove_stale_caches(self.out, keep=set(self.writers))
         splits = {}
         for split, writer in sorted(self.writers.items()):
             skipped = dict(sorted(self.skipped.get(split, Counter()).items()))
@@ -405,21 +406,18 @@ class _RunState:
             log.info("skipped %d samples: %s", count, reason)
         return report
 
+    def abort(self) -> None:
+        """After a failure: drop unflushed rows, keep completed shards (for resume), no manifest."""
+        for writer in self.writers.values():
+            writer.abort()
+
     def close(self) -> None:
         self.log.close()
 
 
-_CACHE_FILES = ("manifest.json", ".progress.json", "tokenizer.json")
-
-
-def _remove_stale_caches(out: Path, keep: set[str]) -> None:
-    """After an overwrite: caches of splits this run did not produce would look current; remove them."""
-    for directory in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in keep):
-        names = {p.name for p in directory.iterdir()}
-        own = all(n in _CACHE_FILES or n.startswith(("shard-", ".shard-")) for n in names)
-        if own and names & {"manifest.json", ".progress.json"}:
-            shutil.rmtree(directory)
-            log.info("removed %s: a cache of an earlier run, for a split this run did not produce", directory)
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
 
 
 def _index(rows: list[int]) -> slice | np.ndarray:
@@ -446,59 +444,3 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-class _SkipLog:
-    """`OUT/preprocess-skips.jsonl`: the run's identity, then one line per image the workers skipped.
-
-    Resuming needs it: a completed shard holds the first `rows_done` *rows* of a split, and which
-    samples became rows depends on which images failed to decode; the log says so without decoding
-    the prefix again.
-    """
-
-    def __init__(self, out: Path, run_id: str, mode: str) -> None:
-        self.path = out / SKIPS_NAME
-        self.skipped: dict[tuple[str, int], tuple[str, str]] = {}
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"output {out} is a file; pass a directory to hold one cache per split")
-        if mode == "create" and out.exists() and any(out.iterdir()):
-            raise UsageError(
-                f"output directory {out} is not empty; pass --overwrite to rebuild it or --resume "
-                "to continue an interrupted run"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        if mode == "resume" and self.path.is_file():
-            self._load(run_id)
-        elif mode == "resume" and any(p.is_dir() for p in out.iterdir()):
-            raise UsageError(f"cannot resume into {out}: {self.path.name} is missing; pass --overwrite")
-        else:
-            (out / REPORT_NAME).unlink(missing_ok=True)
-            self.path.write_text(json.dumps({"run": run_id}) + "\n", encoding="utf-8")
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-
-    def _load(self, run_id: str) -> None:
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        complete = lines[:-1]  # the text after the last newline is a torn write
-        header = json.loads(complete[0]) if complete else {}
-        if header.get("run") != run_id:
-            raise UsageError(
-                f"cannot resume into {self.path.parent}: it was built from other inputs or options; "
-                "pass --overwrite to rebuild it, or the same sources and options"
-            )
-        for line in complete[1:]:
-            entry = json.loads(line)
-            self.skipped[(entry["split"], entry["ordinal"])] = (entry["reason"], entry["detail"])
-        self.path.write_text("\n".join(complete) + "\n", encoding="utf-8")
-
-    def append(self, split: str, ordinal: int, key: str, reason: str, detail: str) -> None:
-        if (split, ordinal) in self.skipped:
-            return
-        self.skipped[(split, ordinal)] = (reason, detail)
-        entry = {"split": split, "ordinal": ordinal, "key": key, "reason": reason, "detail": detail}
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()

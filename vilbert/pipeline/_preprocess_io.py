@@ -1,0 +1,128 @@
+"""Preprocess's side effects beside the caches: the resume log, stale caches, the writer thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from vilbert.errors import UsageError
+
+__all__ = ["REPORT_NAME", "SKIPS_NAME", "SkipLog", "BackgroundWriter", "remove_stale_caches"]
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "preprocess-report.json"
+SKIPS_NAME = "preprocess-skips.jsonl"
+
+
+class SkipLog:
+    """`OUT/preprocess-skips.jsonl`: the run's identity, then one line per image the workers skipped.
+
+    Resuming needs it: a completed shard holds the first `rows_done` *rows* of a split, and which
+    samples became rows depends on which images failed to decode; the log says so without decoding
+    the prefix again.
+    """
+
+    def __init__(self, out: Path, run_id: str, mode: str) -> None:
+        self.path = out / SKIPS_NAME
+        self.skipped: dict[tuple[str, int], tuple[str, str]] = {}
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"output {out} is a file; pass a directory to hold one cache per split")
+        if mode == "create" and out.exists() and any(out.iterdir()):
+            raise UsageError(
+                f"output directory {out} is not empty; pass --overwrite to rebuild it or --resume "
+                "to continue an interrupted run"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "resume" and self.path.is_file():
+            self._load(run_id)
+        elif mode == "resume" and any(p.is_dir() for p in out.iterdir()):
+            raise UsageError(f"cannot resume into {out}: {self.path.name} is missing; pass --overwrite")
+        else:
+            (out / REPORT_NAME).unlink(missing_ok=True)
+            self.path.write_text(json.dumps({"run": run_id}) + "\n", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def _load(self, run_id: str) -> None:
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        complete = lines[:-1]  # the text after the last newline is a torn write
+        header = json.loads(complete[0]) if complete else {}
+        if header.get("run") != run_id:
+            raise UsageError(
+                f"cannot resume into {self.path.parent}: it was built from other inputs or options; "
+                "pass --overwrite to rebuild it, or the same sources and options"
+            )
+        for line in complete[1:]:
+            entry = json.loads(line)
+            self.skipped[(entry["split"], entry["ordinal"])] = (entry["reason"], entry["detail"])
+        self.path.write_text("\n".join(complete) + "\n", encoding="utf-8")
+
+    def append(self, split: str, ordinal: int, key: str, reason: str, detail: str) -> None:
+        if (split, ordinal) in self.skipped:
+            return
+        self.skipped[(split, ordinal)] = (reason, detail)
+        entry = {"split": split, "ordinal": ordinal, "key": key, "reason": reason, "detail": detail}
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class BackgroundWriter:
+    """Runs the cache writes on one thread, in submission order, while this thread reads, plans,
+    submits and tokenizes: the writes (copy, file write, checksum, fsync) mostly release the GIL."""
+
+    def __init__(self, max_queued: int = 4) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], None], Callable[[], None]] | None] = queue.Queue(max_queued)
+        self._thread = threading.Thread(target=self._run, name="preprocess-writer", daemon=True)
+        self._error: BaseException | None = None
+        self._stop = False
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def submit(self, job: Callable[[], None], done: Callable[[], None]) -> None:
+        """Run `job`, then `done` (always, even after a failure)."""
+        if self._error is not None:
+            raise self._error
+        self._jobs.put((job, done))
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, done = item
+            try:
+                if self._error is None and not self._stop:
+                    job()
+            except BaseException as err:  # handed to the submitting thread
+                self._error = err
+            finally:
+                done()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._stop = exc_type is not None  # the run failed: skip the queued writes
+        self._jobs.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+
+_CACHE_FILES = ("manifest.json", ".progress.json", "tokenizer.json")
+
+
+def remove_stale_caches(out: Path, keep: set[str]) -> None:
+    """After an overwrite: caches of splits this run did not produce would look current; remove them."""
+    for directory in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in keep):
+        names = {p.name for p in directory.iterdir()}
+        own = all(n in _CACHE_FILES or n.startswith(("shard-", ".shard-")) for n in names)
+        if own and names & {"manifest.json", ".progress.json"}:
+            shutil.rmtree(directory)
+            log.info("removed %s: a cache of an earlier run, for a split this run did not produce", directory)
