@@ -165,7 +165,7 @@ def test_errors_in_the_background_thread_reach_the_consumer(cache_f16, monkeypat
     def broken(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(reader, "gather", broken)
+    monkeypatch.setattr(reader, "gather_located", broken)
     with pytest.raises(OSError, match="disk on fire"):
         next(iter(BatchLoader(reader, 4)))
     assert wait_for_no_loader_threads()

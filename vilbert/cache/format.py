@@ -80,13 +80,19 @@ class Normalization:
         """Same mean and std (names may differ: `half` equals a custom 0.5/0.5)."""
         return all(abs(a - b) <= tol for a, b in zip(self.mean + self.std, other.mean + other.std, strict=True))
 
+    def lut(self) -> np.ndarray:
+        """float16 `[3, 256]`: `lut[c, v] = (v / 255 - mean[c]) / std[c]`, rounded once from float64."""
+        values = np.arange(256, dtype=np.float64) / 255.0
+        mean, std = np.asarray(self.mean)[:, None], np.asarray(self.std)[:, None]
+        return ((values[None, :] - mean) / std).astype(np.float16)
+
     def apply(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 pixels `[..., 3, H, W]` -> normalized float16, computed in float32."""
-        mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
-        scale = (1.0 / (255.0 * np.asarray(self.std, np.float32))).reshape(3, 1, 1)
-        inv_std = (1.0 / np.asarray(self.std, np.float32)).reshape(3, 1, 1)
-        out = pixels.astype(np.float32) * scale - mean * inv_std
-        return out.astype(np.float16)
+        """uint8 pixels `[N, 3, H, W]` -> normalized float16 (through `lut`: exact, one pass)."""
+        lut = self.lut()
+        out = np.empty(pixels.shape, np.float16)
+        for c in range(pixels.shape[-3]):
+            np.take(lut[c], pixels[..., c, :, :], out=out[..., c, :, :], mode="clip")
+        return out
 
     def describe(self) -> str:
         fmt = ", ".join

@@ -226,15 +226,38 @@ class _Ring:
         return slot
 
 
+class _EpochPlan:
+    """The rest of an epoch, located once: per batch its indices, shards, rows and whether it lies
+    in a single shard (so the hot path does no per-batch `searchsorted`)."""
+
+    def __init__(self, reader: CacheReader, sampler: EpochSampler) -> None:
+        self.indices = sampler.remaining_indices()
+        self.shard, self.local = reader.locate(self.indices)
+        self.size = sampler.batch_size
+        starts = np.arange(0, len(self.indices), self.size)
+        if len(starts):
+            lowest = np.minimum.reduceat(self.shard, starts)
+            self.single = (lowest == np.maximum.reduceat(self.shard, starts)).tolist()
+        else:
+            self.single = []
+
+    def __len__(self) -> int:
+        return len(self.single)
+
+    def batch(self, number: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        rows = slice(number * self.size, (number + 1) * self.size)
+        return self.indices[rows], self.shard[rows], self.local[rows], self.single[number]
+
+
 class _Producer:
     """The background thread's state; holds no reference to the iterator (so abandoning the
     iterator lets it be collected, which stops the thread)."""
 
-    def __init__(self, loader: BatchLoader, batches: list[np.ndarray]) -> None:
+    def __init__(self, loader: BatchLoader, plan: _EpochPlan) -> None:
         self.reader = loader.reader
         self.batch_size = loader.batch_size
         self.device = loader.device
-        self.batches = batches
+        self.plan = plan
         self.stop = threading.Event()
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, loader.prefetch))
         self.cuda = loader.device.type == "cuda"
@@ -243,10 +266,10 @@ class _Producer:
 
     def produce(self, number: int) -> tuple[Batch, Any]:
         """Batch `number`, and the CUDA event after which its device tensors are ready (or None)."""
-        indices = self.batches[number]
+        indices, shard, local, single = self.plan.batch(number)
         n = len(indices)
         slot = self.ring.acquire()
-        self.reader.gather(indices, out=slot.arrays)
+        self.reader.gather_located(shard, local, out=slot.arrays, single_shard=single)
         if self.cuda:
             host = {name: tensor[:n] for name, tensor in slot.pinned.items()}
         else:
@@ -268,7 +291,7 @@ class _Producer:
 
     def run(self) -> None:
         try:
-            for number in range(len(self.batches)):
+            for number in range(len(self.plan)):
                 if self.stop.is_set():
                     return
                 self._put(("batch", self.produce(number)))
@@ -298,11 +321,11 @@ class _BatchIterator:
     def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
         self.sampler = loader.sampler
-        self.batches = self.sampler.remaining_batches()
-        self.producer = _Producer(loader, self.batches)
+        self.plan = _EpochPlan(loader.reader, self.sampler)
+        self.producer = _Producer(loader, self.plan)
         self.served = 0
         self.thread: threading.Thread | None = None
-        if loader.prefetch > 0 and self.batches:
+        if loader.prefetch > 0 and len(self.plan):
             self.thread = threading.Thread(target=self.producer.run, name="vilbert-batch-loader", daemon=True)
             self.thread.start()
             weakref.finalize(self, _shutdown, self.producer, self.thread)
@@ -311,7 +334,7 @@ class _BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        if self.served >= len(self.batches):
+        if self.served >= len(self.plan):
             self._finish_epoch()
             raise StopIteration
         batch, event = self._next_batch()

@@ -264,16 +264,31 @@ class CacheReader:
             `{"pixels", "input_ids", "num_tokens", ["label"]}` arrays of `len(indices)` rows
             (views into `out` when given).
         """
-        indices = np.asarray(indices, dtype=np.int64)
-        n = len(indices)
-        out = self.allocate(n) if out is None else {k: v[:n] for k, v in out.items()}
         shard, local = self.locate(indices)
-        if n and shard[0] == shard[-1] and (shard == shard[0]).all():
+        return self.gather_located(shard, local, out)
+
+    def gather_located(
+        self,
+        shard: np.ndarray,
+        local: np.ndarray,
+        out: dict[str, np.ndarray] | None = None,
+        single_shard: bool | None = None,
+    ) -> dict[str, np.ndarray]:
+        """`gather` for rows already located with `locate` (the loader locates a whole epoch at
+        once); `single_shard` may be passed when known (all rows in `shard[0]`)."""
+        n = len(local)
+        if out is None:
+            out = self.allocate(n)
+        elif len(next(iter(out.values()))) != n:
+            out = {name: buffer[:n] for name, buffer in out.items()}
+        if single_shard is None:
+            single_shard = n > 0 and shard[0] == shard[-1] and bool((shard == shard[0]).all())
+        if single_shard:
             views = self._shards[int(shard[0])].views
             for name, buffer in out.items():
                 np.take(views[name], local, axis=0, out=buffer, mode="clip")
-            return out
-        self._gather_mixed(shard, local, out)
+        else:
+            self._gather_mixed(shard, local, out)
         return out
 
     def _gather_mixed(self, shard: np.ndarray, local: np.ndarray, out: dict[str, np.ndarray]) -> None:

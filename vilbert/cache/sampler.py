@@ -120,6 +120,10 @@ class EpochSampler:
         """The current epoch's batches from `position` on."""
         return self.batches(self.epoch)[self.position :]
 
+    def remaining_indices(self) -> np.ndarray:
+        """The rows of `remaining_batches()` in one array: batch `k` is `[k * batch_size:][:batch_size]`."""
+        return self.rank_indices(self.epoch)[self.position * self.batch_size : len(self) * self.batch_size]
+
     # ------------------------------------------------------------------------------ state
 
     def set_epoch(self, epoch: int) -> None:
