@@ -89,6 +89,7 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_synthetic_cache(tmp_path_factory.mktemp("small-cache"), 320, seed=11)
 
 
+@pytest.fixture
 def cli_env() -> dict[str, str]:
     """Environment for `vilbert` subprocesses: this venv first, one thread per process, unbuffered."""
     env = dict(os.environ)

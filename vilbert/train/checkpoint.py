@@ -31,6 +31,7 @@ __all__ = [
     "unwrap_model",
     "capture_rng",
     "restore_rng",
+    "export_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,3 +194,36 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | 
             have = sorted(state["generators"])
             raise CheckpointError(f"the checkpoint has no state for generator {name!r}; it has {have}")
         generator.set_state(state["generators"][name].cpu())
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """Write a checkpoint's model as `model.safetensors` + `config.json` for `ViLBERT.from_pretrained`.
+
+    Args:
+        path: A checkpoint file or a run directory (its newest checkpoint).
+        out_dir: The export directory (created).
+
+    Raises:
+        CheckpointError: The checkpoint has no model weights and model config, or they do not fit.
+    """
+    import dataclasses
+
+    from vilbert.config import config_from_dict
+    from vilbert.model import ViLBERT
+
+    state = load_checkpoint(path)
+    if "model" not in state or "model" not in state.get("config", {}):
+        raise CheckpointError(f"{state['path']} holds no model weights and model config to export")
+    config = config_from_dict(state["config"]).model
+    offline = dataclasses.replace(  # the weights come from the checkpoint, not from the encoders' sources
+        config,
+        text=dataclasses.replace(config.text, pretrained=None),
+        vision=dataclasses.replace(config.vision, pretrained=None),
+    )
+    model = ViLBERT(offline)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{state['path']}: weights do not fit its model config: {err}") from None
+    model.config = config
+    return model.save_pretrained(out_dir)
