@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from vilbert.errors import UsageError
+from vilbert.pipeline._fetched_rows import iter_fetched_rows
+from vilbert.pipeline.fetch import IMAGE_SCHEMA, iter_fetched
 from vilbert.pipeline.sources import (
+    FetchSource,
     FolderSource,
     HatefulMemesSource,
     Sample,
@@ -163,3 +167,31 @@ def test_open_source_usage_errors(tmp_path: Path, memes: Path) -> None:
         open_source([memes], "fetch")
     with pytest.raises(UsageError, match="none of train.jsonl"):
         open_source([tmp_path], "hateful-memes")
+
+
+def _fetch_part(path: Path, lines: list[int], tag: str) -> None:
+    n = len(lines)
+    ints = pa.array([224] * n, pa.int32())
+    table = pa.table([pa.array([f"{line:09d}-{tag}" for line in lines]), pa.array(lines, pa.int64()),
+                      pa.array([f"http://x/{line}" for line in lines]), pa.array([f"caption {line}" for line in lines]),
+                      pa.array([f"jpeg {tag} {line}".encode() for line in lines], pa.binary()), ints, ints, ints, ints],
+                     schema=IMAGE_SCHEMA)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, IMAGE_SCHEMA) as writer:
+        writer.write_table(table)
+
+
+def test_fetch_rows_match_iter_fetched_order_across_outputs_and_parts(tmp_path: Path) -> None:
+    # Parts hold lines out of order (downloads finish out of order, resumes add parts); the same line
+    # in two outputs is ordered by the order the outputs are given in.
+    _fetch_part(tmp_path / "a" / "images" / "part-000000.arrow", [9, 1, 5], "a")
+    _fetch_part(tmp_path / "a" / "images" / "part-000001.arrow", [3, 7, 11, 13], "a")
+    _fetch_part(tmp_path / "b" / "images" / "part-000000.arrow", [2, 8, 4, 5], "b")
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    ours = [r for b in iter_fetched_rows(dirs, batch_size=3) for r in b.to_pylist()]
+    reference = [r for b in iter_fetched(dirs) for r in b.to_pylist()]
+    assert ours == reference
+    assert [r["line"] for r in ours] == [1, 2, 3, 4, 5, 5, 7, 8, 9, 11, 13]
+    samples = list(FetchSource(dirs))
+    assert [s.key for s in samples] == [r["key"] for r in reference] and samples[0].image == b"jpeg a 1"
+    assert FetchSource(dirs).size_hint() == 11

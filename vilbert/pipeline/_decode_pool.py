@@ -152,7 +152,7 @@ class DecodePool:
         pixel_dtype: `float16` (normalized with `normalization`) or `uint8`.
         mean: Per-channel mean (of pixel / 255) for float16 output.
         std: Per-channel standard deviation for float16 output.
-        slots: Chunks in flight at most (default `2 * workers + 2`).
+        slots: Chunks decoding or being written at most (default `2 * workers + 4`).
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class DecodePool:
         slots: int | None = None,
     ) -> None:
         self.workers = workers
-        self.slots = slots or 2 * max(workers, 1) + 2
+        self.slots = slots or 2 * max(workers, 1) + 4
         self.shape = (self.slots, chunk_size, 3, image_size, image_size)
         self.dtype = np.dtype(pixel_dtype)
         self.lut = normalization_lut(mean, std) if pixel_dtype == "float16" else None

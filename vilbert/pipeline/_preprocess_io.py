@@ -80,7 +80,7 @@ class BackgroundWriter:
     """Runs the cache writes on one thread, in submission order, while this thread reads, plans,
     submits and tokenizes: the writes (copy, file write, checksum, fsync) mostly release the GIL."""
 
-    def __init__(self, max_queued: int = 4) -> None:
+    def __init__(self, max_queued: int = 2) -> None:
         self._jobs: queue.Queue[tuple[Callable[[], None], Callable[[], None]] | None] = queue.Queue(max_queued)
         self._thread = threading.Thread(target=self._run, name="preprocess-writer", daemon=True)
         self._error: BaseException | None = None

@@ -81,10 +81,12 @@ class PreprocessOptions:
     """The thesis split Conceptual Captions 80/20 (only for sources without splits)."""
     workers: int | None = None
     """Decoding processes; None = all cores, 0 = decode in this process."""
-    chunk_size: int = 64
+    chunk_size: int = 32
+    """Images per task sent to a worker; `2 * workers + 4` chunks of pixels exist at most."""
     mode: str = "create"
     """`create`, `overwrite` or `resume` (keep the completed shards of an interrupted build)."""
-    target_shard_bytes: int = 256 << 20
+    target_shard_bytes: int = 128 << 20
+    """Half the cache writer's default: one writer per split is open at once, each buffering a shard."""
 
     def __post_init__(self) -> None:
         checks = (

@@ -7,8 +7,8 @@ with a `split` field) say so through `split_names()`; the others are split by ke
 (`assign_splits`, `split_for_key`) so that a key always lands in the same split.
 
 - `FetchSource(dirs)`: the saved rows of one or more `vilbert fetch` output directories, merged in
-  source line order (`vilbert.pipeline.fetch.iter_fetched`); JPEGs already at the fetch size, no
-  labels.
+  source line order (the rows and order of `vilbert.pipeline.fetch.iter_fetched`, read with bounded
+  memory); JPEGs already at the fetch size, no labels.
 - `HatefulMemesSource(dir)`: `train.jsonl`, `dev_seen.jsonl`, `test_seen.jsonl` (and
   `dev_unseen.jsonl`, `test_unseen.jsonl`, phase-1 `dev.jsonl`/`test.jsonl` when present), lines
   `{"id", "img", "label", "text"}`, images under the directory; each file is a split.
@@ -141,10 +141,11 @@ class FetchSource(Source):
         self.description = "fetch output " + ", ".join(str(d.resolve()) for d in self.dirs)
 
     def __iter__(self) -> Iterator[Sample | Skip]:
-        from vilbert.pipeline.fetch import iter_fetched  # the fetch stage imports aiohttp: only when used
+        # iter_fetched's rows and order (several outputs, e.g. the --num-shards parts of one list,
+        # merge in line order) with bounded resident memory; imported here: fetch imports aiohttp.
+        from vilbert.pipeline._fetched_rows import iter_fetched_rows
 
-        # Several outputs (the --num-shards parts of one list) merge in line order.
-        for batch in iter_fetched(self.dirs, batch_size=256):
+        for batch in iter_fetched_rows(self.dirs, batch_size=256):
             keys = batch.column("key").to_pylist()
             captions = batch.column("caption").to_pylist()
             images = batch.column("jpeg").to_pylist()
@@ -433,9 +434,9 @@ def iter_captions(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
         if path.is_dir() and (path / "train.jsonl").is_file():
             yield from _jsonl_captions(path / "train.jsonl", ("text",))
         elif path.is_dir():
-            from vilbert.pipeline.fetch import iter_fetched
+            from vilbert.pipeline._fetched_rows import iter_fetched_rows
 
-            for batch in iter_fetched(path):
+            for batch in iter_fetched_rows([path]):
                 yield from (c or "" for c in batch.column("caption").to_pylist())
         elif path.is_file() and _is_jsonl(path):
             yield from _jsonl_captions(path, _CAPTION_FIELDS)
