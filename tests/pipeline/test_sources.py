@@ -18,6 +18,7 @@ from vilbert.pipeline.sources import (
     Sample,
     Skip,
     assign_splits,
+    iter_captions,
     open_source,
     split_for_key,
 )
@@ -195,3 +196,21 @@ def test_fetch_rows_match_iter_fetched_order_across_outputs_and_parts(tmp_path: 
     samples = list(FetchSource(dirs))
     assert [s.key for s in samples] == [r["key"] for r in reference] and samples[0].image == b"jpeg a 1"
     assert FetchSource(dirs).size_hint() == 11
+
+
+def test_iter_captions_from_every_kind_of_source(tmp_path: Path, memes: Path) -> None:
+    cc = tmp_path / "cc.tsv"
+    cc.write_text("a red circle\thttp://x/1.jpg\nthe blue square\thttp://x/2.jpg\n", encoding="utf-8")
+    listing = tmp_path / "listing.tsv"
+    listing.write_text("img/1.jpg\ta green star\t1\n", encoding="utf-8")
+    plain = tmp_path / "captions.txt"
+    plain.write_text("just a caption\n", encoding="utf-8")
+    jsonl = tmp_path / "captions.jsonl"
+    _write_jsonl(jsonl, [{"caption": "from jsonl"}, {"text": "text field"}, "{broken"])
+    _fetch_part(tmp_path / "fetched" / "images" / "part-000000.arrow", [2, 1], "f")
+    captions = list(iter_captions([cc, listing, plain, jsonl, memes, tmp_path / "fetched"]))
+    assert captions == ["a red circle", "the blue square", "a green star", "just a caption", "from jsonl",
+                        "text field", "its their character not their color", "don't be afraid",
+                        "no label on this one", "caption 1", "caption 2"]  # fmt: skip
+    with pytest.raises(UsageError, match="does not exist"):
+        list(iter_captions([tmp_path / "nope.txt"]))
