@@ -36,7 +36,13 @@ _METRIC_ORDER = ("loss", "mlm_loss", "mlm_acc", "ap_loss", "ap_acc", "mim_loss",
 def pretrain_command(
     run_arg: Path = typer.Argument(None, metavar="[RUN]", help="The run directory (same as --run)."),
     data: Path = typer.Option(None, "--data", help="Cache root with train/ and test/ (from vilbert preprocess)."),
-    run: Path = typer.Option(None, "--run", help="Run directory: checkpoints, metrics.jsonl, train.log."),
+    run: Path = typer.Option(
+        None,
+        "--run",
+        "--run-dir",
+        help="Run directory: checkpoints, metrics.jsonl, train.log. Under torchrun "
+        "give it as RUN or --run-dir: torchrun's own parser takes --run for its --run-path.",
+    ),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base (default) or vilbert_original."),
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
