@@ -86,6 +86,37 @@ def test_loader_batches_match_the_cache(cache_f16):
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
 
 
+def test_ring_slots_are_reused_only_when_released(cache_f16):
+    reader = CacheReader(cache_f16[0])
+    loader = BatchLoader(reader, 2, prefetch=2)  # 10 batches per epoch, a ring of 5 slots
+    for _ in range(3):
+        for batch in loader:
+            assert len(batch) == 2
+    assert loader.slot_allocations == 5
+    del batch
+    kept = [batch for batch in loader]  # the consumer keeps all 10: none may be overwritten
+    views = [batch.pixels[:1] for batch in loader]  # a view alone keeps its slot too
+    # Pass 4 reuses the 5 free slots and allocates 5; pass 5 finds every slot held: 10 more.
+    assert loader.slot_allocations == 5 + 5 + 10
+    for batch in kept:
+        assert torch.equal(batch.pixels, torch.from_numpy(reader.gather(batch.indices.numpy())["pixels"]))
+    assert all(view.shape == (1, 3, 16, 16) for view in views)
+
+
+def test_an_empty_cache_loads_nothing(tmp_path):
+    from conftest import writer_kwargs
+
+    from vilbert.cache import CacheWriter, verify_cache
+
+    with CacheWriter(tmp_path / "c", **writer_kwargs()):
+        pass
+    reader = CacheReader(tmp_path / "c")
+    assert len(reader) == 0 and reader.num_shards == 0
+    loader = BatchLoader(reader, 4)
+    assert len(loader) == 0 and list(loader) == []
+    assert verify_cache(tmp_path / "c").ok
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
 def test_prefetch_depth_does_not_change_the_batches(cache_u8, prefetch):
     reader = CacheReader(cache_u8[0])

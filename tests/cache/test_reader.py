@@ -48,6 +48,16 @@ def test_column_views_are_zero_copy_over_the_mapped_file(cache_f16, column):
             assert any(low <= address < high for low, high in mapped_ranges(reader.shard_paths[shard]))
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/fd")
+def test_an_open_reader_holds_no_file_descriptors(tmp_path):
+    build_cache(tmp_path / "c", n=20, rows_per_shard=2)  # 10 shards
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    reader = CacheReader(tmp_path / "c")
+    assert reader.num_shards == 10
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+    assert reader.gather([19])["num_tokens"].shape == (1,)
+
+
 def test_torch_views_share_the_mapped_memory(cache_u8):
     path, rows = cache_u8
     reader = CacheReader(path)

@@ -88,7 +88,7 @@ class BatchLoader:
         shard_window: `None` shuffles globally; `k` shuffles shard order, then rows within windows
             of `k` consecutive shards, so only `k` shards are hot at a time (caches larger than RAM).
 
-    Memory: batches are gathered into a ring of `prefetch + 2` preallocated slots, so nothing is
+    Memory: batches are gathered into a ring of `prefetch + 3` preallocated slots, so nothing is
     allocated per batch and nothing grows with the cache. A slot is never overwritten while its
     batch is in use: on CPU the loader yields tensors over the slot and reuses it only once the
     consumer holds no tensor (or view) made from it any more, else it allocates a fresh slot and
@@ -139,6 +139,12 @@ class BatchLoader:
     def epoch(self) -> int:
         return self.sampler.epoch
 
+    @property
+    def slot_allocations(self) -> int:
+        """Ring slots allocated so far: `prefetch + 3` when every batch was released in time; more
+        when the consumer kept batches (those buffers became the consumer's)."""
+        return self._ring_cache.allocations if self._ring_cache else 0
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate; keeps the position when `epoch` is the current one (resume)."""
         self.sampler.set_epoch(epoch)
@@ -161,7 +167,10 @@ class BatchLoader:
 
     def _ring(self) -> _Ring:
         if self._ring_cache is None:
-            self._ring_cache = _Ring(self.reader, self.batch_size, self.prefetch + 2, self.device.type == "cuda")
+            # In use at once: `prefetch` queued, one produced and waiting to be queued, the
+            # consumer's current batch and, until its loop variable is rebound, its previous one.
+            size = self.prefetch + 3
+            self._ring_cache = _Ring(self.reader, self.batch_size, size, self.device.type == "cuda")
         return self._ring_cache
 
     def _copy_stream(self) -> Any:

@@ -41,10 +41,12 @@ class _Shard:
                 f"shard {path} is {kind}: {actual} bytes on disk, the manifest says {size}; "
                 "rebuild the cache or run `vilbert cache verify`"
             )
+        # The file is closed once the batch is read: the mapping lives as long as the batch's
+        # buffers, and a cache of thousands of shards holds no file descriptors.
         try:
-            self.source = pa.memory_map(str(path), "r")
-            reader = pa.ipc.open_file(self.source)
-            batch = reader.get_batch(0) if reader.num_record_batches == 1 else None
+            with pa.memory_map(str(path), "r") as source:
+                reader = pa.ipc.open_file(source)
+                batch = reader.get_batch(0) if reader.num_record_batches == 1 else None
         except (OSError, pa.ArrowInvalid) as err:
             raise CacheError(f"shard {path} is not a readable Arrow IPC file ({err})") from err
         _check_schema(path, reader.schema, expected)
