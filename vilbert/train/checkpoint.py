@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointManager",
     "load_checkpoint",
     "find_checkpoint",
+    "model_from_checkpoint",
     "unwrap_model",
     "capture_rng",
     "restore_rng",
@@ -196,12 +197,11 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | 
         generator.set_state(state["generators"][name].cpu())
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
-    """Write a checkpoint's model as `model.safetensors` + `config.json` for `ViLBERT.from_pretrained`.
+def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
+    """The `ViLBERT` of a loaded checkpoint dict (its `config["model"]` and `model` weights), on the CPU.
 
-    Args:
-        path: A checkpoint file or a run directory (its newest checkpoint).
-        out_dir: The export directory (created).
+    The encoders' `pretrained` sources are not re-read: the weights come from the checkpoint. Shared by
+    `export_checkpoint` and `vilbert.train.evaluate.load_model`.
 
     Raises:
         CheckpointError: The checkpoint has no model weights and model config, or they do not fit.
@@ -211,9 +211,8 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     from vilbert.config import config_from_dict
     from vilbert.model import ViLBERT
 
-    state = load_checkpoint(path)
     if "model" not in state or "model" not in state.get("config", {}):
-        raise CheckpointError(f"{state['path']} holds no model weights and model config to export")
+        raise CheckpointError(f"{state.get('path', 'the checkpoint')} holds no model weights and model config")
     config = config_from_dict(state["config"]).model
     offline = dataclasses.replace(  # the weights come from the checkpoint, not from the encoders' sources
         config,
@@ -224,6 +223,19 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"{state['path']}: weights do not fit its model config: {err}") from None
+        raise CheckpointError(f"{state.get('path')}: weights do not fit its model config: {err}") from None
     model.config = config
-    return model.save_pretrained(out_dir)
+    return model
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """Write a checkpoint's model as `model.safetensors` + `config.json` for `ViLBERT.from_pretrained`.
+
+    Args:
+        path: A checkpoint file or a run directory (its newest checkpoint).
+        out_dir: The export directory (created).
+
+    Raises:
+        CheckpointError: The checkpoint has no model weights and model config, or they do not fit.
+    """
+    return model_from_checkpoint(load_checkpoint(path)).save_pretrained(out_dir)

@@ -1,0 +1,190 @@
+"""`vilbert ablate`: pretrain with none / all / MLM+AP / AP only, fine-tune each, several seeds.
+
+Without `--corpus`/`--memes` it first builds the synthetic setting under OUT/data with the real
+pipeline: `generate_corpus` and `generate_memes` (the same scene generator, so pretraining can
+transfer), one WordPiece tokenizer trained on the corpus captions and the memes' train texts, and
+`preprocess` into 64 px caches (`OUT/data/caches/{corpus,memes}/<split>`). Every step is skipped when
+its output already exists, so a second run reuses the data and continues the grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from vilbert.cli._options import CONFIG_OPTION, SET_OPTION
+from vilbert.cli.console import console
+from vilbert.config import apply_overrides, load_config, preset
+from vilbert.errors import UsageError
+
+__all__ = ["SyntheticScale", "QUICK", "FULL", "prepare_synthetic", "ablate_command", "summary_table", "register"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticScale:
+    """Sizes and budgets of a synthetic ablation (`--quick` or the full one)."""
+
+    corpus: int
+    memes: int
+    overrides: tuple[str, ...]
+    """`--set` overrides applied to the tiny preset before the user's own."""
+
+
+QUICK = SyntheticScale(
+    corpus=1500,
+    memes=800,
+    overrides=("pretrain.epochs=6", "finetune.epochs=6", "pretrain.log_every=20", "pretrain.checkpoint_every=0"),
+)
+FULL = SyntheticScale(
+    corpus=6000,
+    memes=3200,
+    overrides=("pretrain.epochs=12", "finetune.epochs=10", "pretrain.log_every=50", "pretrain.checkpoint_every=0"),
+)
+TOKENIZER_VOCAB = 512
+"""Enough for every word of the synthetic captions and claims, with room for sub-words."""
+
+
+def prepare_synthetic(
+    work: Path,
+    *,
+    corpus: int,
+    memes: int,
+    seed: int = 0,
+    image_size: int = 64,
+    max_len: int = 32,
+    workers: int | None = None,
+) -> tuple[Path, Path]:
+    """Generate (or reuse) the synthetic corpus and memes under `work` and cache them.
+
+    Returns:
+        The corpus cache root (`train/`, `test/`) and the memes cache root (`train/`, `dev_seen/`, `test_seen/`).
+    """
+    from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
+    from vilbert.pipeline.sources import FolderSource, HatefulMemesSource, iter_captions
+    from vilbert.pipeline.synthetic import generate_corpus, generate_memes
+    from vilbert.pipeline.text import load_tokenizer, train_wordpiece
+
+    corpus_dir, memes_dir, caches = work / "corpus", work / "memes", work / "caches"
+    if not (corpus_dir / "corpus.jsonl").is_file():
+        generate_corpus(corpus_dir, corpus, seed, overwrite=True)
+    if not (memes_dir / "synth.jsonl").is_file():
+        generate_memes(memes_dir, memes, seed, overwrite=True)
+    tokenizer_path = work / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        captions = iter_captions([corpus_dir / "corpus.jsonl", memes_dir])
+        train_wordpiece(captions, TOKENIZER_VOCAB, min_frequency=1).save(str(tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_path)
+    options = PreprocessOptions(
+        image_size=image_size, pixel_dtype="uint8", max_len=max_len, workers=workers, mode="overwrite"
+    )
+    sources = {
+        "corpus": (lambda: FolderSource(corpus_dir / "images", corpus_dir / "corpus.jsonl"), "train"),
+        "memes": (lambda: HatefulMemesSource(memes_dir), "train"),
+    }
+    for name, (source, split) in sources.items():
+        if not (caches / name / split / "manifest.json").is_file():
+            preprocess(source(), caches / name, tokenizer, options, command=f"vilbert ablate ({name})")
+    return caches / "corpus", caches / "memes"
+
+
+def ablate_command(
+    quick: bool = typer.Option(False, "--quick", help="A small synthetic grid that runs in minutes on a CPU."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per setting (pretraining and fine-tuning)."),
+    settings: str = typer.Option("none,all,mlm+ap,ap", "--settings", help="Comma-separated: none, all, mlm+ap, ap."),
+    corpus: Path = typer.Option(None, "--corpus", help="Pretraining cache root (train/, test/); default: synthetic."),
+    memes: Path = typer.Option(None, "--memes", help="Fine-tuning cache root (train/, dev_seen/, test_seen/)."),
+    out: Path = typer.Option(None, "--out", help="Runs and ablation.json (default: runs/ablate[-quick])."),
+    preset_name: str = typer.Option("tiny", "--preset", help="Model and training preset."),
+    config_file: Path = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print ablation.json instead of the table."),
+) -> None:
+    """The thesis's task-combination experiment, ending in a mean +- std table of downstream accuracy and AUROC."""
+    from vilbert.train.ablate import AblationOptions, run_ablation
+
+    if (corpus is None) != (memes is None):
+        raise UsageError("pass both --corpus and --memes (cache roots built with the same tokenizer), or neither")
+    out = out or Path("runs/ablate-quick" if quick else "runs/ablate")
+    scale = QUICK if quick else FULL
+    base = preset(preset_name)
+    if corpus is None:
+        base = apply_overrides(base, scale.overrides)
+        console.print(f"synthetic data: {scale.corpus} corpus images, {scale.memes} memes under {out / 'data'}")
+        corpus, memes = prepare_synthetic(
+            out / "data",
+            corpus=scale.corpus,
+            memes=scale.memes,
+            image_size=base.data.image_size,
+            max_len=base.data.max_len,
+        )
+    config = load_config(config_file, overrides or (), base=base)
+    options = AblationOptions(
+        corpus=corpus, memes=memes, out=out, settings=tuple(_names(settings)), seeds=seeds, device=device
+    )
+    report = run_ablation(config, options, progress=_progress)
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    console.print(summary_table(report["summary"]))
+    console.print(f"runs and ablation.json in {out}", soft_wrap=True)
+
+
+def _names(settings: str) -> list[str]:
+    return [s.strip() for s in settings.split(",") if s.strip()]
+
+
+def _progress(record: dict[str, Any]) -> None:
+    if record["kind"] == "pretrained":
+        shown = {k: round(v, 3) for k, v in (record.get("eval") or {}).items() if k.endswith(("_acc", "_top1"))}
+        console.print(f"  pretrained {record['setting']} seed {record['seed']}: {shown}")
+    elif record["kind"] == "finetuned":
+        console.print(
+            f"  fine-tuned {record['setting']} seed {record['seed']}: dev AUROC {record['dev_auroc']:.4f} "
+            f"acc {record['dev_acc']:.4f}, test AUROC {record['test_auroc']:.4f} "
+            f"acc {record['test_acc']:.4f}"
+        )
+
+
+def _pm(row: dict[str, Any], metric: str) -> str:
+    return f"{100 * row[f'{metric}_mean']:.1f} ± {100 * row[f'{metric}_std']:.1f}"
+
+
+def summary_table(summary: list[dict[str, Any]]) -> Table:
+    """Mean ± std (in %) per setting of dev/test accuracy and AUROC, and the AUROC change over `none`."""
+    table = Table(
+        title="downstream after pretraining with each task set (mean ± std over seeds, %)", title_justify="left"
+    )
+    for column in (
+        "pretraining tasks",
+        "seeds",
+        "dev acc",
+        "dev AUROC",
+        "test acc",
+        "test AUROC",
+        "test AUROC vs none",
+    ):
+        table.add_column(column, justify="left" if column == "pretraining tasks" else "right")
+    for row in summary:
+        delta = row.get("test_auroc_vs_none")
+        shown = "-" if row["setting"] == "none" or delta is None else f"{100 * delta:+.1f}"
+        name = "none (from scratch)" if row["setting"] == "none" else "+".join(row["tasks"])
+        table.add_row(
+            name,
+            str(row["seeds"]),
+            _pm(row, "dev_acc"),
+            _pm(row, "dev_auroc"),
+            _pm(row, "test_acc"),
+            _pm(row, "test_auroc"),
+            shown,
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ablate")(ablate_command)

@@ -1,0 +1,164 @@
+"""`vilbert finetune`: binary classification (Hateful Memes) from a pretraining run or from scratch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vilbert.cli._options import CONFIG_OPTION, SET_OPTION
+from vilbert.cli.console import add_log_file, console
+from vilbert.config import Config, apply_overrides, config_from_dict, load_config, preset
+from vilbert.errors import UsageError
+
+__all__ = ["finetune_command", "metrics_table", "register"]
+
+
+def _base_config(preset_name: str | None, init: Path | None, run: Path, resume: bool) -> Config:
+    """`--preset` when given; else the config of the run being resumed, or of the `--init` run."""
+    from vilbert.train.checkpoint import load_checkpoint
+    from vilbert.train.evaluate import load_model
+
+    if preset_name is not None:
+        return preset(preset_name)
+    if resume:
+        return config_from_dict(load_checkpoint(run)["config"])
+    if init is not None:
+        loaded = load_model(init)
+        if loaded.config is not None:
+            return loaded.config
+    return preset("vilbert_base")
+
+
+def _init_path(init: str) -> Path | None:
+    if init.lower() == "none":
+        return None
+    path = Path(init)
+    if not path.exists():
+        raise UsageError(
+            f"--init {init!r} does not exist; pass a pretraining run directory, a checkpoint, "
+            "an exported model directory, or 'none' to train from scratch"
+        )
+    return path
+
+
+def _freeze_override(freeze: str | None) -> list[str]:
+    if freeze is None:
+        return []
+    parts = "" if freeze.strip().lower() == "none" else freeze
+    return [f"model.freeze=[{parts}]"]
+
+
+def finetune_command(
+    data: Path = typer.Option(..., "--data", help="Cache root with train/, dev_seen/, test_seen/ (labelled)."),
+    init: str = typer.Option(..., "--init", help="Pretraining run dir or checkpoint, exported model dir, or 'none'."),
+    run: Path = typer.Option(..., "--run", help="Run directory (runs/NAME) for checkpoints, metrics, results."),
+    preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base, vilbert_original (default: --init's)."),
+    config_file: Path = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    freeze: str = typer.Option(None, "--freeze", help="Parts kept frozen: e.g. text,vision or none."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run from its newest checkpoint."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after this many steps."),
+    as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the table."),
+) -> None:
+    """Fine-tune a binary classifier; accuracy and AUROC on train and dev every epoch, test at the end."""
+    from vilbert.train.finetune import RESULTS_NAME, FinetuneOptions, finetune
+
+    init_path = _init_path(init)
+    base = _base_config(preset_name, init_path, run, resume)
+    config = apply_overrides(load_config(config_file, overrides or (), base=base), _freeze_override(freeze))
+    options = FinetuneOptions(data=data, run_dir=run, init=init_path, resume=resume, device=device, max_steps=max_steps)
+    run.mkdir(parents=True, exist_ok=True)
+    handler = add_log_file(run / "train.log")
+    try:
+        with _Display() as display:
+            result = finetune(config, options, progress=display.update)
+    finally:
+        handler.close()
+    if result.stopped != "completed":
+        console.print(
+            f"stopped ({result.stopped}) at step {result.step}; checkpoint {result.checkpoint}; "
+            f"continue with --resume --run {run}",
+            soft_wrap=True,
+        )
+        return
+    if as_json:
+        console.print_json(json.dumps(result.results))
+        return
+    console.print(results_table(result.results, title=f"fine-tuning {run} (init: {result.results['init_kind']})"))
+    console.print(f"results: {run / RESULTS_NAME}, plots: {run / 'plots'}", soft_wrap=True)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def metrics_table(rows: list[tuple[str, dict[str, float] | None]], title: str = "") -> Table:
+    """One row per (name, binary metrics): loss, accuracy, AUROC, n."""
+    table = Table(title=title or None, title_justify="left")
+    for column in ("split", "loss", "accuracy", "AUROC", "n"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, m in rows:
+        m = m or {}
+        table.add_row(name, _fmt(m.get("loss")), _fmt(m.get("accuracy")), _fmt(m.get("auroc")), str(m.get("n", "-")))
+    return table
+
+
+def results_table(results: dict[str, Any], title: str = "") -> Table:
+    """Per epoch train and dev metrics, then the test split."""
+    rows: list[tuple[str, dict[str, float] | None]] = []
+    for entry in results["epochs"]:
+        rows.append((f"epoch {entry['epoch']} train", entry["train"]))
+        if entry.get("dev") is not None:
+            rows.append((f"epoch {entry['epoch']} dev", entry["dev"]))
+    rows.append(("test", results["final"]["test"]))
+    return metrics_table(rows, title)
+
+
+class _Display:
+    """A progress bar over optimizer steps; a line per epoch with the train and dev metrics."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("finetune"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.bar.add_task("finetune", total=None, info="")
+
+    def __enter__(self) -> _Display:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def update(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        if kind == "start":
+            self.bar.update(self.task, total=record["total_steps"], completed=record["step"])
+            trainable = f"{record['trainable']:,}/{record['parameters']:,}"
+            self.bar.console.print(
+                f"{trainable} parameters trainable on {record['device']}; {record['steps_per_epoch']} steps per epoch",
+                soft_wrap=True,
+            )
+        elif kind == "train":
+            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['samples_per_s']:.0f} samples/s"
+            self.bar.update(self.task, completed=record["step"], info=info)
+        elif kind == "eval":
+            parts = [f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("_acc", "_auroc", "_loss"))]
+            self.bar.console.print(f"epoch {record['epoch']} step {record['step']}: " + "  ".join(parts))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(finetune_command)
