@@ -25,7 +25,7 @@ __all__ = ["plot_runs", "FIGURES"]
 
 FIGURES = {
     "losses": lambda k: k == "loss" or k.endswith("_loss"),
-    "accuracy": lambda k: k.endswith("_acc") or k.endswith("_top1") or k in ("acc", "auroc"),
+    "accuracy": lambda k: k.endswith("_acc") or k.endswith(("_top1", "_auroc")) or k in ("acc", "auroc"),
     "throughput": lambda k: k in ("samples_per_s", "data_wait_frac", "lr", "step_time_s"),
 }
 """Figure name -> which metric keys it draws."""
