@@ -77,7 +77,7 @@ def decode_all(paths: list[Path]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1) for p in paths])
 
 
-def build_cache(path: Path, pixels_chw: np.ndarray, dtype: str, repeat: int = 1) -> None:
+def build_cache(path: Path, pixels_chw: np.ndarray, dtype: str, repeat: int = 1, shard_mib: int = 256) -> None:
     """A cache of the images (`repeat` times over, with distinct keys); float16 is normalized
     with mean = std = 0.5, as `vilbert preprocess` does by default."""
     from tokenizers import Tokenizer
@@ -104,6 +104,7 @@ def build_cache(path: Path, pixels_chw: np.ndarray, dtype: str, repeat: int = 1)
         vocab_size=len(vocab),
         has_labels=True,
         command="benchmarks/loader.py",
+        target_shard_bytes=shard_mib << 20,
     ) as writer:
         for copy in range(repeat):
             for s in range(0, n, BATCH):
@@ -146,6 +147,7 @@ class Runner:
     def __init__(self, n: int) -> None:
         self.n = n
         self.epochs: dict[str, list[tuple[float, float]]] = {}
+        self.loaders: dict[str, object] = {}
 
     def run(self, name: str, epoch: Callable[[], int]) -> None:
         wall, cpu = time.perf_counter(), cpu_seconds()
@@ -249,6 +251,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N=384 and fewer epochs (under a minute)")
     parser.add_argument("--n", type=int, help="images (default 4096, quick 384)")
+    parser.add_argument(
+        "--shard-mib",
+        type=int,
+        default=16,
+        help="target shard size; the default 16 MiB spreads every batch over several shards, "
+        "as in a full-size cache of thousands of 256 MiB shards (the slower gather path)",
+    )
     args = parser.parse_args()
     n = args.n or (384 if args.quick else 4096)
     fast_epochs, pil_epochs = (21, 3) if args.quick else (21, 5)
@@ -268,8 +277,8 @@ def main() -> None:
         pixels = decode_all(paths)
         mark = phase("images", started)
         for dtype in ("float16", "uint8"):
-            build_cache(root / dtype, pixels, dtype)
-        build_cache(root / "float16-4x", pixels, "float16", repeat=4)
+            build_cache(root / dtype, pixels, dtype, shard_mib=args.shard_mib)
+        build_cache(root / "float16-4x", pixels, "float16", repeat=4, shard_mib=args.shard_mib)
         mark = phase("caches", mark)
         memory = {"cache_1x": memory_probe(root / "float16"), "cache_4x": memory_probe(root / "float16-4x")}
         mark = phase("memory", mark)
@@ -288,7 +297,8 @@ def measure(root: Path, paths: list[Path], n: int, fast_epochs: int, pil_epochs:
     readers = {dtype: CacheReader(root / dtype) for dtype in ("float16", "uint8")}
     contenders = {}
     for dtype, reader in readers.items():
-        contenders[f"cache_{dtype}"] = epoch_of(BatchLoader(reader, BATCH, prefetch=2, seed=1))
+        runner.loaders[dtype] = BatchLoader(reader, BATCH, prefetch=2, seed=1)
+        contenders[f"cache_{dtype}"] = epoch_of(runner.loaders[dtype])
         source = np.concatenate(reader.views("pixels"))  # the same bytes, in anonymous memory
         contenders[f"memcpy_{dtype}"] = memcpy_epoch(source)
     for epoch in contenders.values():  # warm-up: page cache, allocator, mappings
@@ -321,6 +331,12 @@ def report(runner: Runner, memory: dict, n: int, quick: bool, phases: dict, wall
     for dtype in ("float16", "uint8"):
         print(f"cache {dtype}: {vs_pil[dtype]:.1f}x PIL (2 workers), {vs_memcpy[dtype]:.2f} of the memcpy ceiling")
     print("phases (s): " + ", ".join(f"{k} {v}" for k, v in phases.items()) + f"; total {wall_s:.1f}")
+    slots = {dtype: loader.slot_allocations for dtype, loader in runner.loaders.items()}
+    shards = {dtype: loader.reader.num_shards for dtype, loader in runner.loaders.items()}
+    print(
+        f"ring slots allocated over all epochs: {slots} (prefetch 2: 5 when every batch is released); "
+        f"shards per cache: {shards}"
+    )
     for name, probe in memory.items():
         print(
             f"anonymous memory, {name} ({probe['rows']} rows): +{probe['anon_mb']:.1f} MiB "
@@ -336,6 +352,8 @@ def report(runner: Runner, memory: dict, n: int, quick: bool, phases: dict, wall
         "vs_pil_2workers": vs_pil,
         "vs_memcpy_ceiling": vs_memcpy,
         "anon_mb": {k: round(v["anon_mb"], 1) for k, v in memory.items()},
+        "slot_allocations": slots,
+        "shards": shards,
         "rss_file_mb": {k: round(v["file_mb"], 1) for k, v in memory.items()},
         "load_average": round(os.getloadavg()[0], 2),
         "phase_s": phases,

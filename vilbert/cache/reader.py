@@ -294,15 +294,31 @@ class CacheReader:
         return out
 
     def _gather_mixed(self, shard: np.ndarray, local: np.ndarray, out: dict[str, np.ndarray]) -> None:
-        """Rows spread over several shards: one copy per row and column, straight into `out`.
+        """Rows spread over several shards, copied once each, straight into `out`.
 
-        With shards of hundreds of rows, a shuffled batch touches about one row per shard, so a
-        plain loop beats grouping by shard; it never copies through a temporary.
+        Pixel rows (100-300 KB) are copied one by one. The small columns are gathered with one
+        fancy index per shard when the batch spans few shards (`shard_window`, small caches), and
+        row by row when it spans about one shard per row (a global shuffle of a large cache).
         """
-        columns = [(buffer, self._column_views[name]) for name, buffer in out.items()]
-        for position, (s, row) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
-            for buffer, views in columns:
+        shards, rows = shard.tolist(), local.tolist()
+        if "pixels" in out:
+            buffer, views = out["pixels"], self._column_views["pixels"]
+            for position, (s, row) in enumerate(zip(shards, rows, strict=True)):
                 buffer[position] = views[s][row]
+        small = [(out[name], self._column_views[name]) for name in out if name != "pixels"]
+        order = np.argsort(shard, kind="stable")
+        in_order = shard[order]
+        cuts = (np.flatnonzero(in_order[1:] != in_order[:-1]) + 1).tolist()
+        if len(cuts) + 1 > len(shards) // 4:
+            for position, (s, row) in enumerate(zip(shards, rows, strict=True)):
+                for buffer, views in small:
+                    buffer[position] = views[s][row]
+            return
+        for start, stop in zip([0, *cuts], [*cuts, len(order)], strict=True):
+            group = order[start:stop]
+            s, wanted = int(in_order[start]), local[group]
+            for buffer, views in small:
+                buffer[group] = views[s][wanted]
 
     def keys(self, indices: Sequence[int] | np.ndarray) -> list[str]:
         """Sample keys of `indices` (Python strings: not for the hot path)."""
