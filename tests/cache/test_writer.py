@@ -180,7 +180,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, cache_f16):
         ({"pixels": np.zeros((4, 3, SIZE, SIZE + 1), np.float16)}, "pixels: expected shape [4, 3, 16, 16]"),
         ({"pixels": np.zeros((4, 3, SIZE, SIZE), np.float32)}, "pixels dtype float32 does not match"),
         ({"labels": None}, "has_labels=True but labels were not given"),
-        ({"num_tokens": np.full(4, MAX_LEN + 1)}, "num_tokens must be in [0, max_len=8]"),
+        ({"num_tokens": np.full(4, MAX_LEN + 1)}, "num_tokens must be in [0, max_len + 1=9), got 9..9"),
         ({"captions": ["only one"]}, "captions: expected 4 strings"),
         ({"input_ids": np.full((4, MAX_LEN), 12)}, "input_ids must be in [0, vocab_size=12), got 12..12"),
     ],

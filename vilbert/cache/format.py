@@ -40,6 +40,7 @@ __all__ = [
     "write_json_atomic",
     "fsync_dir",
     "CHANNELS",
+    "SETTINGS_KEYS",
     "LAYOUT",
 ]
 
@@ -137,6 +138,22 @@ def normalization(
     named = next((n for n in NORMALIZATIONS.values() if n.matches(preset)), None)
     return named or preset
 
+
+SETTINGS_KEYS = (
+    "split",
+    "image_size",
+    "channels",
+    "pixel_dtype",
+    "normalization",
+    "tokenizer_fingerprint",
+    "vocab_size",
+    "special_token_ids",
+    "max_len",
+    "has_labels",
+    "has_captions",
+    "rows_per_shard",
+)
+"""Manifest keys that must not change when a build is resumed."""
 
 # ----------------------------------------------------------------------------------------- schema
 

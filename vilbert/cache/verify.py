@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from vilbert.cache.format import TOKENIZER_NAME, Manifest, ShardInfo, read_manifest, sha256_file
+from vilbert.cache.format import MANIFEST_NAME, TOKENIZER_NAME, Manifest, ShardInfo, read_manifest, sha256_file
 from vilbert.errors import CacheError
 
 __all__ = ["VerifyReport", "verify_cache"]
@@ -63,19 +63,7 @@ def verify_cache(
     """
     path = Path(path)
     manifest = read_manifest(path)
-    problems: list[str] = []
-    tokenizer = path / TOKENIZER_NAME
-    if not tokenizer.is_file():
-        problems.append(f"{TOKENIZER_NAME}: missing")
-    elif (digest := sha256_file(tokenizer)) != manifest.tokenizer_fingerprint:
-        problems.append(
-            f"{TOKENIZER_NAME}: fingerprint {digest} differs from the manifest's {manifest.tokenizer_fingerprint}"
-        )
-    if sum(s.rows for s in manifest.shards) != manifest.num_rows:
-        problems.append(
-            f"{path / 'manifest.json'}: shard rows add up to {sum(s.rows for s in manifest.shards)}, "
-            f"not num_rows={manifest.num_rows}"
-        )
+    problems = _manifest_problems(path, manifest)
     schema = manifest.schema()
     keys: set[str] = set()
     done_bytes, total_bytes = 0, sum(s.bytes for s in manifest.shards)
@@ -103,6 +91,21 @@ def verify_cache(
         bytes=done_bytes,
         problems=tuple(problems),
     )
+
+
+def _manifest_problems(path: Path, manifest: Manifest) -> list[str]:
+    problems = []
+    tokenizer = path / TOKENIZER_NAME
+    if not tokenizer.is_file():
+        problems.append(f"{TOKENIZER_NAME}: missing")
+    elif (digest := sha256_file(tokenizer)) != manifest.tokenizer_fingerprint:
+        problems.append(
+            f"{TOKENIZER_NAME}: fingerprint {digest} differs from the manifest's {manifest.tokenizer_fingerprint}"
+        )
+    listed = sum(s.rows for s in manifest.shards)
+    if listed != manifest.num_rows:
+        problems.append(f"{MANIFEST_NAME}: shard rows add up to {listed}, not num_rows={manifest.num_rows}")
+    return problems
 
 
 def _check_shard(file: Path, shard: ShardInfo, manifest: Manifest, schema: pa.Schema, keys: set[str]) -> str | None:

@@ -24,6 +24,7 @@ byte-identical shards. The manifest's `created_at` is the only timestamp.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -40,18 +41,17 @@ from vilbert.cache.format import (
     CHANNELS,
     MANIFEST_NAME,
     PIXEL_DTYPES,
+    SETTINGS_KEYS,
     SPECIAL_TOKENS,
     TOKENIZER_NAME,
     Manifest,
     Normalization,
     ShardInfo,
     fsync_dir,
-    normalization,
     sha256_bytes,
-    shard_metadata,
-    shard_schema,
     write_json_atomic,
 )
+from vilbert.cache.format import normalization as normalization_of
 from vilbert.cache.resume import PROGRESS_NAME, prepare_directory
 from vilbert.errors import CacheError, UsageError
 
@@ -115,7 +115,6 @@ class CacheWriter:
         rows_per_shard: int | None = None,
     ) -> None:
         self.path = Path(path)
-        norm = _normalization_arg(normalization)
         _check_args(
             split,
             image_size,
@@ -128,42 +127,30 @@ class CacheWriter:
             rows_per_shard,
         )
         tokenizer_bytes = _tokenizer_bytes(tokenizer_json)
-        self.pixel_dtype = pixel_dtype
-        self.normalization = norm
-        self.image_size = image_size
-        self.max_len = max_len
-        self.has_labels = has_labels
-        self.has_captions = has_captions
         self.command = command
         self.extra: dict[str, Any] = {}
-        self.rows_per_shard = rows_per_shard or _rows_per_shard(
-            target_shard_bytes, image_size, pixel_dtype, max_len, has_labels
-        )
-        fingerprint = sha256_bytes(tokenizer_bytes)
-        self._config = {
-            "split": split,
-            "image_size": image_size,
-            "channels": CHANNELS,
-            "pixel_dtype": pixel_dtype,
-            "normalization": norm.to_dict(),
-            "tokenizer_fingerprint": fingerprint,
-            "vocab_size": int(vocab_size),
-            "special_token_ids": {k: int(v) for k, v in special_token_ids.items()},
-            "max_len": max_len,
-            "has_labels": has_labels,
-            "has_captions": has_captions,
-            "rows_per_shard": self.rows_per_shard,
-        }
-        self._schema = shard_schema(
+        self.settings = Manifest(
+            split=split,
+            num_rows=0,
             image_size=image_size,
             pixel_dtype=pixel_dtype,
+            normalization=normalization_of(normalization),
+            tokenizer_fingerprint=sha256_bytes(tokenizer_bytes),
+            vocab_size=int(vocab_size),
+            special_token_ids={k: int(v) for k, v in special_token_ids.items()},
             max_len=max_len,
             has_labels=has_labels,
             has_captions=has_captions,
-            metadata=shard_metadata(
-                pixel_dtype=pixel_dtype, norm=norm, tokenizer_fingerprint=fingerprint, image_size=image_size
-            ),
+            shards=(),
+            command=command,
+            rows_per_shard=rows_per_shard
+            or _rows_per_shard(target_shard_bytes, image_size, pixel_dtype, max_len, has_labels),
         )
+        """What every shard is built with: the manifest to be, without shards."""
+        self.rows_per_shard = self.settings.rows_per_shard
+        everything = self.settings.to_dict()
+        self._config = {key: everything[key] for key in SETTINGS_KEYS}
+        self._schema = self.settings.schema()
         self._shards: list[ShardInfo] = prepare_directory(self.path, mode, self._config, self._schema)
         self.rows_done = sum(s.rows for s in self._shards)
         """Rows in completed shards kept by `resume`: the producer skips this many input rows."""
@@ -254,60 +241,49 @@ class CacheWriter:
     # ------------------------------------------------------------------------------ internals
 
     def _build_manifest(self) -> Manifest:
-        config = dict(self._config)
-        config["normalization"] = self.normalization
-        return Manifest(
-            **config,
+        return dataclasses.replace(
+            self.settings,
             num_rows=sum(s.rows for s in self._shards),
             shards=tuple(self._shards),
-            command=self.command,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             extra=dict(self.extra),
         )
 
     def _validated(self, keys, pixels, input_ids, num_tokens, labels, captions) -> dict[str, Any]:
-        n, size, length = len(keys), self.image_size, self.max_len
-        pixels = np.asarray(pixels)
-        _expect_shape("pixels", pixels, (n, CHANNELS, size, size))
-        if pixels.dtype == np.uint8 and self.pixel_dtype == "float16":
-            pixels = self.normalization.apply(pixels)
-        if pixels.dtype != np.dtype(self.pixel_dtype):
-            allowed = "float16 (normalized) or uint8" if self.pixel_dtype == "float16" else "uint8"
-            raise UsageError(
-                f"pixels dtype {pixels.dtype} does not match the {self.pixel_dtype} cache {self.path}; pass {allowed}"
-            )
-        input_ids = _int_column("input_ids", input_ids, (n, length), np.int32)
-        num_tokens = _int_column("num_tokens", num_tokens, (n,), np.int32)
-        if n and (num_tokens.min() < 0 or num_tokens.max() > length):
-            raise UsageError(f"num_tokens must be in [0, max_len={length}], got {num_tokens.min()}..{num_tokens.max()}")
-        if n and (input_ids.min() < 0 or input_ids.max() >= self._config["vocab_size"]):
-            raise UsageError(
-                f"input_ids must be in [0, vocab_size={self._config['vocab_size']}), got "
-                f"{input_ids.min()}..{input_ids.max()} (keys {keys[0]!r}..{keys[-1]!r})"
-            )
-        columns = {
-            "pixels": pixels.reshape(n, -1),
-            "input_ids": input_ids,
-            "num_tokens": num_tokens,
-            "key": [str(k) for k in keys],
-        }
-        if self.has_labels != (labels is not None):
-            raise UsageError(
-                f"cache {self.path} has_labels={self.has_labels} but labels "
-                f"{'were' if labels is not None else 'were not'} given"
-            )
+        n, settings = len(keys), self.settings
+        columns = {"key": [str(k) for k in keys], "pixels": self._validated_pixels(pixels, n)}
+        columns["input_ids"] = _int_column("input_ids", input_ids, (n, settings.max_len), np.int32)
+        columns["num_tokens"] = _int_column("num_tokens", num_tokens, (n,), np.int32)
+        _check_range("num_tokens", columns["num_tokens"], 0, settings.max_len + 1, "max_len + 1", keys)
+        _check_range("input_ids", columns["input_ids"], 0, settings.vocab_size, "vocab_size", keys)
+        for name, values, wanted in (
+            ("labels", labels, settings.has_labels),
+            ("captions", captions, settings.has_captions),
+        ):
+            if wanted != (values is not None):
+                given = "were" if values is not None else "were not"
+                raise UsageError(f"cache {self.path} has_{name}={wanted} but {name} {given} given")
         if labels is not None:
             columns["label"] = _int_column("labels", labels, (n,), np.int64)
-        if self.has_captions != (captions is not None):
-            raise UsageError(
-                f"cache {self.path} has_captions={self.has_captions} but captions "
-                f"{'were' if captions is not None else 'were not'} given"
-            )
         if captions is not None:
             if len(captions) != n:
                 raise UsageError(f"captions: expected {n} strings (one per key), got {len(captions)}")
             columns["caption"] = [str(c) for c in captions]
         return columns
+
+    def _validated_pixels(self, pixels: Any, n: int) -> np.ndarray:
+        settings = self.settings
+        pixels = np.asarray(pixels)
+        _expect_shape("pixels", pixels, (n, CHANNELS, settings.image_size, settings.image_size))
+        if pixels.dtype == np.uint8 and settings.pixel_dtype == "float16":
+            pixels = settings.normalization.apply(pixels)
+        if pixels.dtype != np.dtype(settings.pixel_dtype):
+            allowed = "float16 (normalized) or uint8" if settings.pixel_dtype == "float16" else "uint8"
+            raise UsageError(
+                f"pixels dtype {pixels.dtype} does not match the {settings.pixel_dtype} cache "
+                f"{self.path}; pass {allowed}"
+            )
+        return pixels.reshape(n, -1)
 
     def _append(self, columns: dict[str, Any], start: int, take: int) -> None:
         if self._buffers is None:
@@ -405,10 +381,6 @@ class _HashingSink:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _normalization_arg(value: Any) -> Normalization:
-    return normalization(value)
-
-
 def _check_args(
     split, image_size, pixel_dtype, max_len, special_token_ids, vocab_size, target_shard_bytes, mode, rows_per_shard
 ) -> None:
@@ -464,6 +436,14 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
 def _expect_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
     if array.shape != shape:
         raise UsageError(f"{name}: expected shape {list(shape)}, got {list(array.shape)}")
+
+
+def _check_range(name: str, values: np.ndarray, low: int, high: int, bound: str, keys: Sequence[str]) -> None:
+    if values.size and (values.min() < low or values.max() >= high):
+        raise UsageError(
+            f"{name} must be in [{low}, {bound}={high}), got {values.min()}..{values.max()} "
+            f"(rows {keys[0]!r}..{keys[-1]!r})"
+        )
 
 
 def _int_column(name: str, values: Any, shape: tuple[int, ...], dtype: type) -> np.ndarray:
