@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from vilbert.pipeline.fetch import FetchOptions, NetworkOptions
+from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, read_failures
 from vilbert.pipeline.fetch.shards import list_parts
 from vilbert.pipeline.synthetic import ServerOptions
 
@@ -34,3 +34,23 @@ def saved_rows(*out_dirs: Path) -> list[dict]:
 
 def url_path(url: str) -> str:
     return urlsplit(url).path
+
+
+def expected_outcome(tsv: Path, plan: dict) -> tuple[set[int], dict[int, str]]:
+    """Lines a correct fetch saves, and the reason of every other line."""
+    saved, failed = set(), {}
+    for number, line in enumerate(tsv.read_text(encoding="utf-8").splitlines(), start=1):
+        outcome = plan[url_path(line.split("\t")[1])]
+        if outcome.expect_saved:
+            saved.add(number)
+        else:
+            failed[number] = outcome.reason
+    return saved, failed
+
+
+def assert_complete(outs: list[Path], saved: set[int], failed: dict[int, str]) -> None:
+    lines = [r["line"] for r in saved_rows(*outs)]
+    assert len(lines) == len(set(lines)), "a row saved twice"
+    assert set(lines) == saved, f"missing {sorted(saved - set(lines))[:10]}, extra {sorted(set(lines) - saved)[:10]}"
+    reasons = {f["line"]: f["reason"] for out in outs for f in read_failures(out).to_pylist()}
+    assert reasons == failed

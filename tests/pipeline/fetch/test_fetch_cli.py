@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fetch_helpers import DEADLINE_S, SERVER, loopback_options, saved_rows, url_path
+from fetch_helpers import DEADLINE_S, SERVER, assert_complete, expected_outcome, loopback_options, saved_rows
 
 from vilbert.pipeline.fetch import fetch_cc, iter_fetched, read_failures
 from vilbert.pipeline.fetch.shards import list_parts
@@ -21,26 +21,6 @@ from vilbert.pipeline.synthetic import serve_in_background, write_cc_tsv
 def fetch_command(tsv: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vilbert", "fetch", "cc", "--tsv", str(tsv), "--out", str(out),
             "--allow-private-networks", "--timeout", str(DEADLINE_S), *extra]  # fmt: skip
-
-
-def expected_outcome(tsv: Path, plan: dict) -> tuple[set[int], dict[int, str]]:
-    """Lines a correct fetch saves, and the reason of every other line."""
-    saved, failed = set(), {}
-    for number, line in enumerate(tsv.read_text(encoding="utf-8").splitlines(), start=1):
-        outcome = plan[url_path(line.split("\t")[1])]
-        if outcome.expect_saved:
-            saved.add(number)
-        else:
-            failed[number] = outcome.reason
-    return saved, failed
-
-
-def assert_complete(outs: list[Path], saved: set[int], failed: dict[int, str]) -> None:
-    lines = [r["line"] for r in saved_rows(*outs)]
-    assert len(lines) == len(set(lines)), "a row saved twice"
-    assert set(lines) == saved, f"missing {sorted(saved - set(lines))[:10]}, extra {sorted(set(lines) - saved)[:10]}"
-    reasons = {f["line"]: f["reason"] for out in outs for f in read_failures(out).to_pylist()}
-    assert reasons == failed
 
 
 def test_sigkill_mid_run_then_rerun_loses_and_duplicates_nothing(corpus: Path, tmp_path: Path) -> None:

@@ -1,0 +1,34 @@
+"""The issue's acceptance run: 3,000 URLs with the full failure mix (slow: generates its own corpus)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fetch_helpers import assert_complete, expected_outcome, loopback_options
+
+from vilbert.pipeline.fetch import NetworkOptions, fetch_cc, read_failures
+from vilbert.pipeline.synthetic import ServerOptions, generate_corpus, serve_in_background, write_cc_tsv
+
+DEADLINE_S = 5.0
+
+
+@pytest.mark.slow
+def test_three_thousand_urls_full_failure_mix(tmp_path: Path) -> None:
+    corpus = generate_corpus(tmp_path / "corpus", 3000, seed=1)
+    with serve_in_background(corpus, ServerOptions(latency_ms=50, jitter_ms=50, max_runtime_s=900)) as server:
+        tsv = write_cc_tsv(corpus, server.base_url, tmp_path / "cc.tsv")
+        network = NetworkOptions(allow_private_networks=True, per_host=0, timeout_s=DEADLINE_S)
+        start = time.monotonic()
+        report = fetch_cc(tsv, tmp_path / "out", loopback_options(rows_per_part=1000, network=network))
+        elapsed = time.monotonic() - start
+        saved, failed = expected_outcome(tsv, server.plan)
+        slow = {p for p, o in server.plan.items() if o.kind in ("endless", "stall")}
+        assert all(server.attempts[p] == 1 for p in slow)
+    assert len(saved) > 2000 and {"opt-out", "timeout", "http-404", "truncated"} <= set(failed.values())
+    assert_complete([tmp_path / "out"], saved, failed)
+    timeouts = [f for f in read_failures(tmp_path / "out").to_pylist() if f["reason"] == "timeout"]
+    assert timeouts and max(f["seconds"] for f in timeouts) <= DEADLINE_S + 1.0
+    assert elapsed < 240, "the run ends by itself"
+    assert report["run"]["saved"] == len(saved)
