@@ -71,14 +71,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_corpus(work: Path, n: int) -> Path:
-    corpus = work / f"corpus-{n}"
-    if not (corpus / "corpus.jsonl").is_file():
-        shutil.rmtree(corpus, ignore_errors=True)
-        print(f"generating a {n}-image corpus in {corpus} (once; reused by later runs)", flush=True)
+def ensure_corpus(work: Path, n: int, distinct: int) -> Path:
+    """A corpus of `n` URLs: `distinct` rendered images (cached), hard-linked as often as needed.
+
+    Rendering is the slow part (minutes per thousand images on 2 busy cores) and repeating files
+    changes nothing a downloader can see: every URL path is distinct, so is its planned failure.
+    """
+    base = work / f"corpus-{distinct}"
+    if not (base / "corpus.jsonl").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        print(f"generating a {distinct}-image corpus in {base} (once; reused by later runs)", flush=True)
         from vilbert.pipeline.synthetic import generate_corpus
 
-        generate_corpus(corpus, n, seed=0)
+        generate_corpus(base, distinct, seed=0)
+    if n <= distinct:
+        return base
+    corpus = work / f"corpus-{n}-of-{distinct}"
+    if not (corpus / "corpus.jsonl").is_file():
+        shutil.rmtree(corpus, ignore_errors=True)
+        (corpus / "images").mkdir(parents=True)
+        records = [json.loads(line) for line in (base / "corpus.jsonl").read_text().splitlines()]
+        lines, out_records = [], []
+        for i in range(n):
+            record = dict(records[i % distinct])
+            ext = record["file"].rsplit(".", 1)[1]
+            record["name"], record["file"] = f"{i:06d}", f"{i:06d}.{ext}"
+            os.link(base / "images" / records[i % distinct]["file"], corpus / "images" / record["file"])
+            out_records.append(json.dumps(record))
+            lines.append(f"{record['caption']}\thttp://127.0.0.1:8765/images/{record['file']}\n")
+            if i % 50 == 49:  # ~2% URLs of images that do not exist, as in the synthetic cc.tsv
+                lines.append(f"{record['caption']}\thttp://127.0.0.1:8765/images/missing-{i:06d}.jpg\n")
+        (corpus / "cc.tsv").write_text("".join(lines), encoding="utf-8")
+        (corpus / "corpus.jsonl").write_text("\n".join(out_records) + "\n")
     return corpus
 
 
@@ -194,6 +218,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="800 URLs at 0 and 50 ms (about a minute).")
     parser.add_argument("--n", type=int, default=None, help="Corpus size (default 20000, quick 800).")
+    parser.add_argument("--distinct", type=int, default=800, help="Distinct rendered images behind the URLs.")
     parser.add_argument("--latencies", default=None, help="Comma-separated server latencies in ms.")
     parser.add_argument("--baseline-latencies", default="50", help="Latencies at which img2dataset also runs.")
     parser.add_argument("--install-baseline", action="store_true", help="pip install img2dataset==1.47.0 first.")
@@ -225,9 +250,9 @@ def main() -> None:
     if baseline and not baseline_available():
         print("img2dataset is not installed (run with --install-baseline); reporting ours only", flush=True)
         baseline = False
-    corpus = ensure_corpus(work, args.n)
-    print(f"fetch benchmark: {args.n} URLs (+~2% missing), failure kinds {args.kinds}, timeout {args.timeout:g} s, "
-          f"{os.cpu_count()} cores", flush=True)  # fmt: skip
+    corpus = ensure_corpus(work, args.n, min(args.n, args.distinct))
+    print(f"fetch benchmark: {args.n} URLs (+~2% missing) over {min(args.n, args.distinct)} distinct images, "
+          f"failure kinds {args.kinds}, timeout {args.timeout:g} s, {os.cpu_count()} cores", flush=True)  # fmt: skip
     results: dict[str, dict[str, dict]] = {"ours": {}, "img2dataset": {}}
     for latency in args.latencies:
         runs = [("ours", run_ours)] + (
