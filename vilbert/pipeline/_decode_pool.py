@@ -1,6 +1,6 @@
 """Preprocess's parallel image stage: decode + resize + normalize into shared memory, in order.
 
-The parent owns one shared-memory block split into slots of `chunk_size` images
+The parent owns one anonymous shared mapping split into slots of `chunk_size` images
 (`[slots, chunk, 3, H, W]`, float16 or uint8). It sends a worker the slot index and the chunk's
 encoded images (bytes or paths: compact); the worker decodes each image with
 `vilbert.pipeline.images.decode_resize` and writes the normalized pixels straight into the slot, so
@@ -14,6 +14,8 @@ float64 and rounded once: exact to float16 precision, and cheaper than float ari
 
 from __future__ import annotations
 
+import logging
+import mmap
 import multiprocessing
 import os
 import queue
@@ -23,7 +25,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -34,6 +35,8 @@ from vilbert.errors import DataError
 from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, jpeg_orientation
 
 __all__ = ["RESIZE_MODES", "Decoded", "DecodePool", "normalization_lut", "decode_chunk"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Failures = dict[int, tuple[str, str]]
@@ -111,13 +114,13 @@ def _store(rgb: np.ndarray, out: np.ndarray, lut: np.ndarray | None) -> None:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(name: str, shape: tuple[int, ...], dtype: str, size: int, mode: str, lut: np.ndarray | None) -> None:
+def _init_worker(pixels: np.ndarray, size: int, mode: str, lut: np.ndarray | None) -> None:
+    # `pixels` views the parent's anonymous shared mapping, inherited through fork (not pickled).
     # One thread per worker: the pool already uses every core (decode_resize may run torch ops).
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    shm = SharedMemory(name=name)
-    _WORKER.update(shm=shm, pixels=np.ndarray(shape, dtype, buffer=shm.buf), size=size, mode=mode, lut=lut)
+    _WORKER.update(pixels=pixels, size=size, mode=mode, lut=lut)
 
 
 def _worker_chunk(slot: int, images: list[bytes | str]) -> Failures:
@@ -129,13 +132,12 @@ def _ready() -> None:
     pass
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    # fork: workers start in milliseconds and import nothing. spawn/forkserver would re-import the
-    # caller's __main__ in every worker (for the `vilbert` console script: the whole CLI, torch
-    # included: seconds and hundreds of MB each). The pool is started before any thread of ours.
-    if "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
+def _can_fork() -> bool:
+    # fork: workers start in milliseconds, import nothing and inherit the shared pixel mapping.
+    # spawn/forkserver would re-import the caller's __main__ in every worker (for the `vilbert`
+    # console script: the whole CLI, torch included: seconds and hundreds of MB each). The pool
+    # is started before this process starts any thread of its own.
+    return "fork" in multiprocessing.get_all_start_methods()
 
 
 # ------------------------------------------------------------------------------------------ pool
@@ -176,22 +178,25 @@ class DecodePool:
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(self.slots):
             self._free.put(slot)
-        self._shm: SharedMemory | None = None
         self._executor: ProcessPoolExecutor | None = None
         self.pixels: np.ndarray | None = None
 
     def __enter__(self) -> DecodePool:
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        if self.workers > 0 and not _can_fork():
+            log.warning("no fork() on this platform: decoding in this process (--workers 0)")
+            self.workers = 0
         if self.workers == 0:
             self.pixels = np.empty(self.shape, self.dtype)
             return self
-        self._shm = SharedMemory(create=True, size=nbytes)
-        self.pixels = np.ndarray(self.shape, self.dtype, buffer=self._shm.buf)
+        # Anonymous shared memory: no name to leak in /dev/shm if the run is killed, and it is
+        # unmapped only when the last array viewing it is gone (a view in a traceback stays valid).
+        self.pixels = np.frombuffer(mmap.mmap(-1, nbytes), self.dtype).reshape(self.shape)
         self._executor = ProcessPoolExecutor(
             self.workers,
-            mp_context=_context(),
+            mp_context=multiprocessing.get_context("fork"),
             initializer=_init_worker,
-            initargs=(self._shm.name, self.shape, self.dtype.str, self.image_size, self.resize_mode, self.lut),
+            initargs=(self.pixels, self.image_size, self.resize_mode, self.lut),
         )
         # Start every worker now, before this process uses the tokenizer's threads.
         for future in [self._executor.submit(_ready) for _ in range(self.workers)]:
@@ -202,9 +207,6 @@ class DecodePool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         self.pixels = None
-        if self._shm is not None:
-            self._shm.close()
-            self._shm.unlink()
 
     def map_ordered(
         self, chunks: Iterable[list[Any]], image: Callable[[Any], bytes | Path], prepare: Callable[[list[Any]], T]

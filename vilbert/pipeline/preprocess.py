@@ -262,6 +262,7 @@ class _RunState:
         run_id = hashlib.sha256(identity.encode()).hexdigest()
         self.log = SkipLog(out, run_id, options.mode)
         self.writers: dict[str, CacheWriter] = {}
+        self.labelled: dict[str, bool] = {}
         self.ordinals: Counter[str] = Counter()
         self.fast_forwarded: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
@@ -301,7 +302,7 @@ class _RunState:
             tokenizer_json=self.encoder.tokenizer_json,
             special_token_ids=self.encoder.special_ids,
             vocab_size=self.encoder.vocab_size,
-            has_labels=self._has_labels(split),
+            has_labels=self.labelled.setdefault(split, self._has_labels(split)),
             has_captions=True,
             command=self.command,
             target_shard_bytes=self.options.target_shard_bytes,
@@ -351,7 +352,7 @@ class _RunState:
             take = _index(rows)
             chosen = [samples[i][1] for i in rows]
             writer = self.writers[split]
-            labels = np.array([s.label for s in chosen], np.int64) if writer.has_labels else None
+            labels = np.array([s.label for s in chosen], np.int64) if self.labelled[split] else None
             args = (
                 [s.key for s in chosen],
                 pixels[take],
