@@ -35,3 +35,13 @@ def make_batch(config: ModelConfig, batch: int = 3, length: int = 9, seed: int =
 @pytest.fixture
 def config() -> ModelConfig:
     return tiny_model_config()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: one intra-op thread is as fast, and far steadier on a shared 2-core box
+    # (two threads per process oversubscribe the cores when other jobs run). Restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -120,6 +120,16 @@ def test_padding_does_not_leak(config):
     torch.testing.assert_close(a.vision, b.vision)
 
 
+def test_takes_cache_dtypes_int32_ids_and_float16_pixels(config):
+    model = ViLBERT(config).eval()
+    batch = make_batch(config)
+    cached = dict(batch, input_ids=batch["input_ids"].int(), pixels=batch["pixels"].half())
+    expected = model(**dict(batch, pixels=batch["pixels"].half().float()))
+    torch.testing.assert_close(model(**cached).text, expected.text)
+    with pytest.raises(ModelError, match="floating-point"):
+        model(**dict(batch, pixels=batch["pixels"].to(torch.uint8)))
+
+
 def test_image_mask_changes_vision(config):
     model = ViLBERT(config).eval()
     batch = make_batch(config)

@@ -85,7 +85,10 @@ class VisionEncoder(nn.Module):
                 f"pixels have shape {tuple(pixels.shape)}; the vision encoder needs "
                 f"(B, 3, {size}, {size}) (model.vision.image_size={size})"
             )
-        x = self.vit.patch_embed(pixels)  # (B, P, D)
+        if not pixels.is_floating_point():
+            raise ModelError(f"pixels are {pixels.dtype}; the model takes normalized floating-point pixels")
+        weight = self.vit.patch_embed.proj.weight
+        x = self.vit.patch_embed(pixels.to(weight.dtype))  # (B, P, D); float16 caches -> model dtype
         if image_mask is not None:
             if tuple(image_mask.shape) != tuple(x.shape[:2]):
                 raise ModelError(
