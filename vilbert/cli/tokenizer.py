@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import typer
@@ -57,10 +58,10 @@ def encode(
 class _Counter:
     """Passes captions through, counting them."""
 
-    def __init__(self, items):
+    def __init__(self, items: Iterable[str]) -> None:
         self.items, self.count = items, 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         for item in self.items:
             self.count += 1
             yield item

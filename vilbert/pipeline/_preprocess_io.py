@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from vilbert.errors import UsageError
+from vilbert.errors import DataError, UsageError
 
 __all__ = ["REPORT_NAME", "SKIPS_NAME", "SkipLog", "BackgroundWriter", "remove_stale_caches"]
 
@@ -57,9 +57,12 @@ class SkipLog:
                 f"cannot resume into {self.path.parent}: it was built from other inputs or options; "
                 "pass --overwrite to rebuild it, or the same sources and options"
             )
-        for line in complete[1:]:
-            entry = json.loads(line)
-            self.skipped[(entry["split"], entry["ordinal"])] = (entry["reason"], entry["detail"])
+        for number, line in enumerate(complete[1:], start=2):
+            try:
+                entry = json.loads(line)
+                self.skipped[(entry["split"], entry["ordinal"])] = (entry["reason"], entry["detail"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"{self.path}:{number} is corrupt ({err}); pass --overwrite to rebuild") from err
         self.path.write_text("\n".join(complete) + "\n", encoding="utf-8")
 
     def append(self, split: str, ordinal: int, key: str, reason: str, detail: str) -> None:
