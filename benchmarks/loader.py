@@ -299,6 +299,8 @@ def measure(root: Path, paths: list[Path], n: int, fast_epochs: int, pil_epochs:
     for dtype, reader in readers.items():
         runner.loaders[dtype] = BatchLoader(reader, BATCH, prefetch=2, seed=1)
         contenders[f"cache_{dtype}"] = epoch_of(runner.loaders[dtype])
+        # Diagnostic: the same loader gathering in the caller's thread (no handoff to a thread).
+        contenders[f"cache_{dtype}_prefetch0"] = epoch_of(BatchLoader(reader, BATCH, prefetch=0, seed=1))
         source = np.concatenate(reader.views("pixels"))  # the same bytes, in anonymous memory
         contenders[f"memcpy_{dtype}"] = memcpy_epoch(source)
     for epoch in contenders.values():  # warm-up: page cache, allocator, mappings
@@ -316,7 +318,16 @@ def measure(root: Path, paths: list[Path], n: int, fast_epochs: int, pil_epochs:
 
 
 def report(runner: Runner, memory: dict, n: int, quick: bool, phases: dict, wall_s: float) -> None:
-    names = ["pil_0workers", "pil_2workers", "cache_float16", "cache_uint8", "memcpy_float16", "memcpy_uint8"]
+    names = [
+        "pil_0workers",
+        "pil_2workers",
+        "cache_float16",
+        "cache_uint8",
+        "cache_float16_prefetch0",
+        "cache_uint8_prefetch0",
+        "memcpy_float16",
+        "memcpy_uint8",
+    ]
     speed = {k: round(runner.samples_per_s(k), 1) for k in names}
     cpu = {k: round(runner.cpu_s_per_1k(k), 4) for k in names}
     vs_pil = {d: round(speed[f"cache_{d}"] / speed["pil_2workers"], 2) for d in ("float16", "uint8")}
@@ -325,9 +336,9 @@ def report(runner: Runner, memory: dict, n: int, quick: bool, phases: dict, wall
         f"loader benchmark: N={n} images 224x224, batch {BATCH}, shuffled epochs, page cache warm, "
         f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'reader':<18}{'samples/s':>12}{'cpu s/1k':>10}{'epochs':>8}")
+    print(f"{'reader':<26}{'samples/s':>12}{'cpu s/1k':>10}{'epochs':>8}")
     for name in names:
-        print(f"{name:<18}{speed[name]:>12,.0f}{cpu[name]:>10.3f}{len(runner.epochs[name]):>8}")
+        print(f"{name:<26}{speed[name]:>12,.0f}{cpu[name]:>10.3f}{len(runner.epochs[name]):>8}")
     for dtype in ("float16", "uint8"):
         print(f"cache {dtype}: {vs_pil[dtype]:.1f}x PIL (2 workers), {vs_memcpy[dtype]:.2f} of the memcpy ceiling")
     print("phases (s): " + ", ".join(f"{k} {v}" for k, v in phases.items()) + f"; total {wall_s:.1f}")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import sys
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from vilbert.cache.reader import CacheReader
+from vilbert.cache.ring import EpochPlan, Ring
 from vilbert.cache.sampler import EpochSampler
 from vilbert.errors import UsageError
 
@@ -127,7 +126,7 @@ class BatchLoader:
             shard_starts=reader.starts,
             shard_window=shard_window,
         )
-        self._ring_cache: _Ring | None = None
+        self._ring_cache: Ring | None = None
         self._stream: Any = None
         self._iterator: weakref.ref | None = None
 
@@ -165,12 +164,12 @@ class BatchLoader:
         self._iterator = weakref.ref(iterator)
         return iterator
 
-    def _ring(self) -> _Ring:
+    def _ring(self) -> Ring:
         if self._ring_cache is None:
-            # In use at once: `prefetch` queued, one produced and waiting to be queued, the
-            # consumer's current batch and, until its loop variable is rebound, its previous one.
+            # In use at once: the batch the consumer asks for and `prefetch` beyond it, its
+            # current batch and, until its loop variable is rebound, its previous one.
             size = self.prefetch + 3
-            self._ring_cache = _Ring(self.reader, self.batch_size, size, self.device.type == "cuda")
+            self._ring_cache = Ring(self.reader, self.batch_size, size, self.device.type == "cuda")
         return self._ring_cache
 
     def _copy_stream(self) -> Any:
@@ -179,105 +178,85 @@ class BatchLoader:
         return self._stream
 
 
-class _Stop(Exception):
-    pass
-
-
-class _Slot:
-    """One ring slot: numpy buffers for a batch (over pinned torch memory when feeding CUDA)."""
-
-    def __init__(self, reader: CacheReader, batch_size: int, pinned: bool) -> None:
-        self.pinned: dict[str, torch.Tensor] = {}
-        if pinned:
-            for name, array in reader.allocate(0).items():
-                dtype = torch.from_numpy(array).dtype
-                self.pinned[name] = torch.empty((batch_size, *array.shape[1:]), dtype=dtype, pin_memory=True)
-            self.arrays = {name: tensor.numpy() for name, tensor in self.pinned.items()}
-        else:
-            self.arrays = reader.allocate(batch_size)
-        self.event: Any = None
-        self._idle_refs = self._refs()
-
-    def _refs(self) -> list[int]:
-        return [sys.getrefcount(array) for array in self.arrays.values()]
-
-    def in_use(self) -> bool:
-        """True while the consumer still holds a tensor (or a view of one) made from this slot:
-        each such tensor keeps a numpy view alive, and each view holds a reference to its base."""
-        return self._refs() != self._idle_refs
-
-
-class _Ring:
-    """`size` slots handed out round-robin, kept across epochs (no page faults after the first).
-
-    A slot comes back only when it is safe to overwrite: its CUDA copy has finished, or (CPU) the
-    consumer no longer holds its tensors; otherwise a fresh slot takes its place.
+class _Pipeline:
+    """Produces one epoch plan's batches in order, sharing the work between the background thread
+    and the consumer: a consumer that would wait produces a batch itself instead (with
+    `prefetch=0` it produces every batch). At most `prefetch` batches are claimed beyond the one
+    the consumer asks for. Holds no reference to the iterator, so abandoning the iterator lets it
+    be collected, which stops the thread.
     """
 
-    def __init__(self, reader: CacheReader, batch_size: int, size: int, pinned: bool) -> None:
-        self.reader, self.batch_size, self.pinned = reader, batch_size, pinned
-        self.slots: list[_Slot | None] = [None] * size
-        self.cursor = 0
-        self.allocations = 0
-        """Slots allocated so far: `size` when the consumer lets go of its batches in time."""
-
-    def acquire(self) -> _Slot:
-        position = self.cursor % len(self.slots)
-        self.cursor += 1
-        slot = self.slots[position]
-        if slot is not None and slot.event is not None:
-            slot.event.synchronize()  # the GPU has finished copying out of this slot
-        elif slot is not None and slot.in_use():
-            slot = None  # the consumer kept that batch: it owns those buffers now
-        if slot is None:
-            slot = self.slots[position] = _Slot(self.reader, self.batch_size, pinned=self.pinned)
-            self.allocations += 1
-        return slot
-
-
-class _EpochPlan:
-    """The rest of an epoch, located once: per batch its indices, shards, rows and whether it lies
-    in a single shard (so the hot path does no per-batch `searchsorted`)."""
-
-    def __init__(self, reader: CacheReader, sampler: EpochSampler) -> None:
-        self.indices = sampler.remaining_indices()
-        self.shard, self.local = reader.locate(self.indices)
-        self.size = sampler.batch_size
-        starts = np.arange(0, len(self.indices), self.size)
-        if len(starts):
-            lowest = np.minimum.reduceat(self.shard, starts)
-            self.single = (lowest == np.maximum.reduceat(self.shard, starts)).tolist()
-        else:
-            self.single = []
-
-    def __len__(self) -> int:
-        return len(self.single)
-
-    def batch(self, number: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-        rows = slice(number * self.size, (number + 1) * self.size)
-        return self.indices[rows], self.shard[rows], self.local[rows], self.single[number]
-
-
-class _Producer:
-    """The background thread's state; holds no reference to the iterator (so abandoning the
-    iterator lets it be collected, which stops the thread)."""
-
-    def __init__(self, loader: BatchLoader, plan: _EpochPlan) -> None:
-        self.reader = loader.reader
-        self.batch_size = loader.batch_size
+    def __init__(self, loader: BatchLoader, plan: EpochPlan) -> None:
+        self.reader, self.plan, self.ahead = loader.reader, plan, loader.prefetch
         self.device = loader.device
-        self.plan = plan
-        self.stop = threading.Event()
-        self.ready: queue.Queue = queue.Queue(maxsize=max(1, loader.prefetch))
         self.cuda = loader.device.type == "cuda"
         self.stream = loader._copy_stream() if self.cuda else None
         self.ring = loader._ring()
+        self.base = self.ring.reserve(len(plan))
+        self.cond = threading.Condition()
+        self.claimed = 0
+        self.delivered = 0
+        self.ready: dict[int, tuple[str, Any]] = {}
+        self.stopped = False
 
-    def produce(self, number: int) -> tuple[Batch, Any]:
-        """Batch `number`, and the CUDA event after which its device tensors are ready (or None)."""
+    def next(self) -> tuple[Batch, Any]:
+        """The next batch in order (and its CUDA event or None); re-raises a producer's error."""
+        number = self.delivered
+        while True:
+            with self.cond:
+                if number in self.ready:
+                    kind, value = self.ready.pop(number)
+                    self.delivered += 1
+                    self.cond.notify_all()
+                    break
+                claim = self._claim()
+                if claim is None:  # the thread is producing it: wait
+                    self.cond.wait(_POLL_S)
+                    continue
+            self._produce_into_ready(claim)
+        if kind == "error":
+            raise value
+        return value
+
+    def run(self) -> None:
+        """The background thread: claim and produce batches until done or stopped."""
+        while True:
+            with self.cond:
+                claim = self._claim()
+                while claim is None and not self.stopped and self.claimed < len(self.plan):
+                    self.cond.wait(_POLL_S)
+                    claim = self._claim()
+                if claim is None or self.stopped:
+                    return
+            self._produce_into_ready(claim)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def _claim(self) -> int | None:
+        """The next unclaimed batch if it is within reach (call with `cond` held)."""
+        number = self.claimed
+        if self.stopped or number >= len(self.plan) or number > self.delivered + self.ahead:
+            return None
+        self.claimed += 1
+        return number
+
+    def _produce_into_ready(self, number: int) -> None:
+        try:
+            item: tuple[str, Any] = ("batch", self._produce(number))
+        except BaseException as err:  # handed to the consumer, in order
+            item = ("error", err)
+        with self.cond:
+            self.ready[number] = item
+            self.stopped = self.stopped or item[0] == "error"
+            self.cond.notify_all()
+
+    def _produce(self, number: int) -> tuple[Batch, Any]:
         indices, shard, local, single = self.plan.batch(number)
         n = len(indices)
-        slot = self.ring.acquire()
+        slot = self.ring.acquire(self.base + number)
         self.reader.gather_located(shard, local, out=slot.arrays, single_shard=single)
         if self.cuda:
             host = {name: tensor[:n] for name, tensor in slot.pinned.items()}
@@ -298,31 +277,6 @@ class _Producer:
             slot.event.record(self.stream)
         return moved, slot.event
 
-    def run(self) -> None:
-        try:
-            for number in range(len(self.plan)):
-                if self.stop.is_set():
-                    return
-                self._put(("batch", self.produce(number)))
-            self._put(("end", None))
-        except _Stop:
-            return
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            try:
-                self._put(("error", err))
-            except _Stop:
-                return
-
-    def _put(self, item: tuple[str, Any]) -> None:
-        while True:
-            if self.stop.is_set():
-                raise _Stop
-            try:
-                self.ready.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-
 
 class _BatchIterator:
     """One pass over the rest of the current epoch."""
@@ -330,42 +284,33 @@ class _BatchIterator:
     def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
         self.sampler = loader.sampler
-        self.plan = _EpochPlan(loader.reader, self.sampler)
-        self.producer = _Producer(loader, self.plan)
-        self.served = 0
+        self.pipeline = _Pipeline(loader, EpochPlan(loader.reader, self.sampler))
         self.thread: threading.Thread | None = None
-        if loader.prefetch > 0 and len(self.plan):
-            self.thread = threading.Thread(target=self.producer.run, name="vilbert-batch-loader", daemon=True)
+        if loader.prefetch > 0 and len(self.pipeline.plan) > 1:
+            self.thread = threading.Thread(target=self.pipeline.run, name="vilbert-batch-loader", daemon=True)
             self.thread.start()
-            weakref.finalize(self, _shutdown, self.producer, self.thread)
+            weakref.finalize(self, _shutdown, self.pipeline, self.thread)
 
     def __iter__(self) -> _BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        if self.served >= len(self.plan):
+        if self.pipeline.delivered >= len(self.pipeline.plan):
             self._finish_epoch()
             raise StopIteration
-        batch, event = self._next_batch()
+        try:
+            batch, event = self.pipeline.next()
+        except BaseException:
+            self.close()
+            raise
         if event is not None:
             stream = torch.cuda.current_stream(self.loader.device)
             stream.wait_event(event)
             for tensor in (batch.pixels, batch.input_ids, batch.num_tokens, batch.labels):
                 if tensor is not None:
                     tensor.record_stream(stream)
-        self.served += 1
         self.sampler.advance()
         return batch
-
-    def _next_batch(self) -> tuple[Batch, Any]:
-        if self.thread is None:
-            return self.producer.produce(self.served)
-        kind, value = self.producer.ready.get()
-        if kind == "error":
-            self.close()
-            raise value
-        assert kind == "batch", kind
-        return value
 
     def _finish_epoch(self) -> None:
         if self.sampler.position >= len(self.sampler):
@@ -375,16 +320,11 @@ class _BatchIterator:
     def close(self) -> None:
         """Stop the background thread (also done when the iterator is garbage-collected)."""
         if self.thread is not None:
-            _shutdown(self.producer, self.thread)
+            _shutdown(self.pipeline, self.thread)
             self.thread = None
 
 
-def _shutdown(producer: _Producer, thread: threading.Thread) -> None:
-    producer.stop.set()
-    while True:  # unblock a producer waiting on a full queue
-        try:
-            producer.ready.get_nowait()
-        except queue.Empty:
-            break
+def _shutdown(pipeline: _Pipeline, thread: threading.Thread) -> None:
+    pipeline.stop()
     if thread is not threading.current_thread():
         thread.join(timeout=10)
