@@ -1,15 +1,20 @@
 """Batches from a cache: a seeded, rank-aware, resumable sampler and a prefetching loader.
 
 ```
-EpochSampler (seed, epoch) -> permutation -> this rank's slice -> batches of indices
+EpochSampler (seed, epoch) -> permutation -> this rank's slice -> EpochPlan (located once)
       |
-BatchLoader thread:  indices -> reader.gather(out=ring slot) -> [CUDA: H2D copy on a side stream]
-      |                                                              |
-      +--> queue (at most `prefetch` batches ready) --> consumer: Batch(pixels, input_ids, ...)
+      v                 claims batch k <= delivered + prefetch, in order
+ background thread --+--> reader.gather_located(out=ring slot) --> [CUDA: H2D on a side stream]
+ consumer, if its    |                                                      |
+ batch is not ready -+            ready[k] <--------------------------------+
+      |
+ next(iterator) -> Batch(pixels, input_ids, num_tokens, labels, indices), strictly in order
 ```
 
 No worker processes: the gather is a few large memcpys that release the GIL, so one thread keeps
 up (worker processes would pay for pickling and IPC, 15x slower on 2 cores; DESIGN.md section 4).
+A consumer that would wait for its batch produces the next unclaimed one itself instead, so no
+thread idles while the loop is data-bound.
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ class BatchLoader:
         world_size: Number of DDP ranks.
         device: Where batches are delivered; CUDA batches are copied from pinned buffers with
             `non_blocking=True` on a side stream.
-        prefetch: Batches kept ready by the background thread (0: gather in the caller's thread).
+        prefetch: Batches produced ahead of the consumer by a background thread (0: no thread,
+            every batch is gathered in the caller's thread).
         shard_window: `None` shuffles globally; `k` shuffles shard order, then rows within windows
             of `k` consecutive shards, so only `k` shards are hot at a time (caches larger than RAM).
 
