@@ -13,6 +13,7 @@ import vilbert.model
 from vilbert.config import ModelConfig
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model import ViLBERT, set_fused_attention
+from vilbert.model.attention import padding_mask
 
 from .conftest import make_batch
 
@@ -147,6 +148,34 @@ def test_interleaved_schedule_runs_and_is_checked(config):
         dataclasses.replace(config, cross=dataclasses.replace(cross, interleave_from=1))
 
 
+def test_encoder_blocks_after_the_last_interleaved_layer_still_run(config):
+    cross = dataclasses.replace(config.cross, pattern=("co",), interleave_from=0)  # then block 1
+    model = ViLBERT(dataclasses.replace(config, cross=cross)).eval()
+    batch = make_batch(config)
+    out = model(**batch, output_layers=True)
+    text_after_cross, _ = out.layer_cls[0]
+    assert not torch.allclose(out.text[:, 0], text_after_cross)
+    expected = model.text.layers[1](
+        model.cross[0](*_after_block_0(model, batch))[0], padding_mask(batch["attention_mask"])
+    )
+    torch.testing.assert_close(out.text, expected)
+
+
+def _after_block_0(model: ViLBERT, batch: dict[str, torch.Tensor]):
+    mask = padding_mask(batch["attention_mask"])
+    text = model.text.layers[0](model.text.embeddings(batch["input_ids"]), mask)
+    vision = model.vision.blocks[0](model.vision.embed(batch["pixels"], batch["image_mask"]))
+    return text, vision, mask
+
+
+def test_without_cross_layers_the_streams_are_the_encoders(config):
+    model = ViLBERT(dataclasses.replace(config, cross=dataclasses.replace(config.cross, pattern=()))).eval()
+    batch = make_batch(config)
+    out = model(**batch)
+    torch.testing.assert_close(out.text, model.text(batch["input_ids"], batch["attention_mask"]))
+    torch.testing.assert_close(out.vision, model.vision(batch["pixels"], batch["image_mask"]))
+
+
 def test_different_stream_widths(config):
     text = dataclasses.replace(config.text, hidden_size=48, num_heads=3, intermediate_size=96)
     cross = dataclasses.replace(config.cross, hidden_size=32, num_heads=4)
@@ -228,3 +257,27 @@ def test_model_imports_only_config_and_errors():
             for name in names:
                 if name.startswith("vilbert.") and not name.startswith("vilbert.model"):
                     assert name in allowed, f"{path.name} imports {name}"
+
+
+def test_pretrained_text_directory_loads_and_is_not_needed_after_saving(config, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    t = config.text
+    hf = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            intermediate_size=t.intermediate_size,
+        )
+    ).eval()
+    hf.save_pretrained(tmp_path / "bert")
+    text = dataclasses.replace(t, pretrained=str(tmp_path / "bert"))
+    model = ViLBERT(dataclasses.replace(config, text=text)).eval()
+    torch.testing.assert_close(model.text.embeddings.word_embeddings.weight, hf.embeddings.word_embeddings.weight)
+    model.save_pretrained(tmp_path / "vilbert")
+    for path in (tmp_path / "bert").iterdir():
+        path.unlink()  # from_pretrained reads only its own directory
+    loaded = ViLBERT.from_pretrained(tmp_path / "vilbert")
+    assert loaded.config.text.pretrained == str(tmp_path / "bert")
+    torch.testing.assert_close(loaded.text.layers[1].output.dense.weight, hf.encoder.layer[1].output.dense.weight)

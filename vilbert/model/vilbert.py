@@ -129,24 +129,17 @@ class ViLBERT(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                 f"{tuple(input_ids.shape)}; they must match"
             )
+        if input_ids.shape[1] > self.config.text.max_position_embeddings:
+            raise ModelError(
+                f"input_ids have {input_ids.shape[1]} tokens; the text stream takes at most "
+                f"model.text.max_position_embeddings={self.config.text.max_position_embeddings}"
+            )
         mask = padding_mask(attention_mask)  # (B, 1, 1, T)
         text = self.text.embeddings(input_ids)  # (B, T, Dt)
         vision = self.vision.embed(pixels, image_mask)  # (B, 1+P, Dv)
-        text_layers, blocks = self.text.layers, self.vision.blocks
-        layer_pooled: list[tuple[Tensor, Tensor]] = []
-        layer_cls: list[tuple[Tensor, Tensor]] = []
-        for j in range(max(len(text_layers), len(blocks))):
-            if j < len(text_layers):
-                text = text_layers[j](text, mask)
-            if j < len(blocks):
-                vision = blocks[j](vision)
-                if j == len(blocks) - 1:
-                    vision = self.vision.norm(vision)
-            for i in self._cross_after.get(j, ()):
-                text, vision = self.cross[i](text, vision, mask)
-                if output_layers:
-                    layer_pooled.append((self.text_pooler(text), self.vision_pooler(vision)))
-                    layer_cls.append((text[:, 0], vision[:, 0]))
+        text, vision, after_cross = self._layers(text, vision, mask, keep=output_layers)
+        layer_pooled = [(self.text_pooler(t), self.vision_pooler(v)) for t, v in after_cross]
+        layer_cls = [(t[:, 0], v[:, 0]) for t, v in after_cross]
         return ViLBERTOutput(
             text=text,
             vision=vision,
@@ -155,6 +148,26 @@ class ViLBERT(nn.Module):
             layer_pooled=layer_pooled if output_layers else None,
             layer_cls=layer_cls if output_layers else None,
         )
+
+    def _layers(
+        self, text: Tensor, vision: Tensor, mask: Tensor, keep: bool
+    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+        """Encoder blocks and cross layers in schedule order -> both final streams, and (with
+        `keep`) both streams right after each cross layer."""
+        text_layers, blocks = self.text.layers, self.vision.blocks
+        after_cross: list[tuple[Tensor, Tensor]] = []
+        for j in range(max(len(text_layers), len(blocks))):
+            if j < len(text_layers):
+                text = text_layers[j](text, mask)
+            if j < len(blocks):
+                vision = blocks[j](vision)
+                if j == len(blocks) - 1:
+                    vision = self.vision.norm(vision)  # ViT is pre-LN: its stream ends with a norm
+            for i in self._cross_after.get(j, ()):
+                text, vision = self.cross[i](text, vision, mask)
+                if keep:
+                    after_cross.append((text, vision))
+        return text, vision, after_cross
 
     # -------------------------------------------------------------------------------------- heads
 
