@@ -59,7 +59,7 @@ _CHUNK = 8 << 20
 # ----------------------------------------------------------------------------------- normalization
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Normalization:
     """Per-channel mean/std a float cache was normalized with: `(pixel / 255 - mean) / std`."""
 
