@@ -1,10 +1,11 @@
-"""Run metrics: `metrics.jsonl` (one JSON object per line), running means, timing.
+"""Run metrics: `metrics.jsonl` (one JSON object per line), running sums, timing.
 
 Each record has `kind` (`train` or `eval`), `step` (optimizer steps done), `epoch`, and flat keys:
 `<task>_loss`, `<task>_acc` (`mlm_acc`, `ap_acc`, `mim_top1`), `loss` (the weighted total), and for
-`train` records `lr`, `samples_per_s`, `data_wait_s` (time blocked on the loader per step),
-`data_wait_frac`, `step_time_s`, `peak_mem_mb`. The library reports each record to an optional
-callback as well (the CLI draws its live table from it); nothing here prints.
+`train` records `lr`, `grad_norm`, `samples_per_s`, `data_wait_s` (time blocked on the loader per
+step), `data_wait_frac`, `step_time_s`, `peak_mem_mb` (CUDA: device memory; CPU: the process's
+maximum RSS). The library reports each record to an optional callback as well (the CLI draws its
+live table from it); nothing here prints.
 
 Generic: fine-tuning writes the same file with its own keys.
 """
@@ -143,8 +144,13 @@ class StepClock:
         }
 
 
-def peak_memory_mb(device: torch.device) -> float | None:
-    """Peak allocated memory on a CUDA device since the last reset, in MiB; None on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**20
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: on CUDA, allocated device memory since the last reset; on CPU, the
+    process's maximum resident set size (the host memory high-water mark)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
