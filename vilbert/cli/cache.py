@@ -25,6 +25,10 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @cache_app.command("inspect")
 def inspect(
     directory: Path = DIR_ARGUMENT,
@@ -62,7 +66,7 @@ def inspect(
         ("created", manifest.created_at),
         ("command", manifest.command),
     ]
-    rows += [(f"extra.{k}", json.dumps(v)) for k, v in manifest.extra.items()]
+    rows += [(f"extra.{k}", _short(json.dumps(v))) for k, v in manifest.extra.items()]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -98,7 +102,8 @@ def verify(directory: Path = DIR_ARGUMENT) -> None:
         report = verify_cache(directory, progress=progress)
     report.raise_if_bad()
     console.print(
-        f"OK {directory}: {report.shards_checked} shards, {report.rows:,} rows, "
+        f"OK {directory}: {report.shards_checked} shard{'' if report.shards_checked == 1 else 's'}, "
+        f"{report.rows:,} rows, "
         f"{_size(report.bytes)} verified (sha256, schema, contents)"
     )
 
