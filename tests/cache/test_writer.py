@@ -110,6 +110,16 @@ def test_existing_directory_is_refused_unless_overwrite(tmp_path, cache_f16):
     assert reader.gather(range(9))["pixels"].tobytes() == rows["pixels"].tobytes()
 
 
+def test_a_second_writer_on_the_same_directory_is_refused(tmp_path):
+    first = CacheWriter(tmp_path / "c", **writer_kwargs())
+    with pytest.raises(UsageError, match=r"another process is writing the cache .*c \(it holds"):
+        CacheWriter(tmp_path / "c", **writer_kwargs(mode="resume"))
+    first.finish()
+    assert not (tmp_path / "c" / ".lock").exists()
+    with CacheWriter(tmp_path / "c", **writer_kwargs(mode="resume")) as again:
+        assert again.rows_done == 0
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_cache(tmp_path):
     (tmp_path / "notes.txt").write_text("precious")
     with pytest.raises(UsageError, match="does not look like a cache"):

@@ -8,8 +8,10 @@ are checked, not checksums: re-hashing a 500 GB cache to resume is `vilbert cach
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,37 @@ import pyarrow as pa
 from vilbert.cache.format import MANIFEST_NAME, TOKENIZER_NAME, ShardInfo, fsync_dir, write_json_atomic
 from vilbert.errors import CacheError, UsageError
 
-__all__ = ["PROGRESS_NAME", "prepare_directory"]
+__all__ = ["PROGRESS_NAME", "LOCK_NAME", "prepare_directory", "lock_directory", "unlock_directory"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_NAME = ".progress.json"
+LOCK_NAME = ".lock"
 _OWN_PATTERNS = ("shard-*.arrow", ".shard-*.arrow.tmp", ".*.json.tmp")
+
+
+def lock_directory(path: Path) -> int:
+    """Create `path` if needed and hold an exclusive lock on it for this writer's lifetime.
+
+    Raises:
+        UsageError: another process is writing this cache.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(
+            f"another process is writing the cache {path} (it holds {path / LOCK_NAME}); "
+            "wait for it to finish or stop it"
+        ) from None
+    return fd
+
+
+def unlock_directory(path: Path, fd: int) -> None:
+    (path / LOCK_NAME).unlink(missing_ok=True)
+    os.close(fd)
 
 
 def prepare_directory(path: Path, mode: str, config: dict[str, Any], schema: pa.Schema) -> list[ShardInfo]:
@@ -34,7 +61,7 @@ def prepare_directory(path: Path, mode: str, config: dict[str, Any], schema: pa.
             that does not look like a cache.
         CacheError: `resume` with settings that differ from the interrupted build.
     """
-    exists = path.is_dir() and any(path.iterdir())
+    exists = path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
     state = _existing_state(path) if exists else None
     if not exists:
         path.mkdir(parents=True, exist_ok=True)
@@ -71,7 +98,7 @@ def _existing_state(path: Path) -> dict[str, Any] | None:
 
 
 def _only_own_files(path: Path) -> bool:
-    own = {p for pattern in _OWN_PATTERNS for p in path.glob(pattern)} | {path / TOKENIZER_NAME}
+    own = {p for pattern in _OWN_PATTERNS for p in path.glob(pattern)} | {path / TOKENIZER_NAME, path / LOCK_NAME}
     return all(p in own for p in path.iterdir())
 
 

@@ -15,6 +15,7 @@ CACHE_DIR/
 
 while building:            .shard-NNNNN.arrow.tmp (renamed when complete and fsynced)
                            .progress.json (completed shards, for mode="resume"; removed at the end)
+                           .lock (flock held by the one writer; removed at the end)
 ```
 
 Rows per shard are derived from `target_shard_bytes` and the row size only, and a shard is one
@@ -52,7 +53,7 @@ from vilbert.cache.format import (
     write_json_atomic,
 )
 from vilbert.cache.format import normalization as normalization_of
-from vilbert.cache.resume import PROGRESS_NAME, prepare_directory
+from vilbert.cache.resume import PROGRESS_NAME, lock_directory, prepare_directory, unlock_directory
 from vilbert.errors import CacheError, UsageError
 
 __all__ = ["CacheWriter", "shard_name"]
@@ -151,7 +152,12 @@ class CacheWriter:
         everything = self.settings.to_dict()
         self._config = {key: everything[key] for key in SETTINGS_KEYS}
         self._schema = self.settings.schema()
-        self._shards: list[ShardInfo] = prepare_directory(self.path, mode, self._config, self._schema)
+        self._lock: int | None = lock_directory(self.path)
+        try:
+            self._shards: list[ShardInfo] = prepare_directory(self.path, mode, self._config, self._schema)
+        except BaseException:
+            self._release()
+            raise
         self.rows_done = sum(s.rows for s in self._shards)
         """Rows in completed shards kept by `resume`: the producer skips this many input rows."""
         _write_bytes_atomic(self.path / TOKENIZER_NAME, tokenizer_bytes)
@@ -210,13 +216,18 @@ class CacheWriter:
             return self.manifest
         if self._closed:
             raise UsageError(f"cache writer for {self.path} was aborted; nothing to finish")
-        if self._fill:
-            self._flush_shard()
-        self.extra.update(extra or {})
-        self.manifest = self._build_manifest()
-        write_json_atomic(self.path / MANIFEST_NAME, self.manifest.to_dict())
+        try:
+            if self._fill:
+                self._flush_shard()
+            self.extra.update(extra or {})
+            self.manifest = self._build_manifest()
+            write_json_atomic(self.path / MANIFEST_NAME, self.manifest.to_dict())
+        except BaseException:
+            self.abort()
+            raise
         (self.path / PROGRESS_NAME).unlink(missing_ok=True)
         self._finished = self._closed = True
+        self._release()
         log.info("cache %s: %d rows in %d shards", self.path, self.manifest.num_rows, len(self._shards))
         return self.manifest
 
@@ -226,6 +237,12 @@ class CacheWriter:
         self._buffers = None
         for tmp in self.path.glob(".shard-*.arrow.tmp"):
             tmp.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            unlock_directory(self.path, self._lock)
+            self._lock = None
 
     def __enter__(self) -> CacheWriter:
         return self
