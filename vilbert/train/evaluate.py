@@ -31,7 +31,7 @@ from vilbert.train.distributed import resolve_device
 from vilbert.train.masking import PixelNormalizer, SpecialTokens
 from vilbert.train.metrics import Accumulator
 from vilbert.train.pretrain import CHECKPOINT_FORMAT as PRETRAIN_FORMAT
-from vilbert.train.pretrain import _normalizer
+from vilbert.train.pretrain import _normalizer, open_split
 from vilbert.train.scoring import binary_metrics
 from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize
 
@@ -41,6 +41,7 @@ __all__ = [
     "Predictions",
     "load_model",
     "open_cache",
+    "check_compatible",
     "pixel_normalizer",
     "model_inputs",
     "predict",
@@ -134,18 +135,39 @@ def model_inputs(batch: Any, normalizer: PixelNormalizer) -> tuple[torch.Tensor,
     return ids, attention_mask, normalizer.model_input(batch.pixels)
 
 
-def _check_vocabulary(reader: CacheReader, model: ViLBERT) -> None:
-    vocab = reader.manifest.vocab_size
-    if vocab > model.config.text.vocab_size:
+def check_compatible(loaded: LoadedModel, reader: CacheReader) -> None:
+    """Refuse a cache the model cannot read: a larger vocabulary, another image size, or (when the
+    checkpoint's training data can still be opened) another tokenizer than the model was trained with.
+
+    Raises:
+        CacheError: Naming both sides of the mismatch.
+    """
+    config, where = loaded.model.config, reader.paths[0]
+    if reader.manifest.vocab_size > config.text.vocab_size:
         raise CacheError(
-            f"cache {reader.paths[0]} has a {vocab}-token tokenizer, the model's vocabulary has "
-            f"{model.config.text.vocab_size}; evaluate on a cache built with the model's tokenizer"
+            f"{where} has a {reader.manifest.vocab_size}-token tokenizer but {loaded.path} a "
+            f"{config.text.vocab_size}-token vocabulary; use a cache built with the model's tokenizer"
         )
-    if reader.image_size != model.config.vision.image_size:
+    if reader.image_size != config.vision.image_size:
         raise CacheError(
-            f"cache {reader.paths[0]} holds {reader.image_size}px images, the model expects "
-            f"{model.config.vision.image_size}px"
+            f"{where} holds {reader.image_size}px images, {loaded.path} expects {config.vision.image_size}px"
         )
+    source = loaded.state.get("data")
+    trained_on = _try_open_train(source) if source else None
+    if trained_on is None:
+        log.info("cannot compare tokenizers with %s's training data (%s)", loaded.path, source or "not recorded")
+    elif trained_on.tokenizer_fingerprint != reader.tokenizer_fingerprint:
+        raise CacheError(
+            f"{where} was built with another tokenizer than {loaded.path}'s training data {source}; "
+            "use the same tokenizer.json for both"
+        )
+
+
+def _try_open_train(path: str) -> CacheReader | None:
+    try:
+        return open_split(Path(path), "train")
+    except (CacheError, OSError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -255,7 +277,7 @@ def evaluate(
     dev = resolve_device(device)
     loaded = load_model(checkpoint, dev)
     reader = open_cache(data)
-    _check_vocabulary(reader, loaded.model)
+    check_compatible(loaded, reader)
     report: dict[str, Any] = {
         "checkpoint": str(loaded.path),
         "kind": loaded.kind,

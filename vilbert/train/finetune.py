@@ -43,6 +43,7 @@ from vilbert.train.distributed import resolve_device
 from vilbert.train.evaluate import (
     FINETUNE_FORMAT,
     LoadedModel,
+    check_compatible,
     load_model,
     model_inputs,
     pixel_normalizer,
@@ -191,31 +192,7 @@ class _Session:
 
     def _initial_model(self) -> LoadedModel:
         loaded = load_model(self.options.init, "cpu")
-        model_config, reader = loaded.model.config, self.train_reader
-        if reader.manifest.vocab_size > model_config.text.vocab_size:
-            raise CacheError(
-                f"{reader.paths[0]} has a {reader.manifest.vocab_size}-token tokenizer but {loaded.path} "
-                f"a {model_config.text.vocab_size}-token vocabulary; build the fine-tuning cache with "
-                "the pretraining tokenizer"
-            )
-        if reader.image_size != model_config.vision.image_size:
-            raise CacheError(
-                f"{reader.paths[0]} holds {reader.image_size}px images, {loaded.path} expects "
-                f"{model_config.vision.image_size}px"
-            )
-        source = loaded.state.get("data")
-        pretrain_reader = _try_open(source) if source else None
-        if pretrain_reader is None:
-            log.warning(
-                "cannot check the tokenizer against %s's pretraining data (%s); vocabulary sizes agree",
-                loaded.path,
-                source or "not recorded",
-            )
-        elif pretrain_reader.tokenizer_fingerprint != reader.tokenizer_fingerprint:
-            raise CacheError(
-                f"{reader.paths[0]} was built with another tokenizer than {loaded.path}'s pretraining "
-                f"data {source}; use the same tokenizer.json for both"
-            )
+        check_compatible(loaded, self.train_reader)
         log.info("initialized from %s (%s, step %s)", loaded.path, loaded.kind, loaded.step)
         return loaded
 
@@ -459,10 +436,3 @@ def _flat(entry: dict[str, Any]) -> dict[str, float]:
         for k, v in m.items()
         if k in names
     }
-
-
-def _try_open(path: str) -> CacheReader | None:
-    try:
-        return open_split(Path(path), "train")
-    except (CacheError, OSError):
-        return None
