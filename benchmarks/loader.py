@@ -7,6 +7,9 @@ Builds, in a temporary directory, the same N synthetic 224x224 images as
   (c) the ceiling: a plain memory copy of the same bytes, batch by batch, into a reused buffer.
 Every reader does shuffled full epochs of batch 64 with the page cache warm; each figure is the
 median over several epochs, run round-robin so that all of them see the same machine load.
+Diagnostic rows: the loader without its thread (`_prefetch0`), and contiguous copies straight from
+the mapped shards (`memcpy_mapped_`: the same page-cache memory the loader reads, without the
+random row order).
 
 It also measures the loader's anonymous memory (RssAnon: what is not file-backed) for the cache and
 for a cache 4x larger, each in a forked child: the mapped shards count as file-backed, so anonymous
@@ -210,6 +213,25 @@ def memcpy_epoch(source: np.ndarray) -> Callable[[], int]:
     return epoch
 
 
+def memcpy_mapped_epoch(views: list[np.ndarray]) -> Callable[[], int]:
+    """Diagnostic: contiguous copies straight from the cache's mapped shards (page-cache memory)
+    rather than from anonymous memory."""
+    buffer = np.empty((BATCH, *views[0].shape[1:]), views[0].dtype)
+    rng = np.random.default_rng(0)
+
+    def epoch() -> int:
+        count = 0
+        for shard in rng.permutation(len(views)):
+            view = views[shard]
+            for start in range(0, len(view), BATCH):
+                chunk = view[start : start + BATCH]
+                np.copyto(buffer[: len(chunk)], chunk)
+                count += len(chunk)
+        return count
+
+    return epoch
+
+
 # --------------------------------------------------------------------------------------- memory
 
 
@@ -303,6 +325,7 @@ def measure(root: Path, paths: list[Path], n: int, fast_epochs: int, pil_epochs:
         contenders[f"cache_{dtype}_prefetch0"] = epoch_of(BatchLoader(reader, BATCH, prefetch=0, seed=1))
         source = np.concatenate(reader.views("pixels"))  # the same bytes, in anonymous memory
         contenders[f"memcpy_{dtype}"] = memcpy_epoch(source)
+        contenders[f"memcpy_mapped_{dtype}"] = memcpy_mapped_epoch(reader.views("pixels"))
     for epoch in contenders.values():  # warm-up: page cache, allocator, mappings
         epoch()
     for _ in range(fast_epochs):
@@ -327,6 +350,8 @@ def report(runner: Runner, memory: dict, n: int, quick: bool, phases: dict, wall
         "cache_uint8_prefetch0",
         "memcpy_float16",
         "memcpy_uint8",
+        "memcpy_mapped_float16",
+        "memcpy_mapped_uint8",
     ]
     speed = {k: round(runner.samples_per_s(k), 1) for k in names}
     cpu = {k: round(runner.cpu_s_per_1k(k), 4) for k in names}
