@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(BIN)/vilbert demo --out runs/demo
+	$(BIN)/vilbert demo --out runs/demo --overwrite
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,57 @@
+"""`vilbert demo`: the whole chain on the synthetic corpus, then one summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from vilbert.cli.console import add_log_file, console
+
+
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for everything the demo makes."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller corpus and fewer epochs: about two minutes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo in --out."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the corpus, the server's failure plan and training."),
+) -> None:
+    """Generate, serve, fetch, preprocess, pretrain, fine-tune and analyse; write OUT/report.md."""
+    from vilbert.demo import LOG_NAME, DemoOptions, remove_previous_demo, run_demo
+
+    if overwrite:
+        remove_previous_demo(out)
+    sizes = DemoOptions.quick if quick else DemoOptions
+    options = sizes(out=out, device=device, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    add_log_file(out / LOG_NAME)
+    with console.status("vilbert demo") as status:
+
+        def progress(stage: str, info: dict[str, Any]) -> None:
+            if stage == "progress":
+                detail = ", ".join(
+                    f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in info.items()
+                    if isinstance(v, (int, float, str))
+                )
+                status.update(f"[bold]{_current[0]}[/] {detail[:100]}")
+            else:
+                _current[0] = stage
+                status.update(f"[bold]{stage}[/]")
+                console.log(f"{stage} ...")
+
+        _current = ["start"]
+        report = run_demo(options, progress)
+    table = Table(title="vilbert demo", show_lines=True)
+    for column in ("stage", "what it did", "seconds", "speed", "result"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for s in report.stages:
+        table.add_row(s.stage, s.did, f"{s.seconds:.1f}", s.speed, s.result)
+    console.print(table)
+    console.print(f"report: {report.report_path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo_command)
