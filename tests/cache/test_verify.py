@@ -69,6 +69,21 @@ def test_truncated_and_missing_shards_are_named(cache_f16):
     assert report.problems[1] == "shard-00002.arrow: missing"
 
 
+def test_duplicate_keys_are_reported(tmp_path):
+    from conftest import make_rows, writer_kwargs
+
+    from vilbert.cache import CacheWriter
+
+    rows = make_rows(10, "uint8")
+    rows["keys"][9] = rows["keys"][2]  # shard 1 repeats a key of shard 0
+    with CacheWriter(tmp_path / "c", **writer_kwargs("uint8")) as writer:
+        writer.write(
+            rows["keys"], rows["pixels"], rows["input_ids"], rows["num_tokens"], rows["labels"], rows["captions"]
+        )
+    report = verify_cache(tmp_path / "c")
+    assert report.problems == ("shard-00001.arrow: duplicate key 'img00002'",)
+
+
 def test_cli_verify_exits_0_with_a_summary(cache_u8, run_cli):
     result = run_cli("cache", "verify", str(cache_u8[0]))
     assert result.returncode == 0, result.stderr
