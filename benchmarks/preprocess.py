@@ -17,7 +17,7 @@ Figures: images/s, CPU seconds per image (the process tree's user+system time), 
 tree's peak RSS (sampled every 20 ms; shared pages count once per process). The machine is shared:
 compare the ratios, which are measured in the same run.
 
-    python benchmarks/preprocess.py --quick          # under a minute: 1,000 images
+    python benchmarks/preprocess.py --quick          # under a minute: 2,000 images
     python benchmarks/preprocess.py                  # 10,000 images
     python benchmarks/preprocess.py --memory-scaling # ours on 2,000 and 20,000 images: peak RSS
 """
@@ -333,7 +333,7 @@ def _table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1,000 images (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="2,000 images (under a minute on a quiet machine)")
     parser.add_argument("--images", type=int, default=None, help="number of images (default 10,000)")
     parser.add_argument("--workers", type=int, default=None, help="ours and the ceiling (default: all cores)")
     parser.add_argument("--memory-scaling", action="store_true", help="ours on 2,000 and 20,000 images")
@@ -349,7 +349,7 @@ def main() -> None:
         if args.memory_scaling:
             memory_scaling(Path(tmp), args.workers)
         else:
-            compare(Path(tmp), args.images or (1000 if args.quick else 10000), args.workers, args.quick)
+            compare(Path(tmp), args.images or (2000 if args.quick else 10000), args.workers, args.quick)
 
 
 def _prepare(tmp: Path, n: int) -> tuple[Path, Path]:
