@@ -60,6 +60,8 @@ class EpochSampler:
     ) -> None:
         if batch_size <= 0:
             raise UsageError(f"batch_size must be > 0, got {batch_size}")
+        if seed < 0:
+            raise UsageError(f"seed must be >= 0, got {seed}")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise UsageError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if shard_window is not None and (shard_window <= 0 or shard_starts is None):
