@@ -172,6 +172,22 @@ class CacheWriter:
     # ------------------------------------------------------------------------------ public API
 
     @property
+    def pixel_dtype(self) -> str:
+        return self.settings.pixel_dtype
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.settings.normalization
+
+    @property
+    def has_labels(self) -> bool:
+        return self.settings.has_labels
+
+    @property
+    def has_captions(self) -> bool:
+        return self.settings.has_captions
+
+    @property
     def rows_written(self) -> int:
         """Rows in the cache so far, including `rows_done` and rows not yet flushed to a shard."""
         return sum(s.rows for s in self._shards) + self._fill
