@@ -76,9 +76,11 @@ class TaskOutput:
 
 
 def _rows(config: PretrainConfig, task: str, batch_size: int) -> int:
+    """How many leading rows `task` uses in a batch of `batch_size` (0: the task is off or cannot run)."""
     if task not in config.tasks:
         return 0
-    return min(getattr(config, f"{task}_batch_size") or batch_size, batch_size)
+    rows = min(getattr(config, f"{task}_batch_size") or batch_size, batch_size)
+    return 0 if task == "ap" and rows < 2 else rows  # a one-row batch (an epoch's last) has no other caption
 
 
 def build_task_batch(
@@ -99,41 +101,59 @@ def build_task_batch(
     """
     b, t = input_ids.shape
     dev = input_ids.device
-    if config.augment:
-        images = augment_images(
-            normalizer.unit(pixels),
-            generator=generator,
-            crop_scale=config.augment_crop_scale,
-            flip_probability=config.augment_flip,
-            jitter=config.augment_jitter,
-        )
-        model_pixels = normalizer.normalize(images)
-    else:
-        model_pixels = normalizer.model_input(pixels)
+    pixels = _model_pixels(pixels, config, normalizer, generator)
     ids, lengths = input_ids.long(), num_tokens.long()
     aligned = torch.ones(b, dtype=torch.bool, device=dev)
     ap_labels = None
     if (n_ap := _rows(config, "ap", b)) > 0:
         source, ap_labels = mismatch_captions(n_ap, generator=generator, device=dev)
         ids, lengths = ids.clone(), lengths.clone()
-        ids[:n_ap], lengths[:n_ap] = ids[:n_ap][source], lengths[:n_ap][source]
+        ids[:n_ap], lengths[:n_ap] = ids[:n_ap][source], lengths[:n_ap][source]  # the donor's caption and length
         aligned[:n_ap] = ap_labels.bool()
     mlm_labels = None
     if (n_mlm := _rows(config, "mlm", b)) > 0:
-        masked, labels = mask_tokens(
-            ids, special=special, vocab_size=vocab_size, generator=generator, probability=config.mlm_probability
-        )
-        keep = torch.arange(b, device=dev) < n_mlm
-        if config.align_only_for_mlm_mim:
-            keep &= aligned
-        ids = torch.where(keep[:, None], masked, ids)
-        mlm_labels = torch.where(keep[:, None], labels, torch.full_like(labels, IGNORE_INDEX))
+        ids, mlm_labels = _mask_text(ids, n_mlm, aligned, config, special, vocab_size, generator)
     image_mask = None
     if (n_mim := _rows(config, "mim", b)) > 0:
         image_mask = mask_patches(b, num_patches, config.mim_mask_ratio, generator=generator, device=dev)
         image_mask[n_mim:] = False
     attention_mask = (torch.arange(t, device=dev)[None, :] < lengths[:, None]).long()
-    return TaskBatch(ids, attention_mask, model_pixels, image_mask, mlm_labels, ap_labels, aligned, n_mim)
+    return TaskBatch(ids, attention_mask, pixels, image_mask, mlm_labels, ap_labels, aligned, n_mim)
+
+
+def _model_pixels(
+    pixels: torch.Tensor, config: PretrainConfig, normalizer: PixelNormalizer, generator: torch.Generator
+) -> torch.Tensor:
+    if not config.augment:
+        return normalizer.model_input(pixels)
+    images = augment_images(
+        normalizer.unit(pixels),
+        generator=generator,
+        crop_scale=config.augment_crop_scale,
+        flip_probability=config.augment_flip,
+        jitter=config.augment_jitter,
+    )
+    return normalizer.normalize(images)
+
+
+def _mask_text(
+    ids: torch.Tensor,
+    rows: int,
+    aligned: torch.Tensor,
+    config: PretrainConfig,
+    special: SpecialTokens,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLM on the first `rows` rows (only the aligned ones with `align_only_for_mlm_mim`)."""
+    masked, labels = mask_tokens(
+        ids, special=special, vocab_size=vocab_size, generator=generator, probability=config.mlm_probability
+    )
+    keep = torch.arange(ids.shape[0], device=ids.device) < rows
+    if config.align_only_for_mlm_mim:
+        keep &= aligned
+    ids = torch.where(keep[:, None], masked, ids)
+    return ids, torch.where(keep[:, None], labels, torch.full_like(labels, IGNORE_INDEX))
 
 
 class PretrainObjective(nn.Module):

@@ -1,0 +1,124 @@
+"""Task inputs built from a batch, and the objective's losses and counts, on a real tiny ViLBERT."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vilbert.config import PretrainConfig, apply_overrides, tiny
+from vilbert.model import ViLBERT
+from vilbert.train.masking import IGNORE_INDEX, PixelNormalizer, SpecialTokens, num_masked_patches
+from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize
+
+SPECIAL = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
+VOCAB = 60
+
+
+def _batch(rows: int = 12, length: int = 16):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(6, length + 1, (rows,), generator=g, dtype=torch.int32)
+    ids = torch.randint(5, VOCAB, (rows, length), generator=g, dtype=torch.int32)
+    ids[:, 0] = SPECIAL.cls
+    ids[torch.arange(rows), lengths.long() - 1] = SPECIAL.sep
+    ids[torch.arange(length)[None, :] >= lengths[:, None]] = SPECIAL.pad
+    pixels = torch.randint(0, 256, (rows, 3, 64, 64), generator=g, dtype=torch.uint8)
+    return pixels, ids, lengths
+
+
+def _build(config: PretrainConfig, rows: int = 12, seed: int = 0):
+    pixels, ids, lengths = _batch(rows)
+    return build_task_batch(
+        pixels,
+        ids,
+        lengths,
+        config=config,
+        special=SPECIAL,
+        vocab_size=VOCAB,
+        num_patches=64,
+        normalizer=PixelNormalizer((0.5,) * 3, (0.5,) * 3, "cpu"),
+        generator=torch.Generator().manual_seed(seed),
+    ), (pixels, ids, lengths)
+
+
+def test_sub_batches_and_aligned_only() -> None:
+    config = PretrainConfig(batch_size=12, ap_batch_size=8, mlm_batch_size=10, mim_batch_size=4, mlm_probability=0.5)
+    tasks, (pixels, ids, lengths) = _build(config)
+    assert tasks.ap_labels.shape == (8,) and (tasks.ap_labels == 0).sum() == 4
+    assert tasks.aligned[8:].all() and torch.equal(tasks.aligned[:8], tasks.ap_labels.bool())
+    selected = tasks.mlm_labels != IGNORE_INDEX
+    assert not selected[10:].any(), "rows past mlm_batch_size are not masked"
+    assert not selected[~tasks.aligned].any(), "mismatched rows get no MLM (align_only_for_mlm_mim)"
+    assert torch.equal(tasks.input_ids[10:], ids[10:].long())
+    k = num_masked_patches(64, config.mim_mask_ratio)
+    assert tasks.mim_rows == 4 and (tasks.image_mask.sum(1) == torch.tensor([k] * 4 + [0] * 8)).all()
+    # The attention mask follows the caption each row received.
+    received = tasks.attention_mask.sum(1)
+    for row in range(8):
+        donor = [
+            r
+            for r in range(12)
+            if torch.equal(
+                ids[r].long().masked_fill(selected[row], 0), tasks.input_ids[row].masked_fill(selected[row], 0)
+            )
+        ]
+        assert donor and received[row] == lengths[donor[0]]
+    assert torch.allclose(tasks.pixels, pixels.float() / 255 * 2 - 1)
+
+
+def test_every_row_gets_mlm_without_aligned_only_and_one_row_batches_skip_ap() -> None:
+    config = PretrainConfig(batch_size=12, align_only_for_mlm_mim=False, mlm_probability=0.9)
+    tasks, _ = _build(config)
+    assert ((tasks.mlm_labels != IGNORE_INDEX).sum(1) > 0).all()
+    single, _ = _build(config, rows=1)
+    assert single.ap_labels is None and single.mlm_labels is not None
+
+
+@pytest.mark.parametrize("positions", ["masked", "unmasked", "all"])
+def test_objective_counts_and_gradients(positions: str) -> None:
+    base = apply_overrides(
+        tiny(),
+        [
+            "pretrain.batch_size=12",
+            f"pretrain.mim_positions={positions}",
+            "pretrain.mim_batch_size=6",
+            "pretrain.align_only_for_mlm_mim=false",
+        ],
+    )
+    model_config = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = ViLBERT(model_config)
+    objective = PretrainObjective(model, base.pretrain)
+    tasks, _ = _build(base.pretrain)
+    out = objective(tasks)
+    out.loss.backward()
+    k = num_masked_patches(64, base.pretrain.mim_mask_ratio)
+    per_image = {"masked": k, "unmasked": 64 - k, "all": 64}[positions]
+    assert out.sums["mim_count"].item() == 6 * per_image
+    assert out.sums["ap_count"].item() == 12
+    assert out.sums["mlm_count"].item() == (tasks.mlm_labels != IGNORE_INDEX).sum().item()
+    metrics = summarize({k: v.item() for k, v in out.sums.items()}, base.pretrain)
+    assert metrics["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert 0 <= metrics["mim_top1"] <= 1 and metrics["ap_loss"] > 0
+    heads = ("cross.", "mlm_head", "alignment_head", "mim_head", "vision.mask_token")
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith(heads)]
+    assert all(g is not None for g in grads)
+
+
+def test_stop_grad_target_view_gets_no_gradient() -> None:
+    base = apply_overrides(tiny(), ["pretrain.batch_size=4", "pretrain.tasks=mim", "pretrain.mim_stop_grad=true"])
+    model_config = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, vocab_size=VOCAB))
+    model = ViLBERT(model_config).eval()
+    objective = PretrainObjective(model, base.pretrain)
+    tasks, _ = _build(base.pretrain, rows=4)
+    with_stop = torch.autograd.grad(objective(tasks).loss, model.vision.mask_token)[0]
+    free = PretrainObjective(model, dataclasses.replace(base.pretrain, mim_stop_grad=False))
+    without = torch.autograd.grad(free(tasks).loss, model.vision.mask_token)[0]
+    # The mask token appears only in the online view, so its gradient is the same either way...
+    assert torch.allclose(with_stop, without, atol=1e-6)
+    patch = model.vision.vit.patch_embed.proj.weight
+    g_stop = torch.autograd.grad(objective(tasks).loss, patch)[0]
+    g_free = torch.autograd.grad(free(tasks).loss, patch)[0]
+    # ...while the shared encoder also gets the target view's gradient without stop-grad.
+    assert not torch.allclose(g_stop, g_free)
