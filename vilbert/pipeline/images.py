@@ -6,9 +6,9 @@ from a shard or a folder -> pixels in the cache), so both stages produce the sam
 Decoders, chosen per image by measurement (on 2 cores, decode dominates the fetch's CPU):
 
 - **JPEG** (most of Conceptual Captions): libjpeg-turbo through `simplejpeg`, decoding straight to
-  a reduced size with DCT-domain scaling that is still at least the target size. EXIF orientation
-  is read from the APP1 header without decoding and applied as a numpy view (as `exif_transpose`).
-  CMYK/YCCK JPEGs go to PIL (it knows Adobe's inverted CMYK), with `draft` for reduced decoding.
+  a reduced size with DCT-domain scaling that is still at least the target size; CMYK/YCCK ones are
+  converted as PIL does (Adobe's inverted CMYK). The EXIF orientation is read from the APP1 header
+  and applied (as `exif_transpose` would) to the resized square, where transposing is cheap.
 - **PNG**, 8-bit RGB/RGBA: libspng through `pyspng` (about twice as fast as PIL) when installed.
 - **PIL** for everything else: palette and grey PNGs, GIF, WebP, 16-bit images, PNGs with EXIF.
 
@@ -58,7 +58,9 @@ RESIZE_MODES = ("center-crop", "pad", "stretch")
 MAX_PIXELS = 89_478_485
 """PIL's own default bomb limit (about 0.25 GiB of RGBA); larger sources are refused unread."""
 
-_Decoded = tuple  # (pixels (H, W, 3) RGB or (H, W, 4) premultiplied RGBa, orig_width, orig_height)
+_Decoded = tuple
+"""(pixels (H, W, 3) RGB or (H, W, 4) premultiplied RGBa, upright width, upright height, EXIF
+orientation still to apply after resizing: center-crop, pad and stretch to a square commute with it)."""
 
 # Pillow warns (and raises above 2x) on its own limit; we check first with ours.
 Image.MAX_IMAGE_PIXELS = None
@@ -117,8 +119,11 @@ def load_resized(
         decoded = _decode_png_fast(data, max_pixels)
     if decoded is None:
         decoded = _decode_pil(data, size, mode, max_pixels)
-    pixels, orig_width, orig_height = decoded
-    return ResizedImage(_resize(pixels, size, mode), orig_width, orig_height)
+    pixels, orig_width, orig_height, orientation = decoded
+    out = _resize(pixels, size, mode)
+    if orientation in _ORIENT:  # turned after resizing: a square is cheap to transpose, a photo is not
+        out = np.ascontiguousarray(_ORIENT[orientation](out))
+    return ResizedImage(out, orig_width, orig_height)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
@@ -182,8 +187,8 @@ def _decode_jpeg_fast(data: bytes, size: int, mode: str, max_pixels: int) -> _De
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None  # let PIL try, and name the error
-    if colorspace not in ("YCbCr", "Gray", "RGB"):
-        return None  # CMYK/YCCK: PIL knows the Adobe inversion
+    if colorspace not in ("YCbCr", "Gray", "RGB", "CMYK", "YCCK"):
+        return None
     _check_pixels(width, height, max_pixels)
     min_w, min_h = _min_decoded_size(width, height, size, mode)
     # Only the power-of-two DCT scales: libjpeg-turbo's M/8 scales (7/8, 3/4, ...) decode slower
@@ -191,16 +196,20 @@ def _decode_jpeg_fast(data: bytes, size: int, mode: str, max_pixels: int) -> _De
     scale = 1
     while scale < 8 and -(-width // (2 * scale)) >= min_w and -(-height // (2 * scale)) >= min_h:
         scale *= 2
+    cmyk = colorspace in ("CMYK", "YCCK")
     try:
-        rgb = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", min_width=-(-width // scale), min_height=-(-height // scale)
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="CMYK" if cmyk else "RGB", min_width=-(-width // scale), min_height=-(-height // scale)
         )
     except ValueError as err:
         raise ImageDecodeError("undecodable", f"JPEG decode failed: {err}") from err
+    if cmyk:  # as PIL reads CMYK JPEGs: Adobe's inverted convention ("CMYK;I"), then PIL's CMYK -> RGB
+        h, w = pixels.shape[:2]
+        pixels = np.asarray(Image.frombuffer("CMYK", (w, h), pixels, "raw", "CMYK;I", 0, 1).convert("RGB"))
     orientation = jpeg_orientation(data) or 1
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    return _ORIENT.get(orientation, lambda a: a)(rgb), width, height
+    return pixels, width, height, orientation
 
 
 # EXIF orientation -> the numpy view that makes the stored pixels upright (PIL's exif_transpose).
@@ -229,7 +238,7 @@ def _decode_png_fast(data: bytes, max_pixels: int) -> _Decoded | None:
         raise ImageDecodeError("undecodable", f"PNG decode failed: {err}") from err
     if pixels.shape[2] == 4:
         pixels = np.asarray(Image.fromarray(pixels, "RGBA").convert("RGBa"))
-    return pixels, width, height
+    return pixels, width, height, 1
 
 
 def _decode_pil(data: bytes, size: int, mode: str, max_pixels: int) -> _Decoded:
@@ -247,7 +256,7 @@ def _decode_pil(data: bytes, size: int, mode: str, max_pixels: int) -> _Decoded:
         raise
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise ImageDecodeError("undecodable", f"cannot decode image: {err}") from err
-    return (pixels, height, width) if quarter_turn else (pixels, width, height)
+    return (pixels, height, width, 1) if quarter_turn else (pixels, width, height, 1)
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
