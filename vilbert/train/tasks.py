@@ -145,14 +145,17 @@ def _mask_text(
     vocab_size: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLM on the first `rows` rows (only the aligned ones with `align_only_for_mlm_mim`)."""
+    """MLM on the first `rows` rows (labels only on the aligned ones with `align_only_for_mlm_mim`).
+
+    Every MLM row is corrupted, aligned or not: corrupting only the aligned rows would let the alignment
+    head read the AP label off the [MASK] tokens instead of comparing caption and image.
+    """
     masked, labels = mask_tokens(
         ids, special=special, vocab_size=vocab_size, generator=generator, probability=config.mlm_probability
     )
-    keep = torch.arange(ids.shape[0], device=ids.device) < rows
-    if config.align_only_for_mlm_mim:
-        keep &= aligned
-    ids = torch.where(keep[:, None], masked, ids)
+    corrupt = torch.arange(ids.shape[0], device=ids.device) < rows
+    keep = corrupt & aligned if config.align_only_for_mlm_mim else corrupt
+    ids = torch.where(corrupt[:, None], masked, ids)
     return ids, torch.where(keep[:, None], labels, torch.full_like(labels, IGNORE_INDEX))
 
 
