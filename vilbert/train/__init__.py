@@ -2,6 +2,8 @@
 pieces (optimizer and schedule, checkpoints, metrics, plots, DDP, pre-emption) that fine-tuning reuses.
 See README.md beside this file."""
 
+from vilbert.train.ablate import AblationOptions, run_ablation
+from vilbert.train.analyse import AnalysisReport, analyse, analyse_model, plot_analysis
 from vilbert.train.checkpoint import (
     CheckpointManager,
     capture_rng,
@@ -21,6 +23,8 @@ from vilbert.train.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
+from vilbert.train.evaluate import LoadedModel, evaluate, load_model, predict
+from vilbert.train.finetune import FinetuneOptions, FinetuneResult, finetune
 from vilbert.train.masking import (
     ALIGNED,
     IGNORE_INDEX,
@@ -36,6 +40,7 @@ from vilbert.train.metrics import Accumulator, MetricsWriter, StepClock, peak_me
 from vilbert.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from vilbert.train.preemption import StopRequest
 from vilbert.train.pretrain import PretrainOptions, PretrainResult, open_split, pretrain, run_config
+from vilbert.train.scoring import accuracy, auroc, binary_metrics, retrieval_recall
 from vilbert.train.tasks import PretrainObjective, TaskBatch, TaskOutput, build_task_batch, summarize
 
 __all__ = [
@@ -86,6 +91,24 @@ __all__ = [
     "all_reduce_sums",
     "any_rank",
     "all_gather_objects",
+    # downstream: fine-tuning, evaluation, analysis, the task ablation
+    "auroc",
+    "accuracy",
+    "binary_metrics",
+    "retrieval_recall",
+    "LoadedModel",
+    "load_model",
+    "predict",
+    "evaluate",
+    "FinetuneOptions",
+    "FinetuneResult",
+    "finetune",
+    "AnalysisReport",
+    "analyse",
+    "analyse_model",
+    "plot_analysis",
+    "AblationOptions",
+    "run_ablation",
 ]
 
 
