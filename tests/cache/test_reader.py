@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_cache, tokenizer_json
+from .conftest import build_cache, tokenizer_json
 
 from vilbert.cache import CacheReader, normalization
 from vilbert.errors import CacheError

@@ -70,7 +70,7 @@ def test_truncated_and_missing_shards_are_named(cache_f16):
 
 
 def test_duplicate_keys_are_reported(tmp_path):
-    from conftest import make_rows, writer_kwargs
+    from .conftest import make_rows, writer_kwargs
 
     from vilbert.cache import CacheWriter
 

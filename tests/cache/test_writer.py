@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import MAX_LEN, SIZE, build_cache, make_rows, writer_kwargs
+from .conftest import MAX_LEN, SIZE, build_cache, make_rows, writer_kwargs
 
 from vilbert.cache import CacheReader, CacheWriter, normalization
 from vilbert.errors import CacheError, UsageError

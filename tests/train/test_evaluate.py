@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from downstream_data import build_labelled_cache
+from .downstream_data import build_labelled_cache
 
 from vilbert.cache import CacheReader
 from vilbert.config import apply_overrides, tiny

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fetch_helpers import CORPUS_SIZE
 
 from vilbert.pipeline.synthetic import generate_corpus
+
+from .fetch_helpers import CORPUS_SIZE
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fetch_helpers import DEADLINE_S, SERVER, assert_complete, expected_outcome, loopback_options, saved_rows
-
 from vilbert.pipeline.fetch import fetch_cc, iter_fetched, read_failures
 from vilbert.pipeline.fetch.shards import list_parts
 from vilbert.pipeline.synthetic import serve_in_background, write_cc_tsv
+
+from .fetch_helpers import DEADLINE_S, SERVER, assert_complete, expected_outcome, loopback_options, saved_rows
 
 
 def fetch_command(tsv: Path, out: Path, *extra: str) -> list[str]:

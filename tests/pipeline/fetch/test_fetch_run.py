@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from fetch_helpers import DEADLINE_S, SERVER, loopback_options, saved_rows, url_path
 from PIL import Image, ImageOps
 
-from vilbert.pipeline.fetch import IMAGE_SCHEMA, NetworkOptions, fetch_cc, iter_fetched, read_failures
+from vilbert.pipeline.fetch import IMAGE_SCHEMA, NetworkOptions, fetch_cc, fetch_url_table, iter_fetched, read_failures
 from vilbert.pipeline.synthetic import read_corpus, serve_in_background, write_cc_tsv
+
+from .fetch_helpers import DEADLINE_S, SERVER, loopback_options, saved_rows, url_path
 
 TRICKY = ['a "quoted" caption', '"all quoted"', "  spaced  ", "tab-free ünïcödé, commas; \\ ✓"]
 
@@ -156,3 +157,15 @@ def test_private_destinations_refused_by_default(tmp_path: Path, corpus: Path) -
     assert [f["reason"] for f in failures] == ["private-address", "private-address"]
     assert "loopback" in failures[0]["message"] and "--allow-private-networks" in failures[0]["message"]
     assert report["run"]["saved"] == 0
+
+
+def test_url_table_with_named_columns(tmp_path: Path, corpus: Path) -> None:
+    with serve_in_background(corpus, SERVER) as server:
+        ok = [p for p, o in server.plan.items() if o.kind == "ok"][:4]
+        rows = [{"link": f"{server.base_url}{p}", "text": f'caption "{i}"'} for i, p in enumerate(ok)]
+        path = tmp_path / "list.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        report = fetch_url_table(path, tmp_path / "out", loopback_options(), url_col="link", caption_col="text")
+    assert report["run"]["saved"] == 4
+    saved = [row for batch in iter_fetched(tmp_path / "out") for row in batch.to_pylist()]
+    assert [r["caption"] for r in saved] == [r["text"] for r in rows] and [r["line"] for r in saved] == [1, 2, 3, 4]

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
-from fetch_helpers import assert_complete, expected_outcome, loopback_options
 
 from vilbert.pipeline.fetch import NetworkOptions, fetch_cc, read_failures
 from vilbert.pipeline.synthetic import ServerOptions, generate_corpus, serve_in_background, write_cc_tsv
+
+from .fetch_helpers import assert_complete, expected_outcome, loopback_options
 
 DEADLINE_S = 5.0
 
