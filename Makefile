@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format install install-dev clean
+.PHONY: demo test test-slow lint format install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: install
 	$(BIN)/vilbert demo --out runs/demo --overwrite
 
 test: install-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The multi-minute end-to-end tests (learning, distributed, full fetch, compile); CI runs them too.
+test-slow: install-dev
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .
