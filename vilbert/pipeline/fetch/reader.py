@@ -47,33 +47,53 @@ def iter_fetched(out_dirs: str | Path | Sequence[str | Path], *, batch_size: int
         orig_width, orig_height. The order depends only on which rows are saved, never on how the
         download went (timing, crashes, resumes).
     """
-    tables, lines, sources = [], [], []
+    paths, lines, sources = [], [], []
     for d_index, out_dir in enumerate(_as_dirs(out_dirs)):
         for _, path in list_parts(out_dir, "images"):
             table = _open(path)
             if table.schema != IMAGE_SCHEMA:
                 raise FetchError(f"{path}: unexpected columns {table.schema.names}; expected {IMAGE_SCHEMA.names}")
-            part = len(tables)
-            tables.append(table)
-            lines.append(table.column("line").to_numpy())
+            part = len(paths)
+            paths.append(path)
+            lines.append(table.column("line").to_numpy().copy())  # a copy: the part is unmapped when closed
             sources.append(
                 np.stack([np.full(len(table), d_index), np.full(len(table), part), np.arange(len(table))], axis=1)
             )
-    if not tables:
+            del table
+    if not paths:
         return
     all_lines, all_sources = np.concatenate(lines), np.concatenate(sources)
     order = np.lexsort((all_sources[:, 0], all_lines))  # by line, then by output
+    parts = _OpenParts(paths)
     for start in range(0, len(order), batch_size):
         picked = all_sources[order[start : start + batch_size]]
-        yield _gather(tables, picked[:, 1], picked[:, 2])
+        yield _gather(parts, picked[:, 1], picked[:, 2])
 
 
-def _gather(tables: list[pa.Table], parts: np.ndarray, rows: np.ndarray) -> pa.RecordBatch:
-    """Rows (parts[i], rows[i]) in the given order, as one RecordBatch."""
+class _OpenParts:
+    """The few parts the current batches read, memory-mapped; older ones are closed (unmapped), so
+    reading a whole output keeps resident memory bounded whatever its size."""
+
+    def __init__(self, paths: list[Path], keep: int = 8) -> None:
+        self.paths, self.keep = paths, keep
+        self.open: dict[int, pa.Table] = {}
+
+    def __getitem__(self, part: int) -> pa.Table:
+        table = self.open.pop(part, None)
+        if table is None:
+            table = _open(self.paths[part])
+        self.open[part] = table  # most recently used last
+        while len(self.open) > self.keep:
+            del self.open[next(iter(self.open))]
+        return table
+
+
+def _gather(tables: _OpenParts, parts: np.ndarray, rows: np.ndarray) -> pa.RecordBatch:
+    """Rows (parts[i], rows[i]) in the given order, as one RecordBatch (copied out of the parts)."""
     pieces, positions = [], []
     for part in np.unique(parts):
         mask = parts == part
-        pieces.append(tables[part].take(pa.array(rows[mask])))
+        pieces.append(tables[int(part)].take(pa.array(rows[mask])))
         positions.append(np.nonzero(mask)[0])
     merged = pa.concat_tables(pieces)
     inverse = np.empty(len(parts), dtype=np.int64)
