@@ -166,6 +166,7 @@ def run_measured(command: list[str], timeout_s: float) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak[0] / 2**20, "returncode": proc.returncode,
+            "load_avg_1min": os.getloadavg()[0],  # other work on the box: images/s is a share of the cores
             "tail": "".join(output)[-2000:]}  # fmt: skip
 
 
@@ -265,7 +266,8 @@ def main() -> None:
             results[name][f"{latency:g}"] = result
             print(f"{name:12s} latency {latency:5g} ms: {result['saved']:6d} saved, "
                   f"{result['images_per_s']:7.1f} img/s, {result['cpu_ms_per_image']:6.2f} ms CPU/img, "
-                  f"peak RSS {result['peak_rss_mb']:7.1f} MB, wall {result['wall_s']:6.1f} s", flush=True)  # fmt: skip
+                  f"peak RSS {result['peak_rss_mb']:7.1f} MB, wall {result['wall_s']:6.1f} s, "
+                  f"load {result['load_avg_1min']:.1f}", flush=True)  # fmt: skip
             shutil.rmtree(out, ignore_errors=True)
     summary = summarize(results, args)
     for key, value in summary["ratios"].items():
