@@ -57,10 +57,10 @@ class DemoOptions:
     """
 
     out: Path
-    images: int = 3000
-    memes: int = 3000
-    pretrain_epochs: int = 12
-    finetune_epochs: int = 8
+    images: int = 4000
+    memes: int = 2000
+    pretrain_epochs: int = 10
+    finetune_epochs: int = 6
     latency_ms: float = 20.0
     failure_rate: float = 0.2
     device: str = "auto"
@@ -68,7 +68,7 @@ class DemoOptions:
 
     @classmethod
     def quick(cls, *, out: Path, **overrides: Any) -> DemoOptions:
-        return cls(out=out, **({"images": 1000, "memes": 1200, "pretrain_epochs": 5, "finetune_epochs": 5} | overrides))
+        return cls(out=out, **({"images": 1500, "memes": 800, "pretrain_epochs": 6, "finetune_epochs": 4} | overrides))
 
 
 @dataclass
@@ -92,10 +92,30 @@ class DemoReport:
     report_path: Path | None = None
 
 
+# The tiny preset tuned for minutes on a CPU (as in tests/train/test_learning.py): sub-batches for AP and
+# MIM, more MLM targets per step than BERT's 15%, no dropout (it slows a from-scratch tiny model more
+# than it regularizes it on a few thousand scenes).
+DEMO_OVERRIDES = (
+    "data.max_len=32",
+    "pretrain.batch_size=32",
+    "pretrain.lr=2e-3",
+    "pretrain.ap_batch_size=8",
+    "pretrain.mim_batch_size=8",
+    "pretrain.mlm_probability=0.3",
+    "model.text.dropout=0",
+    "model.text.attention_dropout=0",
+    "model.cross.dropout=0",
+    "model.cross.attention_dropout=0",
+    "finetune.batch_size=32",
+    "finetune.lr=1e-3",
+)
+
+
 def _config(options: DemoOptions) -> Config:
     return apply_overrides(
         tiny(),
         [
+            *DEMO_OVERRIDES,
             f"pretrain.epochs={options.pretrain_epochs}",
             f"pretrain.seed={options.seed}",
             f"finetune.epochs={options.finetune_epochs}",
@@ -299,7 +319,9 @@ def _finetune_figures(final: dict[str, Any]) -> str:
 
 def _analyse(options: DemoOptions, run_dir: Path, cache: Path, out: Path, report: DemoReport, say: Progress) -> None:
     say("analyse", {})
-    analysis, seconds = _timed(lambda: analyse(run_dir, cache / "test", pairs=500, device=options.device))
+    analysis, seconds = _timed(
+        lambda: analyse(run_dir, cache / "test", pairs=400, retrieval_pairs=200, device=options.device)
+    )
     plot_analysis(analysis, out / "analysis.png")
     (out / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=2))
     gaps = ", ".join(f"L{layer.layer} {layer.gap:+.3f}" for layer in analysis.layers)
