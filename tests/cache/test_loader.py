@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from .conftest import build_cache
 
 from vilbert.cache import BatchLoader, CacheReader, EpochSampler
 from vilbert.errors import CheckpointError
+
+from .conftest import build_cache
 
 
 def epoch_indices(sampler: EpochSampler, epoch: int) -> np.ndarray:
@@ -104,9 +105,9 @@ def test_ring_slots_are_reused_only_when_released(cache_f16):
 
 
 def test_an_empty_cache_loads_nothing(tmp_path):
-    from .conftest import writer_kwargs
-
     from vilbert.cache import CacheWriter, verify_cache
+
+    from .conftest import writer_kwargs
 
     with CacheWriter(tmp_path / "c", **writer_kwargs()):
         pass

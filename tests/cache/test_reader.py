@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from .conftest import build_cache, tokenizer_json
 
 from vilbert.cache import CacheReader, normalization
 from vilbert.errors import CacheError
+
+from .conftest import build_cache, tokenizer_json
 
 
 def mapped_ranges(file: Path) -> list[tuple[int, int]]:

@@ -70,9 +70,9 @@ def test_truncated_and_missing_shards_are_named(cache_f16):
 
 
 def test_duplicate_keys_are_reported(tmp_path):
-    from .conftest import make_rows, writer_kwargs
-
     from vilbert.cache import CacheWriter
+
+    from .conftest import make_rows, writer_kwargs
 
     rows = make_rows(10, "uint8")
     rows["keys"][9] = rows["keys"][2]  # shard 1 repeats a key of shard 0

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from .conftest import MAX_LEN, SIZE, build_cache, make_rows, writer_kwargs
 
 from vilbert.cache import CacheReader, CacheWriter, normalization
 from vilbert.errors import CacheError, UsageError
+
+from .conftest import MAX_LEN, SIZE, build_cache, make_rows, writer_kwargs
 
 
 def shard_files(path: Path) -> list[Path]:

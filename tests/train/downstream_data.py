@@ -27,10 +27,11 @@ def build_labelled_cache(root: Path, sizes: dict[str, int], *, seed: int = 0, ma
     """Fast labelled caches `root/<split>` of rendered 64x64 scenes with random 0/1 labels (for the
     mechanics of fine-tuning and evaluation, not for learning)."""
     import numpy as np
-    from .conftest import render_samples
 
     from vilbert.cache import CacheWriter
     from vilbert.pipeline.text import CaptionEncoder
+
+    from .conftest import render_samples
 
     data = {split: render_samples(n, seed + i, 64) for i, (split, n) in enumerate(sizes.items())}
     captions = [c for _, _, caps in data.values() for c in caps]

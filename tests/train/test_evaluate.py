@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from .downstream_data import build_labelled_cache
 
 from vilbert.cache import CacheReader
 from vilbert.config import apply_overrides, tiny
@@ -18,6 +17,8 @@ from vilbert.train.evaluate import evaluate, load_model, predict
 from vilbert.train.finetune import FinetuneOptions, finetune
 from vilbert.train.pretrain import PretrainOptions, pretrain
 from vilbert.train.scoring import auroc
+
+from .downstream_data import build_labelled_cache
 
 CONFIG = apply_overrides(
     tiny(),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from .downstream_data import build_labelled_cache
 
 from vilbert.config import apply_overrides, tiny
 from vilbert.errors import CacheError, CheckpointError
@@ -18,6 +17,8 @@ from vilbert.train.evaluate import load_model
 from vilbert.train.finetune import FinetuneOptions, finetune
 from vilbert.train.metrics import read_metrics
 from vilbert.train.pretrain import PretrainOptions, pretrain
+
+from .downstream_data import build_labelled_cache
 
 CONFIG = apply_overrides(
     tiny(),
