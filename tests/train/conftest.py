@@ -90,6 +90,18 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread: on 2 cores shared with other jobs, a second intra-op thread mostly spins
+    (here: 3x the CPU time for the same steps)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli_env() -> dict[str, str]:
     """Environment for `vilbert` subprocesses: this venv first, one thread per process, unbuffered."""
     env = dict(os.environ)

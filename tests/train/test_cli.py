@@ -17,6 +17,8 @@ from vilbert.model import ViLBERT
 from vilbert.train.checkpoint import load_checkpoint
 from vilbert.train.metrics import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VILBERT = [sys.executable, "-m", "vilbert"]
 SETTINGS = [
     "--preset",

@@ -16,6 +16,8 @@ from vilbert.train.checkpoint import load_checkpoint
 from vilbert.train.metrics import read_metrics
 from vilbert.train.pretrain import PretrainOptions, pretrain, run_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASE = [
     "data.max_len=32",
     "pretrain.batch_size=8",
@@ -135,3 +137,11 @@ def test_task_sub_batches_and_options(tiny_cache: Path, tmp_path: Path) -> None:
     } <= set(train[0])
     assert [r["step"] for r in records if r["kind"] == "eval"] == [1, 2]  # eval_every=1; the epoch has 3 steps
     assert all(0 <= r["ap_acc"] <= 1 and r["mim_loss"] > 0 for r in train)
+
+
+@pytest.mark.slow
+def test_compiled_model_checkpoints_uncompiled_names(tiny_cache: Path, tmp_path: Path) -> None:
+    result = _run(tiny_cache, tmp_path / "run", _config("pretrain.compile=true", "pretrain.tasks=mlm,ap"), 2)
+    state = load_checkpoint(result.checkpoint)
+    assert not any("_orig_mod" in k for k in state["model"])
+    ViLBERT(run_config(tmp_path / "run").model).load_state_dict(state["model"])  # strict: the same names

@@ -12,6 +12,8 @@ from vilbert.model import ViLBERT
 from vilbert.train.masking import IGNORE_INDEX, PixelNormalizer, SpecialTokens, num_masked_patches
 from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPECIAL = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
 VOCAB = 60
 
