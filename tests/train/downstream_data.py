@@ -1,26 +1,12 @@
-"""Labelled caches of the synthetic memes task for the downstream tests (finetune, evaluate, analyse).
-
-Built with the real pipeline (`generate_memes` -> `preprocess` with a WordPiece tokenizer trained on the
-memes' texts), at the tiny preset's 64x64, in process (no decode workers) because the sets are small.
-"""
+"""Labelled caches for the downstream tests (finetune, evaluate): rendered 64x64 scenes with random
+labels, written straight with `CacheWriter`, for the mechanics. The chain test in `test_ablate.py`
+builds the real synthetic corpus and memes with the pipeline instead."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
-from vilbert.pipeline.sources import HatefulMemesSource, iter_captions
-from vilbert.pipeline.synthetic import generate_memes
 from vilbert.pipeline.text import train_wordpiece
-
-
-def build_memes_cache(root: Path, n: int, *, seed: int = 0, max_len: int = 32) -> Path:
-    """`root/cache/{train,dev_seen,test_seen}` of about `n` synthetic memes; returns `root/cache`."""
-    memes = generate_memes(root / "memes", n, seed)
-    tokenizer = train_wordpiece(iter_captions([memes]), 256, min_frequency=1)
-    options = PreprocessOptions(image_size=64, pixel_dtype="uint8", max_len=max_len, workers=0)
-    preprocess(HatefulMemesSource(memes), root / "cache", tokenizer, options, command="tests/train")
-    return root / "cache"
 
 
 def build_labelled_cache(root: Path, sizes: dict[str, int], *, seed: int = 0, max_len: int = 32) -> Path:
