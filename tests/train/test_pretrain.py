@@ -140,7 +140,17 @@ def test_task_sub_batches_and_options(tiny_cache: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_model_checkpoints_uncompiled_names(tiny_cache: Path, tmp_path: Path) -> None:
+def test_compiled_model_checkpoints_uncompiled_names(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dynamo captures the graphs as with the default backend; "eager" skips inductor's C++ compilation
+    # (over ten minutes on 2 shared cores), which is not what this test is about.
+    compile_ = torch.compile
+
+    def eager_compile(model=None, **kwargs):
+        return compile_(model, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
     result = _run(tiny_cache, tmp_path / "run", _config("pretrain.compile=true", "pretrain.tasks=mlm,ap"), 2)
     state = load_checkpoint(result.checkpoint)
     assert not any("_orig_mod" in k for k in state["model"])
