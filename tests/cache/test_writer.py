@@ -229,3 +229,30 @@ def test_finish_records_extra_provenance(tmp_path):
     manifest = writer.finish(extra={"skipped": {"undecodable": 2}})
     assert manifest.extra == {"skipped": {"undecodable": 2}}
     assert CacheReader(tmp_path / "c").manifest.extra == {"skipped": {"undecodable": 2}}
+
+
+def test_a_failed_shard_commit_fails_the_build_and_keeps_the_earlier_shards(tmp_path, monkeypatch):
+    """Shards are synced and renamed on the writer's commit thread; its errors reach the producer."""
+    import vilbert.cache.writer as writer_module
+
+    calls = []
+
+    def failing_second_commit(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "_drop_from_page_cache", failing_second_commit)
+    rows = make_rows(20, "float16")
+    path = tmp_path / "c"
+    with pytest.raises(OSError, match="Input/output error"), CacheWriter(path, **writer_kwargs()) as writer:
+        write_rows(writer, rows, 0, 20)
+    assert not (path / "manifest.json").exists()
+    assert [f.name for f in shard_files(path)] == ["shard-00000.arrow"]
+    assert not list(path.glob(".shard-*.tmp"))
+    monkeypatch.undo()
+    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+        assert writer.rows_done == 7
+        write_rows(writer, rows, writer.rows_done, 20)
+    build_cache(tmp_path / "clean", n=20)
+    assert [f.read_bytes() for f in shard_files(path)] == [f.read_bytes() for f in shard_files(tmp_path / "clean")]

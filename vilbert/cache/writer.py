@@ -21,6 +21,10 @@ while building:            .shard-NNNNN.arrow.tmp (renamed when complete and fsy
 Rows per shard are derived from `target_shard_bytes` and the row size only, and a shard is one
 record batch whatever the producer's batch sizes, so the same rows in the same order give
 byte-identical shards. The manifest's `created_at` is the only timestamp.
+
+A full shard is hashed on one thread while it is written on another; its fsync, rename and
+progress record run on a commit thread while the next shard fills (at most one waits), and its
+pages then leave the page cache, so the next shard reuses them instead of taking fresh memory.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -164,6 +171,9 @@ class CacheWriter:
         self._buffers: dict[str, np.ndarray] | None = None
         self._strings: dict[str, list[str]] = {"key": [], "caption": []}
         self._fill = 0
+        self._committer: ThreadPoolExecutor | None = None
+        self._commits: deque[Future[None]] = deque()
+        self._commit_failed = False
         self._finished = False
         self._closed = False
         self.manifest: Manifest | None = None
@@ -235,6 +245,8 @@ class CacheWriter:
         try:
             if self._fill:
                 self._flush_shard()
+            self._wait_commits()
+            self._stop_committer()
             self.extra.update(extra or {})
             self.manifest = self._build_manifest()
             write_json_atomic(self.path / MANIFEST_NAME, self.manifest.to_dict())
@@ -251,6 +263,7 @@ class CacheWriter:
         """Drop unflushed rows; completed shards and the progress file stay for `resume`."""
         self._closed = True
         self._buffers = None
+        self._stop_committer()
         for tmp in self.path.glob(".shard-*.arrow.tmp"):
             tmp.unlink(missing_ok=True)
         self._release()
@@ -349,57 +362,107 @@ class CacheWriter:
         return pa.record_batch(arrays, schema=self._schema)
 
     def _flush_shard(self) -> None:
+        """Write the buffered rows as the next shard: hash and file write run side by side (both
+        release the GIL); the fsync, rename and progress record go to the commit thread, so the
+        next shard fills while the disk catches up."""
         index = len(self._shards)
         name = shard_name(index)
-        final, tmp = self.path / name, self.path / f".{name}.tmp"
-        batch = self._record_batch()
-        with open(tmp, "wb") as handle:
-            sink = _HashingSink(handle)
-            with pa.ipc.new_file(sink, self._schema) as ipc:
-                ipc.write_batch(batch)
+        tmp = self.path / f".{name}.tmp"
+        sink = _CollectingSink()
+        with pa.ipc.new_file(sink, self._schema) as ipc:
+            ipc.write_batch(self._record_batch())
+        digest = _Digest(sink.chunks)
+        handle = open(tmp, "wb")  # noqa: SIM115 - closed by the commit
+        try:
+            for chunk in sink.chunks:
+                handle.write(chunk)
             handle.flush()
-            os.fsync(handle.fileno())
-        size = tmp.stat().st_size
-        if size != sink.size:
-            raise CacheError(f"{tmp}: wrote {sink.size} bytes but the file holds {size}")
-        os.replace(tmp, final)
-        fsync_dir(self.path)
-        self._shards.append(ShardInfo(name=name, rows=self._fill, bytes=size, checksum=sink.checksum()))
+        except BaseException:
+            handle.close()
+            raise
+        finally:
+            checksum = digest.result()  # the rows' buffers are reused once this returns
+        self._shards.append(ShardInfo(name=name, rows=self._fill, bytes=sink.size, checksum=checksum))
         self._fill = 0
         for values in self._strings.values():
             values.clear()
+        self._commit_later(handle, tmp, list(self._shards))
+
+    def _commit_later(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"cache-commit-{self.settings.split}")
+        self._commits.append(self._committer.submit(self._commit, handle, tmp, shards))
+        self._wait_commits(keep=1)  # at most one shard waits for the disk while the next one fills
+
+    def _wait_commits(self, keep: int = 0) -> None:
+        """Wait until at most `keep` commits are pending; raises the first commit's error."""
+        while len(self._commits) > keep:
+            self._commits.popleft().result()
+
+    def _commit(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
+        """fsync the shard, rename it to its final name, record it in the progress file.
+
+        After a failed commit the later shards are not committed: completed shards stay a prefix."""
+        if self._commit_failed:
+            handle.close()
+            return
+        try:
+            self._commit_shard(handle, tmp, shards)
+        except BaseException:
+            self._commit_failed = True
+            raise
+
+    def _commit_shard(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
+        shard = shards[-1]
+        try:
+            os.fsync(handle.fileno())
+            size = os.fstat(handle.fileno()).st_size
+            _drop_from_page_cache(handle.fileno())
+        finally:
+            handle.close()
+        if size != shard.bytes:
+            raise CacheError(f"{tmp}: wrote {shard.bytes} bytes but the file holds {size}")
+        os.replace(tmp, self.path / shard.name)
+        fsync_dir(self.path)
         write_json_atomic(
             self.path / PROGRESS_NAME,
             {
                 "config": self._config,
-                "shards": [
-                    {"name": s.name, "rows": s.rows, "bytes": s.bytes, "checksum": s.checksum} for s in self._shards
-                ],
+                "shards": [{"name": s.name, "rows": s.rows, "bytes": s.bytes, "checksum": s.checksum} for s in shards],
             },
         )
-        log.debug("cache %s: wrote %s (%d rows, %d bytes)", self.path, name, self._shards[-1].rows, size)
+        log.debug("cache %s: wrote %s (%d rows, %d bytes)", self.path, shard.name, shard.rows, size)
+
+    def _stop_committer(self) -> None:
+        """Wait for pending commits, ignoring their errors (after a failure), and stop the thread."""
+        for future in self._commits:
+            future.exception()
+        self._commits.clear()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
 
 
-class _HashingSink:
-    """A file wrapper that hashes what Arrow writes through it (no second read of the shard)."""
+class _CollectingSink:
+    """A write-only file for Arrow's IPC writer that keeps what it is given, in order, without
+    copying: large buffers arrive as views of the batch's own memory, small pieces as bytes."""
 
-    def __init__(self, handle: BinaryIO) -> None:
-        self._handle = handle
-        self._digest = hashlib.sha256()
+    def __init__(self) -> None:
+        self.chunks: list[memoryview] = []
         self.size = 0
         self.closed = False
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._digest.update(view)
+        view = memoryview(data).cast("B")
+        self.chunks.append(view)
         self.size += view.nbytes
-        return self._handle.write(view)
+        return view.nbytes
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
-        self._handle.flush()
+        pass
 
     def close(self) -> None:
         self.closed = True
@@ -407,8 +470,22 @@ class _HashingSink:
     def writable(self) -> bool:
         return True
 
-    def checksum(self) -> str:
-        return "sha256:" + self._digest.hexdigest()
+
+class _Digest:
+    """SHA-256 of `chunks`, computed on its own thread (hashlib releases the GIL on large inputs)."""
+
+    def __init__(self, chunks: Sequence[memoryview]) -> None:
+        self._sha = hashlib.sha256()
+        self._thread = threading.Thread(target=self._run, args=(chunks,), name="cache-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, chunks: Sequence[memoryview]) -> None:
+        for chunk in chunks:
+            self._sha.update(chunk)
+
+    def result(self) -> str:
+        self._thread.join()
+        return "sha256:" + self._sha.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -455,6 +532,16 @@ def _tokenizer_bytes(tokenizer_json: str) -> bytes:
     if not path.is_file():
         raise UsageError(f"tokenizer_json is neither JSON text nor an existing file: {tokenizer_json[:80]!r}")
     return path.read_bytes()
+
+
+def _drop_from_page_cache(fd: int) -> None:
+    """Let the kernel reuse a synced shard's page-cache pages for the next shard.
+
+    A cache is written once and read later (usually far larger than RAM); kept in the page cache,
+    each shard takes fresh pages, and filling fresh pages cost 5x more than reusing freed ones
+    here (250-330 ms against 50-80 ms per 128 MiB `write()`, measured on the 2-core VM)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
