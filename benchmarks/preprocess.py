@@ -13,8 +13,9 @@ writes them) and run in fresh subprocesses, one after another:
 - **cache write only** (context): `CacheWriter.write` of the same number of ready-made float16 rows
   in one process: the copy, file write, checksum and fsync every preprocess pays on top of decoding.
 
-Figures: images/s, CPU seconds per image (the process tree's user+system time), and the process
-tree's peak RSS (sampled every 20 ms; shared pages count once per process). The machine is shared:
+Figures: images/s, CPU seconds per image (the process tree's user+system time; both timed from
+after the same library imports, for every contender), and the process tree's peak RSS (sampled
+every 20 ms; shared pages count once per process). The machine is shared:
 compare the ratios, which are measured in the same run.
 
     python benchmarks/preprocess.py --quick          # under a minute: 2,000 images
@@ -225,8 +226,25 @@ def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
     return n
 
 
+def _import_libraries() -> None:
+    """Import what any contender uses, before its clock starts: the same for all of them, so that
+    the figures are the work's (the interpreter and library start-up, ~1 s of CPU here, is a fixed
+    cost that --quick's 2,000 images would otherwise spread over every image of ours and the loop
+    only: the ceiling's workers import just pyarrow and simplejpeg). Forked workers inherit them."""
+    import pyarrow.compute  # noqa: F401 - reading fetch output uses it
+    import simplejpeg  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+    import vilbert.cache  # noqa: F401
+    import vilbert.pipeline.fetch  # noqa: F401
+    import vilbert.pipeline.preprocess  # noqa: F401
+    import vilbert.pipeline.sources  # noqa: F401
+    import vilbert.pipeline.text  # noqa: F401
+
+
 def contender_main(args: argparse.Namespace) -> None:
     """Runs in a fresh subprocess: one contender, prints its JSON figures."""
+    _import_libraries()
     before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     start = time.perf_counter()
     if args.contender == "ours":
