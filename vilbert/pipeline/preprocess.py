@@ -30,6 +30,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -380,17 +381,21 @@ class _RunState:
     def finish(self, seconds: float) -> PreprocessReport:
         if self.options.mode == "overwrite":
             remove_stale_caches(self.out, keep=set(self.writers))
-        splits = {}
-        for split, writer in sorted(self.writers.items()):
+        splits, extras = {}, {}
+        for split in sorted(self.writers):
             skipped = dict(sorted(self.skipped.get(split, Counter()).items()))
-            extra = {
+            extras[split] = {
                 "source": self.source.description,
                 "rows": self.rows[split],
                 "skipped": skipped,
                 "options": self.option_record,
             }
-            writer.finish(extra={"preprocess": extra})
             splits[split] = SplitReport(path=str(self.out / split), rows=self.rows[split], skipped=skipped)
+        # Each split's last shard is written, hashed and synced at once (all of it releases the GIL).
+        with ThreadPoolExecutor(len(self.writers) or 1, thread_name_prefix="preprocess-finish") as finishing:
+            done = [finishing.submit(w.finish, extra={"preprocess": extras[s]}) for s, w in self.writers.items()]
+        for future in done:
+            future.result()
         total: Counter[str] = Counter()
         for counter in self.skipped.values():
             total.update(counter)
