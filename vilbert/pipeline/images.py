@@ -12,8 +12,9 @@ Decoders, chosen per image by measurement (on 2 cores, decode dominates the fetc
 - **PNG**, 8-bit RGB/RGBA: libspng through `pyspng` (about twice as fast as PIL) when installed.
 - **PIL** for everything else: palette and grey PNGs, GIF, WebP, 16-bit images, PNGs with EXIF.
 
-Images with transparency are composited over white (premultiplied, so transparent pixels' colours
-never bleed in); 16-bit images are scaled to 8 bits; grey and palette become RGB.
+Images with transparency are composited over white before resizing (as the obvious full-size
+pipeline does; only the part a crop keeps is composited); 16-bit images are scaled to 8 bits; grey
+and palette become RGB.
 
 Resize modes (`RESIZE_MODES`): `center-crop` (shorter side to `size`, then the centre square),
 `pad` (longer side to `size`, centred on black), `stretch` (both sides to `size`). The filter is
@@ -59,7 +60,7 @@ MAX_PIXELS = 89_478_485
 """PIL's own default bomb limit (about 0.25 GiB of RGBA); larger sources are refused unread."""
 
 _Decoded = tuple
-"""(pixels (H, W, 3) RGB or (H, W, 4) premultiplied RGBa, upright width, upright height, EXIF
+"""(pixels (H, W, 3) RGB or (H, W, 4) RGBA with straight alpha, upright width, upright height, EXIF
 orientation still to apply after resizing: center-crop, pad and stretch to a square commute with it)."""
 
 # Pillow warns (and raises above 2x) on its own limit; we check first with ours.
@@ -236,8 +237,6 @@ def _decode_png_fast(data: bytes, max_pixels: int) -> _Decoded | None:
         pixels = pyspng.load(data)
     except Exception as err:  # pyspng raises RuntimeError/ValueError with libspng's message
         raise ImageDecodeError("undecodable", f"PNG decode failed: {err}") from err
-    if pixels.shape[2] == 4:
-        pixels = np.asarray(Image.fromarray(pixels, "RGBA").convert("RGBa"))
     return pixels, width, height, 1
 
 
@@ -260,19 +259,19 @@ def _decode_pil(data: bytes, size: int, mode: str, max_pixels: int) -> _Decoded:
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """RGB, or premultiplied RGBa for images with transparency (composited over white later)."""
+    """RGB, or RGBA for images with transparency (composited over white later)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.uint32)
         image = Image.fromarray((array >> 8).clip(0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La"):
-        return np.asarray(image.convert("RGBA").convert("RGBa"))
+        return np.asarray(image.convert("RGBA"))
     return np.asarray(image.convert("RGB"))
 
 
 def _resize(pixels: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Antialiased bicubic resize of an (H, W, 3|4) array; 4 channels are premultiplied RGBa."""
+    """Antialiased bicubic resize of an (H, W, 3|4) array; 4 channels are RGBA, composited over white."""
     import torch  # deferred: importing torch costs a second; callers that never resize skip it
 
     height, width = pixels.shape[:2]
@@ -285,16 +284,28 @@ def _resize(pixels: np.ndarray, size: int, mode: str) -> np.ndarray:
     else:
         scale = size / max(width, height)
         inner = (max(1, round(height * scale)), max(1, round(width * scale)))
-    if not pixels.flags.writeable:
-        pixels = pixels.copy()  # torch wants writable memory; the copy is a memcpy
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]  # (1, C, H, W)
-    out = torch.nn.functional.interpolate(tensor, size=inner, mode="bicubic", antialias=True)
-    out = out[0].permute(1, 2, 0).numpy()  # (h, w, C)
-    if out.shape[2] == 4:  # premultiplied over white: c + (255 - alpha)
-        out = (out[:, :, :3].astype(np.uint16) + (255 - out[:, :, 3:])).clip(0, 255).astype(np.uint8)
+    if pixels.shape[2] == 4:
+        pixels = _over_white(pixels)
+    if pixels.shape[:2] == inner:
+        out = pixels
+    else:
+        # A contiguous HWC array is a channels-last tensor: torch's uint8 kernel for that layout is
+        # the fast one, and its output is HWC already (the crop's copy is a memcpy, writable for torch).
+        tensor = torch.from_numpy(np.array(pixels, order="C")).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        out = torch.nn.functional.interpolate(tensor, size=inner, mode="bicubic", antialias=True)
+        out = out[0].permute(1, 2, 0).numpy()  # (h, w, 3)
     if mode != "pad":
         return np.ascontiguousarray(out)
     canvas = np.zeros((size, size, 3), np.uint8)
     top, left = (size - inner[0]) // 2, (size - inner[1]) // 2
     canvas[top : top + inner[0], left : left + inner[1]] = out
     return canvas
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite straight-alpha RGBA over white (PIL's paste with the alpha as mask: one C pass)."""
+    height, width = rgba.shape[:2]
+    image = Image.frombuffer("RGBA", (width, height), np.ascontiguousarray(rgba), "raw", "RGBA", 0, 1)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(image, (0, 0), image)
+    return np.asarray(canvas)
