@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vilbert.config import Config, apply_overrides, tiny
+from vilbert.config import CPU_RECIPE, Config, apply_overrides, tiny
 from vilbert.errors import UsageError
 from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, fetch_cc
 from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
@@ -92,30 +92,11 @@ class DemoReport:
     report_path: Path | None = None
 
 
-# The tiny preset tuned for minutes on a CPU (as in tests/train/test_learning.py): sub-batches for AP and
-# MIM, more MLM targets per step than BERT's 15%, no dropout (it slows a from-scratch tiny model more
-# than it regularizes it on a few thousand scenes).
-DEMO_OVERRIDES = (
-    "data.max_len=32",
-    "pretrain.batch_size=32",
-    "pretrain.lr=2e-3",
-    "pretrain.ap_batch_size=8",
-    "pretrain.mim_batch_size=8",
-    "pretrain.mlm_probability=0.3",
-    "model.text.dropout=0",
-    "model.text.attention_dropout=0",
-    "model.cross.dropout=0",
-    "model.cross.attention_dropout=0",
-    "finetune.batch_size=32",
-    "finetune.lr=1e-3",
-)
-
-
 def _config(options: DemoOptions) -> Config:
     return apply_overrides(
         tiny(),
         [
-            *DEMO_OVERRIDES,
+            *CPU_RECIPE,
             f"pretrain.epochs={options.pretrain_epochs}",
             f"pretrain.seed={options.seed}",
             f"finetune.epochs={options.finetune_epochs}",

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from vilbert.cli._options import CONFIG_OPTION, SET_OPTION
 from vilbert.cli.console import console
-from vilbert.config import apply_overrides, load_config, preset
+from vilbert.config import CPU_RECIPE, apply_overrides, load_config, preset
 from vilbert.errors import UsageError
 
 __all__ = [
@@ -44,22 +44,8 @@ class SyntheticScale:
     """`--set` overrides applied to the tiny preset before the user's own."""
 
 
-RECIPE = (
-    "data.max_len=32",
-    "pretrain.batch_size=32",
-    "pretrain.lr=2e-3",
-    "pretrain.mlm_probability=0.3",
-    "pretrain.mim_batch_size=8",
-    "pretrain.log_every=20",
-    "pretrain.checkpoint_every=0",
-    "finetune.batch_size=32",
-    "model.text.dropout=0",
-    "model.text.attention_dropout=0",
-    "model.cross.dropout=0",
-    "model.cross.attention_dropout=0",
-)
-"""The tiny preset as the pretraining learning test tunes it for a from-scratch model on the CPU (no
-dropout, 30% MLM, lr 2e-3, batch 32, MIM on 8 rows per batch), shared by pretraining and fine-tuning."""
+RECIPE = (*CPU_RECIPE, "pretrain.log_every=20", "pretrain.checkpoint_every=0")
+"""`CPU_RECIPE`, logging every 20 steps and checkpointing only at epoch ends."""
 QUICK = SyntheticScale(corpus=800, memes=600, overrides=(*RECIPE, "pretrain.epochs=3", "finetune.epochs=3"))
 FULL = SyntheticScale(corpus=3000, memes=2400, overrides=(*RECIPE, "pretrain.epochs=6", "finetune.epochs=6"))
 TOKENIZER_VOCAB = 512
