@@ -287,11 +287,13 @@ def _resize(pixels: np.ndarray, size: int, mode: str) -> np.ndarray:
     if pixels.shape[2] == 4:
         pixels = _over_white(pixels)
     if pixels.shape[:2] == inner:
-        out = pixels
+        out = np.array(pixels, order="C")  # already the target size: a writable copy, no resampling
     else:
         # A contiguous HWC array is a channels-last tensor: torch's uint8 kernel for that layout is
-        # the fast one, and its output is HWC already (the crop's copy is a memcpy, writable for torch).
-        tensor = torch.from_numpy(np.array(pixels, order="C")).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        # the fast one, and its output is HWC already (a crop's copy is a memcpy, writable for torch).
+        if not (pixels.flags.c_contiguous and pixels.flags.writeable):
+            pixels = np.array(pixels, order="C")
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 3, H, W)
         out = torch.nn.functional.interpolate(tensor, size=inner, mode="bicubic", antialias=True)
         out = out[0].permute(1, 2, 0).numpy()  # (h, w, 3)
     if mode != "pad":
