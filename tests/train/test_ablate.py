@@ -3,7 +3,10 @@ helps the memes task, the analysis sees alignment, and `vilbert ablate` prints i
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,104 @@ def test_options_are_validated(tmp_path: Path) -> None:
         AblationOptions(corpus=tmp_path, memes=tmp_path, out=tmp_path, settings=("mim",))
     with pytest.raises(UsageError, match="--seeds"):
         AblationOptions(corpus=tmp_path, memes=tmp_path, out=tmp_path, seeds=0)
+
+
+# ----------------------------------------------------------------------------------- the whole chain
+
+CHAIN_OVERRIDES = ("pretrain.tasks=[mlm,ap]", "pretrain.epochs=4", "finetune.epochs=4")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Synthetic corpus and memes through the real pipeline, a tiny pretraining run on the corpus, and
+    two fine-tuning runs on the memes with the same budget: from that run and from scratch."""
+    from vilbert.cli.ablate import RECIPE, prepare_synthetic
+    from vilbert.config import apply_overrides, tiny
+    from vilbert.train.analyse import analyse
+    from vilbert.train.finetune import FinetuneOptions, finetune
+    from vilbert.train.pretrain import PretrainOptions, pretrain
+
+    root = tmp_path_factory.mktemp("chain")
+    corpus, memes = prepare_synthetic(root / "data", corpus=1000, memes=800, workers=2)
+    config = apply_overrides(tiny(), [*RECIPE, *CHAIN_OVERRIDES])
+    pre = pretrain(config, PretrainOptions(data=corpus, run_dir=root / "pre", device="cpu"))
+    runs = {}
+    for name, init in (("pretrained", root / "pre"), ("scratch", None)):
+        options = FinetuneOptions(data=memes, run_dir=root / f"ft-{name}", init=init, device="cpu", plots=False)
+        runs[name] = finetune(config, options).results
+    report = analyse(root / "pre", corpus / "test", pairs=200, retrieval_pairs=50, device="cpu")
+    dev = {name: results["final"]["dev"]["auroc"] for name, results in runs.items()}
+    print(
+        f"\nchain: pretraining eval {pre.last_eval}; dev AUROC pretrained {dev['pretrained']:.4f}, scratch "
+        f"{dev['scratch']:.4f}; gaps {[round(s.gap, 4) for s in report.layers]}; recall {report.retrieval}"
+    )
+    return {"root": root, "corpus": corpus, "memes": memes, "pretrain": pre, "runs": runs, "analysis": report}
+
+
+@pytest.mark.slow
+def test_chain_runs_end_to_end(chain: dict) -> None:
+    assert chain["pretrain"].stopped == "completed"
+    for name, results in chain["runs"].items():
+        assert results["init_kind"] == ("pretrain" if name == "pretrained" else "scratch")
+        assert len(results["epochs"]) == 4
+        for split in ("dev", "test"):
+            assert 0.0 <= results["final"][split]["auroc"] <= 1.0 and results["final"][split]["n"] > 0
+    assert chain["runs"]["pretrained"]["steps"] == chain["runs"]["scratch"]["steps"]  # the same budget
+    assert len(chain["analysis"].layers) == 4 and chain["analysis"].retrieval_pairs == 50
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="tiny from-scratch pretraining does not learn alignment in minutes on a CPU (held-out AP stays at "
+    "chance), and neither fine-tuning run leaves chance on the memes; see docs/results.md",
+)
+def test_pretraining_beats_scratch_and_the_analysis_sees_alignment(chain: dict) -> None:
+    dev = {name: results["final"]["dev"]["auroc"] for name, results in chain["runs"].items()}
+    assert dev["pretrained"] >= dev["scratch"] + 0.1, dev
+    report = chain["analysis"]
+    assert any(s.gap > 3 * s.gap_stderr and s.gap > 0 for s in report.layers), report.layers
+    chance = report.chance["r1"]
+    assert report.retrieval["i2t_r1"] > 3 * chance and report.retrieval["t2i_r1"] > 3 * chance, report.retrieval
+
+
+@pytest.mark.slow
+def test_ablate_cli_prints_the_table(chain: dict, cli_env: dict) -> None:
+    out = chain["root"] / "ablate"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vilbert",
+        "ablate",
+        "--corpus",
+        str(chain["corpus"]),
+        "--memes",
+        str(chain["memes"]),
+        "--out",
+        str(out),
+        "--seeds",
+        "2",
+        "--settings",
+        "none,ap",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--set",
+        "data.max_len=32",
+        "--set",
+        "pretrain.epochs=1",
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "pretrain.batch_size=64",
+        "--set",
+        "finetune.batch_size=64",
+    ]
+    env = {**cli_env, "COLUMNS": "200"}  # rich wraps the table's cells at 80 columns when stdout is a pipe
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "mean ± std" in proc.stdout and "none (from scratch)" in proc.stdout and "test AUROC" in proc.stdout
+    report = json.loads((out / "ablation.json").read_text())
+    assert [(r["setting"], r["seed"]) for r in report["runs"]] == [("none", 0), ("none", 1), ("ap", 0), ("ap", 1)]
+    assert [row["seeds"] for row in report["summary"]] == [2, 2]
