@@ -108,7 +108,7 @@ def test_plot_writes_the_curves_of_the_run(learned: dict) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="from scratch, the tiny model does not leave chance on alignment prediction within the CPU budget "
-    "(held-out AP 0.48-0.53 after 1,000 steps; see vilbert/train/README.md, 'What learns on a CPU')",
+    "(held-out AP 0.47-0.53 after 1,000 steps; see vilbert/train/README.md, 'What learns on a CPU')",
 )
 def test_alignment_prediction_reaches_090(learned: dict) -> None:
     assert learned["result"].last_eval["ap_acc"] >= 0.9
