@@ -29,6 +29,7 @@ from vilbert.pipeline.synthetic import ServerOptions, generate_corpus, generate_
 from vilbert.pipeline.text import train_wordpiece
 from vilbert.train.analyse import analyse, plot_analysis
 from vilbert.train.finetune import FinetuneOptions, finetune
+from vilbert.train.metrics import read_metrics
 from vilbert.train.plot import plot_runs
 from vilbert.train.pretrain import PretrainOptions, pretrain
 
@@ -357,7 +358,7 @@ def _reading(report: DemoReport) -> list[str]:
             "on purpose (404s, resets, stalls, truncated bodies, opt-out headers, HTML): every failure above is "
             "counted by reason, and a rerun of the same command would retry only the transient ones."
         )
-    first, last = _first_and_last_record(report.out / "runs" / "pretrain" / "metrics.jsonl")
+    first, last = _first_and_last_record(report.out / "runs" / "pretrain")
     falling = [
         f"{task} {first[key]:.2f} -> {last[key]:.2f}"
         for task, key in (("MLM", "mlm_loss"), ("AP", "ap_loss"), ("MIM", "mim_loss"))
@@ -377,10 +378,10 @@ def _reading(report: DemoReport) -> list[str]:
     return lines
 
 
-def _first_and_last_record(metrics: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not metrics.exists():
+def _first_and_last_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not (run_dir / "metrics.jsonl").exists():
         return {}, {}
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
     records = train if len(train) >= 2 else records  # a run shorter than two log intervals: its evaluations
     return (records[0], records[-1]) if records else ({}, {})
