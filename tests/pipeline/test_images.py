@@ -104,6 +104,38 @@ def test_transparent_pixels_become_white() -> None:
     assert decode_resize(data, size=32).min() == 255
 
 
+def png_variants() -> dict[str, bytes]:
+    rgb = photo(90, 70, seed=3)
+    palette = Image.fromarray(rgb).quantize(64)
+    alpha = np.tile(np.linspace(0, 255, 90, dtype=np.uint8), (70, 1))
+    grey_alpha = Image.fromarray(np.dstack([rgb[:, :, 0], alpha]), "LA")
+    return {
+        "palette": to_bytes(palette, "PNG"),
+        "palette-trns": to_bytes(palette, "PNG", transparency=bytes(range(0, 256, 4))),
+        "palette-one-transparent": to_bytes(palette, "PNG", transparency=5),
+        "grey": to_bytes(Image.fromarray(rgb[:, :, 1]), "PNG"),
+        "grey-trns": to_bytes(Image.fromarray(rgb[:, :, 1]), "PNG", transparency=7),
+        "grey-alpha": to_bytes(grey_alpha, "PNG"),
+        "rgb-gamma": to_bytes(Image.fromarray(rgb), "PNG", gamma=0.5),  # PIL ignores gAMA; so must libspng
+    }
+
+
+@pytest.mark.parametrize("name", sorted(png_variants()))
+def test_png_fast_path_equals_pil(name: str) -> None:
+    """libspng's output is exactly what the PIL path makes of the same PNG (alpha included)."""
+    from vilbert.pipeline import images
+
+    data = png_variants()[name]
+    fast = images._decode_png_fast(data, images.MAX_PIXELS)
+    if name.startswith("palette-"):  # a palette with transparency goes to PIL (pyspng drops its alpha)
+        assert fast is None
+        return
+    assert fast is not None, "8-bit PNGs take the libspng path"
+    slow = images._decode_pil(data, 224, "center-crop", images.MAX_PIXELS)
+    assert fast[0].shape == slow[0].shape and fast[1:] == slow[1:]
+    np.testing.assert_array_equal(fast[0], slow[0])
+
+
 # What a camera stores for each EXIF orientation, given the upright scene (PIL's exif_transpose undoes it).
 STORED = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
