@@ -361,7 +361,7 @@ def _reading(report: DemoReport) -> list[str]:
     first, last = _first_and_last_record(report.out / "runs" / "pretrain")
     falling = [
         f"{task} {first[key]:.2f} -> {last[key]:.2f}"
-        for task, key in (("MLM", "mlm_loss"), ("AP", "ap_loss"), ("MIM", "mim_loss"))
+        for task, key in (("MLM", "mlm_loss"), ("AP", "ap_loss"), ("MIM", "mim_loss"), ("ITC", "itc_loss"))
         if key in first and key in last
     ]
     if falling:
@@ -374,6 +374,12 @@ def _reading(report: DemoReport) -> list[str]:
             "The memes label needs caption and image together, so both fine-tuning runs stay near AUROC 0.5, "
             "and the cross-layer gap and recall@1 stay near their chance values. MLM is what learns here: "
             "its loss falls, and masked colour words come to be read off the image."
+        )
+    elif ap is not None:
+        lines.append(
+            f"- **alignment prediction left chance** (held-out {ap:.2f}, chance 0.50): the image-text contrastive "
+            "task (ITC) taught both streams to encode what the other one shows, which is what AP's product "
+            "head compares (vilbert/train/README.md, 'What learns on a CPU')."
         )
     return lines
 

@@ -26,6 +26,7 @@ def _loss(model: ViLBERT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         + model.alignment_logits(out).sum()
         + model.mim_projection(out.vision[:, 1:]).pow(2).mean()
         + model.classify(out).sum()
+        + sum(e.sum() for e in model.contrastive_embeddings(out))
     )
 
 
@@ -174,6 +175,29 @@ def test_without_cross_layers_the_streams_are_the_encoders(config):
     out = model(**batch)
     torch.testing.assert_close(out.text, model.text(batch["input_ids"], batch["attention_mask"]))
     torch.testing.assert_close(out.vision, model.vision(batch["pixels"], batch["image_mask"]))
+
+
+def test_unimodal_first_tokens_are_the_encoders_and_contrastive_embeddings_unit_norm(config):
+    model = ViLBERT(config).eval()
+    batch = make_batch(config)
+    out = model(**batch)
+    # The cross stack runs after both encoders here, so what enters it is what the encoders return.
+    torch.testing.assert_close(out.unimodal_text, model.text(batch["input_ids"], batch["attention_mask"])[:, 0])
+    torch.testing.assert_close(out.unimodal_vision, model.vision(batch["pixels"], batch["image_mask"])[:, 0])
+    assert not torch.allclose(out.unimodal_text, out.text[:, 0]), "the cross stack changed the first token"
+    text, vision = model.contrastive_embeddings(out)
+    assert text.shape == vision.shape == (batch["input_ids"].shape[0], config.itc_projection_dim)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(len(text)))
+    torch.testing.assert_close(vision.norm(dim=-1), torch.ones(len(vision)))
+
+
+def test_initializer_range_sets_the_scratch_init(config):
+    torch.manual_seed(0)
+    wide = ViLBERT(dataclasses.replace(config, initializer_range=0.1))
+    params = dict(wide.named_parameters())
+    for name in ("text.layers.0.attention.self.query.weight", "cross.0.text.attention.self.query.weight"):
+        assert params[name].std().item() == pytest.approx(0.1, rel=0.15), name
+    assert wide.itc_text_head.dense.weight.std().item() == pytest.approx(0.1, rel=0.15)
 
 
 def test_different_stream_widths(config):

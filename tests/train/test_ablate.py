@@ -41,7 +41,7 @@ def test_summary_means_sample_std_and_difference_to_none() -> None:
 
 
 def test_options_are_validated(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="valid: none, all, mlm\\+ap, ap"):
+    with pytest.raises(UsageError, match="valid: none, all, all\\+itc, mlm\\+ap, ap"):
         AblationOptions(corpus=tmp_path, memes=tmp_path, out=tmp_path, settings=("mim",))
     with pytest.raises(UsageError, match="--seeds"):
         AblationOptions(corpus=tmp_path, memes=tmp_path, out=tmp_path, seeds=0)
@@ -49,7 +49,8 @@ def test_options_are_validated(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- the whole chain
 
-CHAIN_OVERRIDES = ("pretrain.tasks=[mlm,ap]", "pretrain.epochs=4", "finetune.epochs=4")
+CHAIN_OVERRIDES = ("pretrain.epochs=13", "finetune.epochs=4")
+"""About 1,000 pretraining steps on the 2,400 training images: AP needs about that many to leave chance."""
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from vilbert.train.pretrain import PretrainOptions, pretrain
 
     root = tmp_path_factory.mktemp("chain")
-    corpus, memes = prepare_synthetic(root / "data", corpus=1000, memes=800, workers=2)
+    corpus, memes = prepare_synthetic(root / "data", corpus=3000, memes=800, workers=2)
     config = apply_overrides(tiny(), [*RECIPE, *CHAIN_OVERRIDES])
     pre = pretrain(config, PretrainOptions(data=corpus, run_dir=root / "pre", device="cpu"))
     runs = {}
@@ -92,18 +93,34 @@ def test_chain_runs_end_to_end(chain: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="tiny from-scratch pretraining does not learn alignment in minutes on a CPU (held-out AP stays at "
-    "chance), and neither fine-tuning run leaves chance on the memes; see docs/results.md",
-)
-def test_pretraining_beats_scratch_and_the_analysis_sees_alignment(chain: dict) -> None:
-    dev = {name: results["final"]["dev"]["auroc"] for name, results in chain["runs"].items()}
-    assert dev["pretrained"] >= dev["scratch"] + 0.1, dev
+def test_the_alignment_head_retrieves_the_matching_caption(chain: dict) -> None:
+    assert chain["pretrain"].last_eval["ap_acc"] >= 0.7, chain["pretrain"].last_eval
     report = chain["analysis"]
-    assert any(s.gap > 3 * s.gap_stderr and s.gap > 0 for s in report.layers), report.layers
     chance = report.chance["r1"]
     assert report.retrieval["i2t_r1"] > 3 * chance and report.retrieval["t2i_r1"] > 3 * chance, report.retrieval
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the pretrained model's pooled text and image are measurably *less* cosine-similar for aligned pairs "
+    "than for mismatched ones (gaps -0.06 to -0.11 in the four cross layers): the product head does not need "
+    "a positive cosine; see docs/results.md",
+)
+def test_a_cross_layer_shows_a_positive_aligned_minus_mismatched_gap(chain: dict) -> None:
+    report = chain["analysis"]
+    assert any(s.gap > 3 * s.gap_stderr and s.gap > 0 for s in report.layers), report.layers
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="AP reaches ~0.84 but fine-tuning on the synthetic memes stays at chance from either start (dev "
+    "AUROC 0.50 / 0.50); see docs/results.md",
+)
+def test_pretraining_beats_scratch(chain: dict) -> None:
+    dev = {name: results["final"]["dev"]["auroc"] for name, results in chain["runs"].items()}
+    assert dev["pretrained"] >= dev["scratch"] + 0.1, dev
 
 
 @pytest.mark.slow

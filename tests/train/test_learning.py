@@ -3,8 +3,9 @@
 The captions say "a small red circle to the left of a blue square", so a masked colour word can only be
 recovered by looking at the image: one training run, then the held-out masked-word accuracy with each
 sample's own image against the same captions with another sample's image (the control), and the
-curves `vilbert plot` draws. Alignment prediction from scratch does not leave chance in this budget:
-that test is a strict xfail, so it fails loudly once a recipe makes it pass.
+curves `vilbert plot` draws. Alignment prediction leaves chance (with the image-text contrastive task)
+but does not reach 0.9 in this budget: that test is a strict xfail, so it fails loudly once a recipe
+makes it pass.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def test_masked_colour_words_are_read_off_the_image(learned: dict) -> None:
 
 
 @pytest.mark.slow
+def test_alignment_prediction_leaves_chance(learned: dict) -> None:
+    assert learned["result"].last_eval["ap_acc"] >= 0.7
+
+
+@pytest.mark.slow
 def test_plot_writes_the_curves_of_the_run(learned: dict) -> None:
     written = plot_runs([learned["run"]], learned["root"] / "plots")
     assert written and all(path.stat().st_size > 5000 for path in written)
@@ -107,8 +113,8 @@ def test_plot_writes_the_curves_of_the_run(learned: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="from scratch, the tiny model does not leave chance on alignment prediction within the CPU budget "
-    "(held-out AP 0.47-0.53 after 1,000 steps; see vilbert/train/README.md, 'What learns on a CPU')",
+    reason="with ITC the tiny model leaves chance on alignment prediction but stops short of 0.9 in the CPU "
+    "budget (held-out AP 0.81-0.84 after 1,000 steps; see vilbert/train/README.md, 'What learns on a CPU')",
 )
 def test_alignment_prediction_reaches_090(learned: dict) -> None:
     assert learned["result"].last_eval["ap_acc"] >= 0.9

@@ -54,7 +54,7 @@ def test_sub_batches_and_aligned_only() -> None:
     assert not selected[~tasks.aligned].any(), "mismatched rows get no MLM (align_only_for_mlm_mim)"
     assert torch.equal(tasks.input_ids[10:], ids[10:].long())
     k = num_masked_patches(64, config.mim_mask_ratio)
-    assert tasks.mim_rows == 4 and (tasks.image_mask.sum(1) == torch.tensor([k] * 4 + [0] * 8)).all()
+    assert tasks.mim_rows == 4 and (tasks.image_mask.sum(1) == torch.tensor([0] * 8 + [k] * 4)).all()  # the last rows
     # Mismatched rows are corrupted like aligned ones (only their labels are dropped): otherwise [MASK]
     # tokens would reveal the AP label. The same seed without MLM draws the same donors (AP comes first).
     clean, _ = _build(dataclasses.replace(config, tasks=("ap", "mim")))
@@ -124,3 +124,43 @@ def test_stop_grad_target_view_gets_no_gradient() -> None:
     g_free = torch.autograd.grad(free(tasks).loss, patch)[0]
     # ...while the shared encoder also gets the target view's gradient without stop-grad.
     assert not torch.allclose(g_stop, g_free)
+
+
+def test_itc_is_symmetric_infonce_over_the_aligned_rows() -> None:
+    base = apply_overrides(tiny(), ["pretrain.batch_size=12", "pretrain.tasks=[ap,itc]", "pretrain.ap_batch_size=8"])
+    config = dataclasses.replace(base.pretrain, itc_batch_size=10, itc_temperature=0.5)
+    model_config = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = ViLBERT(model_config).eval()  # no dropout: the reference forward below sees the same model
+    objective = PretrainObjective(model, config)
+    tasks, _ = _build(config)
+    assert tasks.itc_rows == 10
+    out = objective(tasks)
+    keep = tasks.aligned[:10]  # 4 of the 8 AP rows got another caption: they are left out
+    assert keep.sum() == 6
+    forward = model(tasks.input_ids, tasks.attention_mask, tasks.pixels)
+    text, vision = (e[:10][keep] for e in model.contrastive_embeddings(forward))
+    logits = text @ vision.T / 0.5
+    expected = 0.0
+    for i in range(6):
+        expected += -torch.log_softmax(logits[i], 0)[i] - torch.log_softmax(logits[:, i], 0)[i]
+    assert out.sums["itc_count"].item() == 6
+    assert out.sums["itc_loss_sum"].item() / 6 == pytest.approx(expected.item() / 12, rel=1e-5)
+    metrics = summarize({k: v.item() for k, v in out.sums.items()}, config)
+    assert 0 <= metrics["itc_acc"] <= 1
+    assert metrics["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    out.loss.backward()
+    for head in (model.itc_text_head, model.itc_vision_head):
+        assert head.dense.weight.grad is not None and head.dense.weight.grad.abs().sum() > 0
+    # ITC reads the streams before the cross stack, so its gradient never reaches the cross layers;
+    # AP's does.
+    itc_only = PretrainObjective(model, dataclasses.replace(config, tasks=("itc",)))
+    model.zero_grad()
+    itc_only(_build(dataclasses.replace(config, tasks=("itc",)))[0]).loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.cross.parameters())
+
+
+def test_itc_needs_two_aligned_rows() -> None:
+    config = PretrainConfig(batch_size=12, tasks=("itc",))
+    single, _ = _build(config, rows=1)
+    assert single.itc_rows == 0

@@ -98,7 +98,9 @@ def prepare_synthetic(
 def ablate_command(
     quick: bool = typer.Option(False, "--quick", help="A small synthetic grid that runs in minutes on a CPU."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds per setting (pretraining and fine-tuning)."),
-    settings: str = typer.Option("none,all,mlm+ap,ap", "--settings", help="Comma-separated: none, all, mlm+ap, ap."),
+    settings: str = typer.Option(
+        "none,all,all+itc,mlm+ap,ap", "--settings", help="Comma-separated: none, all, all+itc, mlm+ap, ap."
+    ),
     corpus: Path = typer.Option(None, "--corpus", help="Pretraining cache root (train/, test/); default: synthetic."),
     memes: Path = typer.Option(None, "--memes", help="Fine-tuning cache root (train/, dev_seen/, test_seen/)."),
     out: Path = typer.Option(None, "--out", help="Runs and ablation.json (default: runs/ablate[-quick])."),

@@ -30,7 +30,7 @@ records_log = logging.getLogger("vilbert.cli.pretrain.records")
 records_log.propagate = False
 records_log.setLevel(logging.INFO)
 
-_METRIC_ORDER = ("loss", "mlm_loss", "mlm_acc", "ap_loss", "ap_acc", "mim_loss", "mim_top1")
+_METRIC_ORDER = ("loss", "mlm_loss", "mlm_acc", "ap_loss", "ap_acc", "mim_loss", "mim_top1", "itc_loss", "itc_acc")
 
 
 def pretrain_command(

@@ -206,14 +206,14 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> None:
             sub.fused_attn = enabled
 
 
-def init_bert_weights(module: nn.Module) -> None:
-    """BERT's init for one module (use with `.apply`): normal(0.02) weights, zero biases and
-    padding row, LayerNorm ones/zeros."""
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's init for one module (use with `.apply`, through `functools.partial` for another `std`):
+    normal(std) weights, zero biases and padding row, LayerNorm ones/zeros."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
         if module.padding_idx is not None:
             module.weight.data[module.padding_idx].zero_()
     elif isinstance(module, nn.LayerNorm):

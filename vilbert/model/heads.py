@@ -6,6 +6,8 @@
   call time, so the tie survives `load_state_dict` and safetensors never sees a shared tensor).
 - `AlignmentHead`: Linear(2) over dropout(pooled_text * pooled_vision).
 - `MIMProjection`: the per-patch projection the contrastive MIM loss compares.
+- `ContrastiveProjection`: one stream's first token -> Linear -> L2 normalization, for the image-text
+  contrastive task (ALBEF's ITC), before the cross stack.
 - `Classifier`: ViLBERT's downstream `SimpleClassifier` over the same pooled product.
 """
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Pooler", "MLMHead", "AlignmentHead", "MIMProjection", "Classifier"]
+__all__ = ["Pooler", "MLMHead", "AlignmentHead", "MIMProjection", "ContrastiveProjection", "Classifier"]
 
 
 class Pooler(nn.Module):
@@ -67,6 +69,17 @@ class MIMProjection(nn.Module):
 
     def forward(self, patches: Tensor) -> Tensor:
         return self.out(F.gelu(self.dense(patches)))
+
+
+class ContrastiveProjection(nn.Module):
+    """`(B, dim)` -> `(B, out_dim)` unit vectors: Linear then L2 normalization (ALBEF's ITC heads)."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, out_dim)
+
+    def forward(self, first_token: Tensor) -> Tensor:
+        return F.normalize(self.dense(first_token).float(), dim=-1)
 
 
 class Classifier(nn.Module):

@@ -9,6 +9,7 @@ checkpoints need: `gamma`/`beta` -> `weight`/`bias`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -57,9 +58,10 @@ class TextEncoder(nn.Module):
 
     Args:
         config: The text stream's shape and dropout.
+        init_std: The std of the from-scratch init (BERT's 0.02; `ModelConfig.initializer_range`).
     """
 
-    def __init__(self, config: TextConfig) -> None:
+    def __init__(self, config: TextConfig, init_std: float = 0.02) -> None:
         super().__init__()
         self.config = config
         self.embeddings = TextEmbeddings(config)
@@ -74,7 +76,7 @@ class TextEncoder(nn.Module):
             )
             for _ in range(config.num_layers)
         )
-        self.apply(init_bert_weights)
+        self.apply(functools.partial(init_bert_weights, std=init_std))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Last hidden states `(B, T, D)` of `input_ids (B, T)`; `attention_mask (B, T)` is 1 for

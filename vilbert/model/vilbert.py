@@ -7,13 +7,17 @@
                                                          │  blocks k, k+1, ... (Lu et al.: k=6)
                                                          └> ViLBERTOutput(text, vision, pooled_*)
 
-Heads (MLM, alignment, MIM projection, classifier) run only when their method is called, so
+The streams' first tokens as they enter the cross stack (`ViLBERTOutput.unimodal_*`) have seen only
+their own modality; the image-text contrastive task compares those.
+
+Heads (MLM, alignment, MIM projection, contrastive projections, classifier) run only when their method is called, so
 `forward` costs the two streams, the cross stack and two poolers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -26,7 +30,7 @@ from vilbert.config import FREEZABLE_PARTS, ModelConfig, config_from_dict, confi
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model.attention import init_bert_weights, padding_mask
 from vilbert.model.cross import TEXT_EPS, build_cross_layer
-from vilbert.model.heads import AlignmentHead, Classifier, MIMProjection, MLMHead, Pooler
+from vilbert.model.heads import AlignmentHead, Classifier, ContrastiveProjection, MIMProjection, MLMHead, Pooler
 from vilbert.model.text import TextEncoder
 from vilbert.model.vision import VisionEncoder
 from vilbert.model.weights import read_state_dict
@@ -53,12 +57,16 @@ class ViLBERTOutput:
             alignment head compares, whatever the stream widths); else None.
         layer_cls: With `output_layers`, the raw first tokens `(text[:, 0], vision[:, 0])` after each
             cross layer (no pooler); else None.
+        unimodal_text: `(B, Dt)` first text token entering the first cross layer (text only so far).
+        unimodal_vision: `(B, Dv)` first vision token entering the first cross layer.
     """
 
     text: Tensor
     vision: Tensor
     pooled_text: Tensor
     pooled_vision: Tensor
+    unimodal_text: Tensor
+    unimodal_vision: Tensor
     layer_pooled: list[tuple[Tensor, Tensor]] | None = None
     layer_cls: list[tuple[Tensor, Tensor]] | None = None
 
@@ -78,7 +86,7 @@ class ViLBERT(nn.Module):
         super().__init__()
         self.config = config
         t, v, c = config.text, config.vision, config.cross
-        self.text = TextEncoder(t)
+        self.text = TextEncoder(t, init_std=config.initializer_range)
         if t.pretrained is not None:
             self.text.load_hf_weights(t.pretrained)
         self.vision = VisionEncoder(v)
@@ -89,9 +97,11 @@ class ViLBERT(nn.Module):
         self.mlm_head = MLMHead(t.hidden_size, t.vocab_size, TEXT_EPS)
         self.alignment_head = AlignmentHead(c.hidden_size, c.dropout)
         self.mim_head = MIMProjection(v.hidden_size, config.mim_projection_dim)
+        self.itc_text_head = ContrastiveProjection(t.hidden_size, config.itc_projection_dim)
+        self.itc_vision_head = ContrastiveProjection(v.hidden_size, config.itc_projection_dim)
         self.classifier = Classifier(c.hidden_size, config.num_labels, c.dropout)
         for module in self._new_modules():
-            module.apply(init_bert_weights)
+            module.apply(functools.partial(init_bert_weights, std=config.initializer_range))
         self.freeze(config.freeze)
 
     def _new_modules(self) -> Iterable[nn.Module]:
@@ -102,6 +112,8 @@ class ViLBERT(nn.Module):
             self.mlm_head,
             self.alignment_head,
             self.mim_head,
+            self.itc_text_head,
+            self.itc_vision_head,
             self.classifier,
         )
 
@@ -137,7 +149,7 @@ class ViLBERT(nn.Module):
         mask = padding_mask(attention_mask)  # (B, 1, 1, T)
         text = self.text.embeddings(input_ids)  # (B, T, Dt)
         vision = self.vision.embed(pixels, image_mask)  # (B, 1+P, Dv)
-        text, vision, after_cross = self._layers(text, vision, mask, keep=output_layers)
+        text, vision, after_cross, unimodal = self._layers(text, vision, mask, keep=output_layers)
         layer_pooled = [(self.text_pooler(t), self.vision_pooler(v)) for t, v in after_cross]
         layer_cls = [(t[:, 0], v[:, 0]) for t, v in after_cross]
         return ViLBERTOutput(
@@ -147,15 +159,18 @@ class ViLBERT(nn.Module):
             pooled_vision=self.vision_pooler(vision),
             layer_pooled=layer_pooled if output_layers else None,
             layer_cls=layer_cls if output_layers else None,
+            unimodal_text=unimodal[0],
+            unimodal_vision=unimodal[1],
         )
 
     def _layers(
         self, text: Tensor, vision: Tensor, mask: Tensor, keep: bool
-    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
-        """Encoder blocks and cross layers in schedule order -> both final streams, and (with
-        `keep`) both streams right after each cross layer."""
+    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
+        """Encoder blocks and cross layers in schedule order -> both final streams, (with `keep`) both
+        streams right after each cross layer, and both first tokens entering the first cross layer."""
         text_layers, blocks = self.text.layers, self.vision.blocks
         after_cross: list[tuple[Tensor, Tensor]] = []
+        unimodal: tuple[Tensor, Tensor] | None = None
         for j in range(max(len(text_layers), len(blocks))):
             if j < len(text_layers):
                 text = text_layers[j](text, mask)
@@ -164,10 +179,14 @@ class ViLBERT(nn.Module):
                 if j == len(blocks) - 1:
                     vision = self.vision.norm(vision)  # ViT is pre-LN: its stream ends with a norm
             for i in self._cross_after.get(j, ()):
+                if i == 0:
+                    unimodal = (text[:, 0], vision[:, 0])
                 text, vision = self.cross[i](text, vision, mask)
                 if keep:
                     after_cross.append((text, vision))
-        return text, vision, after_cross
+        if unimodal is None:  # no cross layers: the streams never met
+            unimodal = (text[:, 0], vision[:, 0])
+        return text, vision, after_cross, unimodal
 
     # -------------------------------------------------------------------------------------- heads
 
@@ -179,6 +198,10 @@ class ViLBERT(nn.Module):
     def alignment_logits(self, output: ViLBERTOutput) -> Tensor:
         """`(B, 2)`: logit 1 = caption and image belong together."""
         return self.alignment_head(output.pooled_text, output.pooled_vision)
+
+    def contrastive_embeddings(self, output: ViLBERTOutput) -> tuple[Tensor, Tensor]:
+        """Unit-norm `(B, itc_projection_dim)` embeddings of the unimodal first tokens: (text, vision)."""
+        return self.itc_text_head(output.unimodal_text), self.itc_vision_head(output.unimodal_vision)
 
     def mim_projection(self, vision_patches: Tensor) -> Tensor:
         """`(B, P, Dv)` patch states (pass `output.vision[:, 1:]`) -> `(B, P, mim_projection_dim)`."""

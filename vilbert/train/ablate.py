@@ -1,6 +1,6 @@
 """The thesis's task-combination experiment: which pretraining tasks help the downstream task?
 
-    for each setting (none | all = mlm+ap+mim | mlm+ap | ap) and each seed s:
+    for each setting (none | all = mlm+ap+mim | all+itc | mlm+ap | ap) and each seed s:
         pretrain on CORPUS with the setting's tasks and pretrain.seed = s   (skipped for `none`)
         fine-tune on MEMES from that run (or from scratch) with finetune.seed = s
     -> per setting: mean +- std over seeds of dev and test accuracy and AUROC
@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 SETTINGS: dict[str, tuple[str, ...]] = {
     "none": (),
     "all": ("mlm", "ap", "mim"),
+    "all+itc": ("mlm", "ap", "mim", "itc"),
     "mlm+ap": ("mlm", "ap"),
     "ap": ("ap",),
 }
-"""The thesis's four rows: no pretraining, all three tasks, MLM + AP, AP only."""
+"""The thesis's four rows (no pretraining, all three tasks, MLM + AP, AP only) and `all+itc`: the three
+with the image-text contrastive task, which from scratch is what lets AP leave chance."""
 METRICS = ("dev_acc", "dev_auroc", "test_acc", "test_auroc")
 Progress = Callable[[dict[str, Any]], None]
 

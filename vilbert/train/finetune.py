@@ -27,6 +27,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,7 @@ class _Session:
             self.model.config = model_config
             self.init_path, self.init_kind = str(loaded.path), loaded.kind
             if cfg.reinit_classifier:
-                self.model.classifier.apply(init_bert_weights)
+                self.model.classifier.apply(partial(init_bert_weights, std=model_config.initializer_range))
         self.model.freeze(self.config.model.freeze)
         self.model.to(self.device).train()
         self.normalizer = pixel_normalizer(self.train_reader, self.model, self.device)

@@ -1,7 +1,7 @@
 """Run metrics: `metrics.jsonl` (one JSON object per line), running sums, timing.
 
 Each record has `kind` (`train` or `eval`), `step` (optimizer steps done), `epoch`, and flat keys:
-`<task>_loss`, `<task>_acc` (`mlm_acc`, `ap_acc`, `mim_top1`), `loss` (the weighted total), and for
+`<task>_loss`, `<task>_acc` (`mlm_acc`, `ap_acc`, `mim_top1`, `itc_acc`), `loss` (the weighted total), and for
 `train` records `lr`, `grad_norm`, `samples_per_s`, `data_wait_s` (time blocked on the loader per
 step), `data_wait_frac`, `step_time_s`, `peak_mem_mb` (CUDA: device memory; CPU: the process's
 maximum RSS). The library reports each record to an optional callback as well (the CLI draws its

@@ -2,7 +2,9 @@
 
 One step runs one joint forward pass, as ViLBERT does: the text carries the AP swap and the MLM
 masks, the image carries the MIM mask. MIM adds a second forward pass of the unmasked image (the
-target view) for its rows. Each task uses the first `<task>_batch_size` rows of the (shuffled) batch.
+target view) for its rows. Each task uses `<task>_batch_size` rows of the (shuffled) batch: MIM the
+last ones, every other task the first ones. So with sub-batches AP and ITC see whole images, and MIM
+spends its second forward pass on rows whose caption is their own.
 
 - **MLM**: cross-entropy at masked positions through the tied vocabulary head; accuracy = argmax hit.
 - **AP**: cross-entropy of `model.alignment_logits` (index 1 = aligned); accuracy = argmax hit.
@@ -11,6 +13,14 @@ target view) for its rows. Each task uses the first `<task>_batch_size` rows of 
   temperature tau where the positive of the patch at position p is the target patch at p and the
   negatives are the image's other patches. Queries at `masked` positions (default), `unmasked` ones
   (the thesis) or `all`. Top-1 = the positive scores highest (chance: 1/P).
+- **ITC** (image-text contrastive, ALBEF): the projected first tokens of both streams as they enter
+  the cross stack; symmetric InfoNCE over the aligned rows among the first `itc_batch_size`, each
+  caption against every image of those rows and back. Accuracy = in-batch retrieval top-1, averaged
+  over both directions (chance: 1/rows). It costs two small linear layers, no extra forward pass.
+  From scratch, AP alone sits at chance: its head multiplies two pooled vectors, which carry nothing
+  that agrees between caption and image until both streams have learned to encode what the other
+  one shows, so its gradient starts near zero. ITC rewards exactly that agreement, with a whole
+  batch of negatives per caption.
 
 Losses are means over each task's items; `TaskOutput.sums` holds loss sums, hit counts and item
 counts, so means over steps, batches or ranks are exact (`summarize`).
@@ -38,7 +48,7 @@ from vilbert.train.masking import (
 
 __all__ = ["TaskBatch", "TaskOutput", "build_task_batch", "PretrainObjective", "summarize", "ACCURACY_NAMES"]
 
-ACCURACY_NAMES = {"mlm": "mlm_acc", "ap": "ap_acc", "mim": "mim_top1"}
+ACCURACY_NAMES = {"mlm": "mlm_acc", "ap": "ap_acc", "mim": "mim_top1", "itc": "itc_acc"}
 
 
 @dataclass
@@ -53,7 +63,8 @@ class TaskBatch:
         mlm_labels: `(B, T)` int64 with `IGNORE_INDEX` at unselected positions, or None.
         ap_labels: `(B_ap,)` int64 for the first B_ap rows (1 aligned, 0 not), or None.
         aligned: `(B,)` bool, False where a row got another row's caption.
-        mim_rows: How many leading rows MIM uses (0 when off).
+        mim_rows: How many trailing rows MIM uses (0 when off).
+        itc_rows: How many leading rows ITC draws its aligned pairs from (0 when off).
     """
 
     input_ids: torch.Tensor
@@ -64,6 +75,7 @@ class TaskBatch:
     ap_labels: torch.Tensor | None
     aligned: torch.Tensor
     mim_rows: int
+    itc_rows: int = 0
 
 
 @dataclass
@@ -76,11 +88,11 @@ class TaskOutput:
 
 
 def _rows(config: PretrainConfig, task: str, batch_size: int) -> int:
-    """How many leading rows `task` uses in a batch of `batch_size` (0: the task is off or cannot run)."""
+    """How many rows `task` uses in a batch of `batch_size` (0: the task is off or cannot run)."""
     if task not in config.tasks:
         return 0
     rows = min(getattr(config, f"{task}_batch_size") or batch_size, batch_size)
-    return 0 if task == "ap" and rows < 2 else rows  # a one-row batch (an epoch's last) has no other caption
+    return 0 if task in ("ap", "itc") and rows < 2 else rows  # a one-row batch (an epoch's last) has no other
 
 
 def build_task_batch(
@@ -116,9 +128,10 @@ def build_task_batch(
     image_mask = None
     if (n_mim := _rows(config, "mim", b)) > 0:
         image_mask = mask_patches(b, num_patches, config.mim_mask_ratio, generator=generator, device=dev)
-        image_mask[n_mim:] = False
+        image_mask[: b - n_mim] = False  # MIM takes the last rows
     attention_mask = (torch.arange(t, device=dev)[None, :] < lengths[:, None]).long()
-    return TaskBatch(ids, attention_mask, pixels, image_mask, mlm_labels, ap_labels, aligned, n_mim)
+    n_itc = _rows(config, "itc", b)
+    return TaskBatch(ids, attention_mask, pixels, image_mask, mlm_labels, ap_labels, aligned, n_mim, n_itc)
 
 
 def _model_pixels(
@@ -184,6 +197,8 @@ class PretrainObjective(nn.Module):
             losses["ap"] = self._ap(out, batch.ap_labels, sums)
         if batch.mim_rows > 0:
             losses["mim"] = self._mim(out, batch, sums)
+        if batch.itc_rows > 0:
+            losses["itc"] = self._itc(out, batch, sums)
         total = sum(getattr(self.config, f"{task}_weight") * loss for task, loss in losses.items())
         return TaskOutput(loss=total, sums=sums)
 
@@ -198,21 +213,37 @@ class PretrainObjective(nn.Module):
         return _record(sums, "ap", logits, labels, fallback=out.pooled_text)
 
     def _mim(self, out, batch: TaskBatch, sums: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = batch.mim_rows
-        queries = self.model.mim_projection(out.vision[:rows, 1:])  # (R, P, d): patches, CLS dropped
+        rows = slice(batch.input_ids.shape[0] - batch.mim_rows, None)  # the last mim_rows rows
+        queries = self.model.mim_projection(out.vision[rows, 1:])  # (R, P, d): patches, CLS dropped
         grad = contextlib.nullcontext() if not self.config.mim_stop_grad else torch.no_grad()
         with grad:
-            target = self.model(batch.input_ids[:rows], batch.attention_mask[:rows], batch.pixels[:rows])
+            target = self.model(batch.input_ids[rows], batch.attention_mask[rows], batch.pixels[rows])
             keys = self.model.mim_projection(target.vision[:, 1:])  # (R, P, d)
         queries = F.normalize(queries.float(), dim=-1)
         keys = F.normalize(keys.float(), dim=-1)
         logits = queries @ keys.transpose(1, 2) / self.config.mim_temperature  # (R, P, P): query p vs key q
-        mask = batch.image_mask[:rows]
+        mask = batch.image_mask[rows]
         positions = {"masked": mask, "unmasked": ~mask, "all": torch.ones_like(mask)}[self.config.mim_positions]
         if self.config.align_only_for_mlm_mim:
-            positions = positions & batch.aligned[:rows, None]
+            positions = positions & batch.aligned[rows, None]
         targets = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (R, P): the same position
         return _record(sums, "mim", logits[positions], targets[positions], fallback=out.vision)
+
+    def _itc(self, out, batch: TaskBatch, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = batch.aligned[: batch.itc_rows]  # only pairs whose caption is their own
+        text, vision = self.model.contrastive_embeddings(out)
+        text, vision = text[: batch.itc_rows][rows], vision[: batch.itc_rows][rows]  # (N, d) each
+        count = text.shape[0]
+        if count < 2:  # nothing to contrast with
+            return _record(sums, "itc", text[:0], rows.new_zeros(0, dtype=torch.long), fallback=out.unimodal_text)
+        logits = text @ vision.T / self.config.itc_temperature  # (N, N): caption i against image j
+        targets = torch.arange(count, device=logits.device)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        hits = ((logits.argmax(1) == targets).sum() + (logits.argmax(0) == targets).sum()).float() / 2
+        sums["itc_loss_sum"] = loss.detach() * count
+        sums["itc_correct"] = hits.detach()
+        sums["itc_count"] = torch.tensor(float(count), device=logits.device)
+        return loss
 
 
 def _record(
