@@ -232,6 +232,22 @@ def test_save_and_load_round_trip(config, tmp_path):
     assert loaded.parameter_report() == model.parameter_report()
 
 
+def test_weights_exported_before_the_itc_heads_still_load(config, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = ViLBERT(config).eval()
+    model.save_pretrained(tmp_path)
+    state = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.startswith("itc_")}
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = ViLBERT.from_pretrained(tmp_path).eval()
+    batch = make_batch(config)
+    torch.testing.assert_close(loaded(**batch).pooled_text, model(**batch).pooled_text)
+    del state["alignment_head.linear.weight"]  # any other missing weight is still an error
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="alignment_head.linear.weight"):
+        ViLBERT.from_pretrained(tmp_path)
+
+
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ModelError, match="config.json"):
         ViLBERT.from_pretrained(tmp_path)
