@@ -234,16 +234,13 @@ class PretrainObjective(nn.Module):
         text, vision = self.model.contrastive_embeddings(out)
         text, vision = text[: batch.itc_rows][rows], vision[: batch.itc_rows][rows]  # (N, d) each
         count = text.shape[0]
-        if count < 2:  # nothing to contrast with
-            return _record(sums, "itc", text[:0], rows.new_zeros(0, dtype=torch.long), fallback=out.unimodal_text)
+        if count < 2:  # nothing to contrast with: a zero that keeps the graph
+            return _store(sums, "itc", out.unimodal_text.sum() * 0.0, torch.zeros((), device=text.device), 0)
         logits = text @ vision.T / self.config.itc_temperature  # (N, N): caption i against image j
         targets = torch.arange(count, device=logits.device)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         hits = ((logits.argmax(1) == targets).sum() + (logits.argmax(0) == targets).sum()).float() / 2
-        sums["itc_loss_sum"] = loss.detach() * count
-        sums["itc_correct"] = hits.detach()
-        sums["itc_count"] = torch.tensor(float(count), device=logits.device)
-        return loss
+        return _store(sums, "itc", loss, hits, count)
 
 
 def _record(
@@ -252,14 +249,18 @@ def _record(
     """Mean cross-entropy, and its sums into `sums`; an empty task gives a zero that keeps the graph."""
     count = targets.numel()
     if count == 0:
-        loss = fallback.sum() * 0.0
-        hits = torch.zeros((), device=logits.device)
-    else:
-        loss = F.cross_entropy(logits, targets)
-        hits = (logits.argmax(dim=-1) == targets).sum().float()
+        return _store(sums, task, fallback.sum() * 0.0, torch.zeros((), device=logits.device), 0)
+    loss = F.cross_entropy(logits, targets)
+    return _store(sums, task, loss, (logits.argmax(dim=-1) == targets).sum().float(), count)
+
+
+def _store(
+    sums: dict[str, torch.Tensor], task: str, loss: torch.Tensor, hits: torch.Tensor, count: int
+) -> torch.Tensor:
+    """Write a task's loss sum, hit count and item count into `sums`; return `loss`."""
     sums[f"{task}_loss_sum"] = loss.detach().float() * count
     sums[f"{task}_correct"] = hits.detach()
-    sums[f"{task}_count"] = torch.tensor(float(count), device=logits.device)
+    sums[f"{task}_count"] = torch.tensor(float(count), device=loss.device)
     return loss
 
 
