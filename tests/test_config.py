@@ -104,3 +104,9 @@ def test_round_trip_through_dict():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="valid: vilbert_base, vilbert_original, tiny"):
         preset("huge")
+
+
+def test_itc_needs_a_sub_batch_of_two_rows():
+    with pytest.raises(ConfigError, match=r"pretrain.itc_batch_size=1 is invalid; valid: >= 2"):
+        apply_overrides(tiny(), ["pretrain.tasks=[mlm,itc]", "pretrain.itc_batch_size=1"])
+    assert apply_overrides(tiny(), ["pretrain.itc_batch_size=1"]).pretrain.itc_batch_size == 1  # itc is off

@@ -318,6 +318,9 @@ class PretrainConfig:
         ap_rows = self.ap_batch_size or self.batch_size
         valid = ">= 2 (half of the AP batch gets another row's caption)"
         _check("ap" not in self.tasks or ap_rows >= 2, "pretrain.ap_batch_size", ap_rows, valid)
+        itc_rows = self.itc_batch_size or self.batch_size
+        valid = ">= 2 (ITC contrasts each caption with the other rows' images)"
+        _check("itc" not in self.tasks or itc_rows >= 2, "pretrain.itc_batch_size", itc_rows, valid)
         _check(0 < self.augment_crop_scale <= 1, "pretrain.augment_crop_scale", self.augment_crop_scale, "0 < s <= 1")
         _check(0 <= self.augment_flip <= 1, "pretrain.augment_flip", self.augment_flip, "0 <= p <= 1")
         _probability("pretrain.augment_jitter", self.augment_jitter)
