@@ -14,6 +14,7 @@ a value outside its range raises `ConfigError` naming the key and the valid choi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import types
 import typing
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from vilbert.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -187,8 +190,6 @@ class ModelConfig:
     freeze: tuple[str, ...] = ("text", "vision")
     """The thesis froze both pretrained encoders and trained only the cross layers and heads."""
     mim_projection_dim: int = 256
-    itc_projection_dim: int = 256
-    """Width of the embeddings the image-text contrastive task (`itc`) compares."""
     num_labels: int = 2
     initializer_range: float = 0.02
     """Std of the normal init of every linear and embedding weight built from scratch (BERT's 0.02).
@@ -200,7 +201,6 @@ class ModelConfig:
         for part in self.freeze:
             _choice("model.freeze item", part, FREEZABLE_PARTS)
         _positive("model.mim_projection_dim", self.mim_projection_dim)
-        _positive("model.itc_projection_dim", self.itc_projection_dim)
         _positive("model.initializer_range", self.initializer_range)
         _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
         if self.cross.interleave_from is not None:
@@ -495,11 +495,21 @@ def config_from_dict(data: Mapping[str, Any], base: Config | None = None) -> Con
     return _merge(base if base is not None else Config(), data, prefix="")
 
 
+_REMOVED_KEYS = {
+    "model.itc_projection_dim": "ITC now compares the streams through the poolers, at the cross width",
+}
+"""Keys that configs written by earlier versions may carry: ignored with a log line, so those runs and
+exports still load."""
+
+
 def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     changes: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in _REMOVED_KEYS and key not in fields:
+            log.info("ignoring config key %r: %s", dotted, _REMOVED_KEYS[dotted])
+            continue
         if key not in fields:
             section = prefix.rstrip(".") or "top level"
             raise ConfigError(f"unknown config key {dotted!r}; valid keys in {section}: {', '.join(fields)}")

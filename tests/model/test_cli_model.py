@@ -45,5 +45,5 @@ def test_vilbert_base_frozen_encoders_match_the_thesis():
     assert frozen == 237_986_364 - 42_705_468 - 590_592 == 194_690_304
     assert report["text"]["total"] == 108_891_648 and report["vision"]["total"] == 85_798_656
     assert report["cross"]["trainable"] == 4 * 14_175_744
-    assert report["heads"]["total"] == 4_174_654  # docs/model.md lists them, the two ITC projections included
-    assert report["all"] == {"total": 255_567_934, "trainable": 60_877_630}
+    assert report["heads"]["total"] == 3_780_926  # docs/model.md lists them
+    assert report["all"] == {"total": 255_174_206, "trainable": 60_483_902}

@@ -186,9 +186,13 @@ def test_unimodal_first_tokens_are_the_encoders_and_contrastive_embeddings_unit_
     torch.testing.assert_close(out.unimodal_vision, model.vision(batch["pixels"], batch["image_mask"])[:, 0])
     assert not torch.allclose(out.unimodal_text, out.text[:, 0]), "the cross stack changed the first token"
     text, vision = model.contrastive_embeddings(out)
-    assert text.shape == vision.shape == (batch["input_ids"].shape[0], config.itc_projection_dim)
+    assert text.shape == vision.shape == (batch["input_ids"].shape[0], config.cross.hidden_size)
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(len(text)))
     torch.testing.assert_close(vision.norm(dim=-1), torch.ones(len(vision)))
+    # They are the poolers' Linear maps of those first tokens (normalized instead of ReLU'd): the space
+    # the alignment head multiplies in, which ITC thereby aligns.
+    expected = torch.nn.functional.normalize(model.text_pooler.dense(out.unimodal_text), dim=-1)
+    torch.testing.assert_close(text, expected)
 
 
 def test_initializer_range_sets_the_scratch_init(config):
@@ -197,7 +201,7 @@ def test_initializer_range_sets_the_scratch_init(config):
     params = dict(wide.named_parameters())
     for name in ("text.layers.0.attention.self.query.weight", "cross.0.text.attention.self.query.weight"):
         assert params[name].std().item() == pytest.approx(0.1, rel=0.15), name
-    assert wide.itc_text_head.dense.weight.std().item() == pytest.approx(0.1, rel=0.15)
+    assert wide.text_pooler.dense.weight.std().item() == pytest.approx(0.1, rel=0.15)
 
 
 def test_different_stream_widths(config):
@@ -232,17 +236,23 @@ def test_save_and_load_round_trip(config, tmp_path):
     assert loaded.parameter_report() == model.parameter_report()
 
 
-def test_weights_exported_before_the_itc_heads_still_load(config, tmp_path):
+def test_exports_with_the_old_separate_itc_projections_still_load(config, tmp_path):
+    """Exports of 2026-11-27 carried `itc_*_head` weights and `itc_projection_dim`: both are dropped."""
+    import json
+
     from safetensors.torch import load_file, save_file
 
     model = ViLBERT(config).eval()
     model.save_pretrained(tmp_path)
-    state = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.startswith("itc_")}
+    state = load_file(tmp_path / "model.safetensors")
+    state |= {f"itc_{s}_head.dense.{p}": torch.zeros(4) for s in ("text", "vision") for p in ("weight", "bias")}
     save_file(state, tmp_path / "model.safetensors")
+    old_config = json.loads((tmp_path / "config.json").read_text()) | {"itc_projection_dim": 256}
+    (tmp_path / "config.json").write_text(json.dumps(old_config))
     loaded = ViLBERT.from_pretrained(tmp_path).eval()
     batch = make_batch(config)
     torch.testing.assert_close(loaded(**batch).pooled_text, model(**batch).pooled_text)
-    del state["alignment_head.linear.weight"]  # any other missing weight is still an error
+    del state["alignment_head.linear.weight"]  # a missing weight is still an error
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ModelError, match="alignment_head.linear.weight"):
         ViLBERT.from_pretrained(tmp_path)

@@ -150,8 +150,8 @@ def test_itc_is_symmetric_infonce_over_the_aligned_rows() -> None:
     assert 0 <= metrics["itc_acc"] <= 1
     assert metrics["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     out.loss.backward()
-    for head in (model.itc_text_head, model.itc_vision_head):
-        assert head.dense.weight.grad is not None and head.dense.weight.grad.abs().sum() > 0
+    for pooler in (model.text_pooler, model.vision_pooler):
+        assert pooler.dense.weight.grad is not None and pooler.dense.weight.grad.abs().sum() > 0
     # ITC reads the streams before the cross stack, so its gradient never reaches the cross layers;
     # AP's does.
     itc_only = PretrainObjective(model, dataclasses.replace(config, tasks=("itc",)))

@@ -1,13 +1,13 @@
 """Poolers and task heads. Heads run only when called, so `ViLBERT.forward` stays cheap.
 
 - `Pooler`: first token -> Linear -> ReLU (ViLBERT's `t_pooler`/`v_pooler`), into the cross width so
-  the two pooled vectors can be multiplied element-wise even when the streams differ in width.
+  the two pooled vectors can be multiplied element-wise even when the streams differ in width. Its
+  `embed` (the Linear, unit-normalized, no ReLU) is what the image-text contrastive task (ALBEF's ITC)
+  compares, so ITC aligns the very space the alignment head and `vilbert analyse` read.
 - `MLMHead`: dense, GELU, LayerNorm, then a decoder tied to the word embeddings (weight passed in at
   call time, so the tie survives `load_state_dict` and safetensors never sees a shared tensor).
 - `AlignmentHead`: Linear(2) over dropout(pooled_text * pooled_vision).
 - `MIMProjection`: the per-patch projection the contrastive MIM loss compares.
-- `ContrastiveProjection`: one stream's first token -> Linear -> L2 normalization, for the image-text
-  contrastive task (ALBEF's ITC), before the cross stack.
 - `Classifier`: ViLBERT's downstream `SimpleClassifier` over the same pooled product.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Pooler", "MLMHead", "AlignmentHead", "MIMProjection", "ContrastiveProjection", "Classifier"]
+__all__ = ["Pooler", "MLMHead", "AlignmentHead", "MIMProjection", "Classifier"]
 
 
 class Pooler(nn.Module):
@@ -30,6 +30,11 @@ class Pooler(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """`(B, T, dim)` -> `(B, out_dim)`."""
         return F.relu(self.dense(hidden[:, 0]))
+
+    def embed(self, first_token: Tensor) -> Tensor:
+        """`(B, dim)` -> `(B, out_dim)` unit vectors: the same Linear, L2-normalized instead of the ReLU
+        (a ReLU'd embedding starts with half its units dead and made ITC leave chance ~250 steps later)."""
+        return F.normalize(self.dense(first_token).float(), dim=-1)
 
 
 class MLMHead(nn.Module):
@@ -70,16 +75,6 @@ class MIMProjection(nn.Module):
     def forward(self, patches: Tensor) -> Tensor:
         return self.out(F.gelu(self.dense(patches)))
 
-
-class ContrastiveProjection(nn.Module):
-    """`(B, dim)` -> `(B, out_dim)` unit vectors: Linear then L2 normalization (ALBEF's ITC heads)."""
-
-    def __init__(self, dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.dense = nn.Linear(dim, out_dim)
-
-    def forward(self, first_token: Tensor) -> Tensor:
-        return F.normalize(self.dense(first_token).float(), dim=-1)
 
 
 class Classifier(nn.Module):

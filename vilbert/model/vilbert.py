@@ -30,7 +30,7 @@ from vilbert.config import FREEZABLE_PARTS, ModelConfig, config_from_dict, confi
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model.attention import init_bert_weights, padding_mask
 from vilbert.model.cross import TEXT_EPS, build_cross_layer
-from vilbert.model.heads import AlignmentHead, Classifier, ContrastiveProjection, MIMProjection, MLMHead, Pooler
+from vilbert.model.heads import AlignmentHead, Classifier, MIMProjection, MLMHead, Pooler
 from vilbert.model.text import TextEncoder
 from vilbert.model.vision import VisionEncoder
 from vilbert.model.weights import read_state_dict
@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-_LATER_HEADS = ("itc_text_head.", "itc_vision_head.")
-"""Pretraining-only heads added after weights were first exported: a file without them still loads."""
+_DROPPED_HEADS = ("itc_text_head.", "itc_vision_head.")
+"""Separate ITC projections that exports of 2026-11-27 carried; ITC now goes through the poolers, and
+a file with them still loads (they are dropped, with a log line)."""
 
 
 @dataclass
@@ -99,8 +100,6 @@ class ViLBERT(nn.Module):
         self.mlm_head = MLMHead(t.hidden_size, t.vocab_size, TEXT_EPS)
         self.alignment_head = AlignmentHead(c.hidden_size, c.dropout)
         self.mim_head = MIMProjection(v.hidden_size, config.mim_projection_dim)
-        self.itc_text_head = ContrastiveProjection(t.hidden_size, config.itc_projection_dim)
-        self.itc_vision_head = ContrastiveProjection(v.hidden_size, config.itc_projection_dim)
         self.classifier = Classifier(c.hidden_size, config.num_labels, c.dropout)
         for module in self._new_modules():
             module.apply(functools.partial(init_bert_weights, std=config.initializer_range))
@@ -114,8 +113,6 @@ class ViLBERT(nn.Module):
             self.mlm_head,
             self.alignment_head,
             self.mim_head,
-            self.itc_text_head,
-            self.itc_vision_head,
             self.classifier,
         )
 
@@ -202,8 +199,9 @@ class ViLBERT(nn.Module):
         return self.alignment_head(output.pooled_text, output.pooled_vision)
 
     def contrastive_embeddings(self, output: ViLBERTOutput) -> tuple[Tensor, Tensor]:
-        """Unit-norm `(B, itc_projection_dim)` embeddings of the unimodal first tokens: (text, vision)."""
-        return self.itc_text_head(output.unimodal_text), self.itc_vision_head(output.unimodal_vision)
+        """Unit-norm `(B, Dc)` embeddings of the unimodal first tokens through the poolers' Linear maps:
+        (text, vision), in the space the pooled product of the alignment head lives in."""
+        return self.text_pooler.embed(output.unimodal_text), self.vision_pooler.embed(output.unimodal_vision)
 
     def mim_projection(self, vision_patches: Tensor) -> Tensor:
         """`(B, P, Dv)` patch states (pass `output.vision[:, 1:]`) -> `(B, P, mim_projection_dim)`."""
@@ -288,15 +286,17 @@ class ViLBERT(nn.Module):
         model = cls(offline)
         model.config = config
         state = read_state_dict(directory / WEIGHTS_NAME)
+        dropped = [k for k in state if k.startswith(_DROPPED_HEADS)]
+        for key in dropped:
+            del state[key]
         result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(_LATER_HEADS)]
-        if missing or result.unexpected_keys:
+        if result.missing_keys or result.unexpected_keys:
             raise ModelError(
                 f"{directory / WEIGHTS_NAME} does not fit its {CONFIG_NAME}: missing "
-                f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
             )
-        if result.missing_keys:
-            log.info("%s has no ITC heads (written before they existed); they start from scratch", directory)
+        if dropped:
+            log.info("%s: dropped its separate ITC projections (ITC now goes through the poolers)", directory)
         return model
 
 

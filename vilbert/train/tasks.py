@@ -13,10 +13,12 @@ spends its second forward pass on rows whose caption is their own.
   temperature tau where the positive of the patch at position p is the target patch at p and the
   negatives are the image's other patches. Queries at `masked` positions (default), `unmasked` ones
   (the thesis) or `all`. Top-1 = the positive scores highest (chance: 1/P).
-- **ITC** (image-text contrastive, ALBEF): the projected first tokens of both streams as they enter
-  the cross stack; symmetric InfoNCE over the aligned rows among the first `itc_batch_size`, each
-  caption against every image of those rows and back. Accuracy = in-batch retrieval top-1, averaged
-  over both directions (chance: 1/rows). It costs two small linear layers, no extra forward pass.
+- **ITC** (image-text contrastive, ALBEF): the first tokens of both streams as they enter the cross
+  stack, through the poolers' Linear maps and L2-normalized (`model.contrastive_embeddings`), so ITC
+  aligns the pooled space the AP head multiplies in; symmetric InfoNCE over the aligned rows among the
+  first `itc_batch_size`, each caption against every image of those rows and back. Accuracy = in-batch
+  retrieval top-1, averaged over both directions (chance: 1/rows). No extra forward pass, no extra
+  parameters.
   From scratch, AP alone sits at chance: its head multiplies two pooled vectors, which carry nothing
   that agrees between caption and image until both streams have learned to encode what the other
   one shows, so its gradient starts near zero. ITC rewards exactly that agreement, with a whole
