@@ -97,6 +97,8 @@ _CLAIMS = [
      lambda kind, colour, s: _find(s, f"the {kind}")["colour"] == colour),
     (re.compile(rf"({_REF}) is (bigger|smaller) than ({_REF})"),
      lambda a, rel, b, s: (a["size"] == "large") == (rel == "bigger")),
+    (re.compile(rf"there is an? ({'|'.join(COLOURS)}) (\w+)"),
+     lambda colour, noun, s: any(x["colour"] == colour and noun in ("shape", x["shape"]) for x in s)),
 ]  # fmt: skip
 
 
@@ -106,7 +108,7 @@ def _oracle(text: str, shapes: list[dict]) -> int:
         match = pattern.search(text)
         if match:
             args = [_find(shapes, g) if g.startswith("the ") else g for g in match.groups()]
-            if pattern is _CLAIMS[2][0]:
+            if pattern in (_CLAIMS[2][0], _CLAIMS[4][0]):
                 args = list(match.groups())
             return int(truth(*args, shapes))
     raise AssertionError(f"no claim in {text!r}")
@@ -117,7 +119,7 @@ def test_both_modalities_together_decide_the_label(memes):
     for split in SPLITS:
         for row in _rows(memes, split):
             assert _oracle(row["text"], meta[row["id"]]["shapes"]) == row["label"], row
-    assert {m["family"] for m in meta.values()} == {"horizontal", "vertical", "colour", "size"}
+    assert {m["family"] for m in meta.values()} == {"horizontal", "vertical", "colour", "size", "presence"}
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -2,7 +2,14 @@
 
 Each text is a claim about its image ("the red shape is on the left"); the label says whether the
 claim is true. Samples come in groups of four built from a scene S and its confounder S' (the same
-background, one attribute swapped between the two shapes: position, vertical order, colour or size):
+background, one attribute changed): five families of claim,
+
+- `horizontal`, `vertical`: where one shape is ("the red shape is on the left", "the star is above the
+  circle"); S' swaps the two shapes' places;
+- `colour`: which colour a shape has ("the circle is red"); S' swaps the two shapes' colours (binding);
+- `size`: which shape is bigger; S' swaps their sizes;
+- `presence`: whether the image shows a colour at all ("there is a red circle"); S' repaints that shape
+  in a colour absent from S (grounding: what the captions of the synthetic corpus teach),
 
     (S, claim, 1)   (S, counter-claim, 0)   (S', claim, 0)   (S', counter-claim, 1)
 
@@ -35,7 +42,7 @@ __all__ = ["generate_memes", "SPLITS"]
 log = logging.getLogger(__name__)
 
 SPLITS = (("train", 0.85), ("dev_seen", 0.05), ("test_seen", 0.10))
-_FAMILIES = ("horizontal", "vertical", "colour", "size")
+_FAMILIES = ("horizontal", "vertical", "colour", "size", "presence")
 _TEMPLATES = ("{claim}", "look at this: {claim}", "i swear {claim}", "{claim}, obviously", "trust me, {claim}")
 
 
@@ -122,6 +129,12 @@ def _scene_pair(rng: np.random.Generator, family: str) -> tuple[list[Shape], lis
     if family == "vertical":
         mirror = [replace(a, row=b.row), replace(b, row=a.row)]
         return [a, b], mirror, f"{ref_a} is above {ref_b}", f"{ref_a} is below {ref_b}"
+    if family == "presence":
+        absent = str(rng.choice([c for c in COLOURS if c not in (a.colour, b.colour)]))
+        noun = a.shape if rng.random() < 0.5 else "shape"
+        article = "an" if absent[0] in "aeiou" else "a"
+        first = "an" if a.colour[0] in "aeiou" else "a"
+        return [a, b], [replace(a, colour=absent), b], f"there is {first} {a.colour} {noun}", f"there is {article} {absent} {noun}"
     if family == "colour":
         mirror = [replace(a, colour=b.colour), replace(b, colour=a.colour)]
         return [a, b], mirror, f"the {a.shape} is {a.colour}", f"the {a.shape} is {b.colour}"
