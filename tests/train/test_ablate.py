@@ -51,6 +51,8 @@ def test_options_are_validated(tmp_path: Path) -> None:
 
 CHAIN_OVERRIDES = ("pretrain.epochs=13", "finetune.epochs=4")
 """About 1,000 pretraining steps on the 2,400 training images: AP needs about that many to leave chance."""
+CHAIN_MEMES = 4000
+"""200 dev memes (the Hateful Memes split ratios): a dev AUROC standard error of about 0.04."""
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from vilbert.train.pretrain import PretrainOptions, pretrain
 
     root = tmp_path_factory.mktemp("chain")
-    corpus, memes = prepare_synthetic(root / "data", corpus=3000, memes=800, workers=2)
+    corpus, memes = prepare_synthetic(root / "data", corpus=3000, memes=CHAIN_MEMES, workers=2)
     config = apply_overrides(tiny(), [*RECIPE, *CHAIN_OVERRIDES])
     pre = pretrain(config, PretrainOptions(data=corpus, run_dir=root / "pre", device="cpu"))
     runs = {}
@@ -101,24 +103,17 @@ def test_the_alignment_head_retrieves_the_matching_caption(chain: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the pretrained model's pooled text and image are measurably *less* cosine-similar for aligned pairs "
-    "than for mismatched ones (gaps -0.06 to -0.11 in the four cross layers): the product head does not need "
-    "a positive cosine; see docs/results.md",
-)
 def test_a_cross_layer_shows_a_positive_aligned_minus_mismatched_gap(chain: dict) -> None:
     report = chain["analysis"]
     assert any(s.gap > 3 * s.gap_stderr and s.gap > 0 for s in report.layers), report.layers
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="AP reaches ~0.84 but fine-tuning on the synthetic memes stays at chance from either start (dev "
-    "AUROC 0.50 / 0.50); see docs/results.md",
-)
 def test_pretraining_beats_scratch(chain: dict) -> None:
+    """The same fine-tuning budget from the pretraining run and from scratch: pretraining wins on dev AUROC
+    by at least 0.1, about 1.75 standard errors of the difference at 200 dev memes. What transfers is the
+    memes' `presence` family (grounding colour words, as the corpus captions teach): measured 0.62 / 0.50
+    overall, 0.98 vs 0.51 on that family (docs/results.md)."""
     dev = {name: results["final"]["dev"]["auroc"] for name, results in chain["runs"].items()}
     assert dev["pretrained"] >= dev["scratch"] + 0.1, dev
 

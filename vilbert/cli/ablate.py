@@ -47,7 +47,8 @@ class SyntheticScale:
 RECIPE = (*CPU_RECIPE, "pretrain.log_every=20", "pretrain.checkpoint_every=0")
 """`CPU_RECIPE`, logging every 20 steps and checkpointing only at epoch ends."""
 QUICK = SyntheticScale(corpus=800, memes=600, overrides=(*RECIPE, "pretrain.epochs=3", "finetune.epochs=3"))
-FULL = SyntheticScale(corpus=3000, memes=2400, overrides=(*RECIPE, "pretrain.epochs=6", "finetune.epochs=6"))
+FULL = SyntheticScale(corpus=3000, memes=4000, overrides=(*RECIPE, "pretrain.epochs=13", "finetune.epochs=4"))
+"""The chain test's scale: ~1,000 pretraining steps (AP needs about that many to leave chance), 200 dev memes."""
 TOKENIZER_VOCAB = 512
 """Enough for every word of the synthetic captions and claims, with room for sub-words."""
 
