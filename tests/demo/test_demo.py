@@ -50,6 +50,8 @@ def test_every_stage_runs_and_reports(demo) -> None:
     for run in ("finetune", "scratch"):
         assert 0.0 <= figures[run]["final"]["dev"]["auroc"] <= 1.0
     assert "## Reading it" in text and "pretraining losses" in text
+    dev = {run: figures[run]["final"]["dev"]["auroc"] for run in ("finetune", "scratch")}
+    assert f"(dev AUROC {dev['finetune']:.3f} against {dev['scratch']:.3f})" in text  # the verdict quotes this run
     plots = sorted((report.out / "runs" / "pretrain" / "plots").glob("*.png"))
     assert plots and all(f"]({p.relative_to(report.out)})" in text for p in plots)
     assert (report.out / "analysis.png").stat().st_size > 5000

@@ -76,7 +76,6 @@ class MIMProjection(nn.Module):
         return self.out(F.gelu(self.dense(patches)))
 
 
-
 class Classifier(nn.Module):
     """Dropout, Linear(2*dim), GELU, LayerNorm, Linear(num_labels) over the pooled product."""
 

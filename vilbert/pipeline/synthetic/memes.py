@@ -132,9 +132,8 @@ def _scene_pair(rng: np.random.Generator, family: str) -> tuple[list[Shape], lis
     if family == "presence":
         absent = str(rng.choice([c for c in COLOURS if c not in (a.colour, b.colour)]))
         noun = a.shape if rng.random() < 0.5 else "shape"
-        article = "an" if absent[0] in "aeiou" else "a"
-        first = "an" if a.colour[0] in "aeiou" else "a"
-        return [a, b], [replace(a, colour=absent), b], f"there is {first} {a.colour} {noun}", f"there is {article} {absent} {noun}"
+        claim, counter = (f"there is {'an' if c[0] in 'aeiou' else 'a'} {c} {noun}" for c in (a.colour, absent))
+        return [a, b], [replace(a, colour=absent), b], claim, counter
     if family == "colour":
         mirror = [replace(a, colour=b.colour), replace(b, colour=a.colour)]
         return [a, b], mirror, f"the {a.shape} is {a.colour}", f"the {a.shape} is {b.colour}"
