@@ -39,7 +39,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "ap": ("ap",),
 }
 """The thesis's four rows (no pretraining, all three tasks, MLM + AP, AP only) and `all+itc`: the three
-with the image-text contrastive task, which from scratch is what lets AP leave chance."""
+with the image-text contrastive task, which from scratch is what lets AP leave chance with MIM on."""
 METRICS = ("dev_acc", "dev_auroc", "test_acc", "test_auroc")
 Progress = Callable[[dict[str, Any]], None]
 
