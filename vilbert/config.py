@@ -597,6 +597,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} is not of the form section.key=value")
+        if key.strip() in _REMOVED_KEYS:  # saved configs may carry it; a user setting it is told
+            raise ConfigError(f"--set {key.strip()} no longer exists: {_REMOVED_KEYS[key.strip()]}")
         nested: dict[str, Any] = {}
         node = nested
         parts = key.strip().split(".")
