@@ -502,8 +502,8 @@ def config_from_dict(data: Mapping[str, Any], base: Config | None = None) -> Con
 _REMOVED_KEYS = {
     "model.itc_projection_dim": "ITC now compares the streams through the poolers, at the cross width",
 }
-"""Keys that configs written by earlier versions may carry: ignored with a log line, so those runs and
-exports still load."""
+"""Keys that configs written by earlier versions may carry: ignored with a log line when a saved config
+is read, so those runs and exports still load; refused with the reason when given to `--set`."""
 
 
 def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> Any:
@@ -597,11 +597,12 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r} is not of the form section.key=value")
-        if key.strip() in _REMOVED_KEYS:  # saved configs may carry it; a user setting it is told
-            raise ConfigError(f"--set {key.strip()} no longer exists: {_REMOVED_KEYS[key.strip()]}")
+        key = key.strip()
+        if key in _REMOVED_KEYS:  # saved configs may carry it; a user setting it is told
+            raise ConfigError(f"--set {key} no longer exists: {_REMOVED_KEYS[key]}")
         nested: dict[str, Any] = {}
         node = nested
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = raw.strip()

@@ -384,7 +384,7 @@ def _reading(report: DemoReport) -> list[str]:
            for name in ("finetune", "scratch")}  # fmt: skip
     if None not in dev.values():
         pretrained, scratch = dev["finetune"], dev["scratch"]
-        verdict = "beats" if pretrained >= scratch + 0.05 else "does not clearly beat"
+        verdict = "beats" if pretrained >= scratch + _CLEAR_MARGIN else "does not clearly beat"
         lines.append(
             f"- **fine-tuning from pretraining {verdict} the same budget from scratch** (dev AUROC "
             f"{pretrained:.3f} against {scratch:.3f}). One memes family in five turns on which colours the "
@@ -393,6 +393,10 @@ def _reading(report: DemoReport) -> list[str]:
             "AUROC 0.5 from either start (docs/results.md breaks the chain test's figure down by family)."
         )
     return lines
+
+
+_CLEAR_MARGIN = 0.05
+"""Dev AUROC by which fine-tuning from pretraining must exceed scratch for the report to say "beats"."""
 
 
 def _first_and_last_record(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
