@@ -100,6 +100,18 @@ def test_masked_colour_words_are_read_off_the_image(learned: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="shape words stay at chance (0.17-0.21 after 1,000-3,000 steps): this tiny ViT from scratch does not "
+    "learn these shapes even from direct shape labels in 1,000 steps (see vilbert/train/README.md, 'What learns on "
+    "a CPU')",
+)
+def test_masked_shape_words_are_read_off_the_image(learned: dict) -> None:
+    assert learned["shape"] >= 2 * CHANCE
+    assert learned["shape"] >= learned["shape_other_image"] + 0.15
+
+
+@pytest.mark.slow
 def test_alignment_prediction_leaves_chance(learned: dict) -> None:
     assert learned["result"].last_eval["ap_acc"] >= 0.7
 

@@ -92,7 +92,7 @@ class ViLBERT(nn.Module):
         self.text = TextEncoder(t, init_std=config.initializer_range)
         if t.pretrained is not None:
             self.text.load_hf_weights(t.pretrained)
-        self.vision = VisionEncoder(v)
+        self.vision = VisionEncoder(v, init_std=config.initializer_range)
         self._cross_after = _cross_schedule(config)
         self.cross = nn.ModuleList(build_cross_layer(kind, c, t.hidden_size, v.hidden_size) for kind in c.pattern)
         self.text_pooler = Pooler(t.hidden_size, c.hidden_size)

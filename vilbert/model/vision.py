@@ -8,6 +8,7 @@ local safetensors / state-dict file; `image_mean`/`image_std` are what those wei
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from vilbert.config import VisionConfig
 from vilbert.errors import ModelError
+from vilbert.model.attention import init_bert_weights
 from vilbert.model.weights import read_state_dict
 
 __all__ = ["VisionEncoder"]
@@ -33,17 +35,23 @@ class VisionEncoder(nn.Module):
     Args:
         config: The vision stream; `config.pretrained` is a timm name (downloaded), a local file,
             or None (random init, works offline).
+        init_std: The std of the from-scratch init of the blocks' Linear weights and the position
+            embeddings (`ModelConfig.initializer_range`, as for every other part built from scratch;
+            timm's own is 0.02 whatever the width). Unused when weights are loaded.
 
     Raises:
         ModelError: An unknown timm name, weights that cannot be fetched or do not fit.
     """
 
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, init_std: float = 0.02) -> None:
         super().__init__()
         self.config = config
         source = config.pretrained
         by_name = source is not None and not _looks_like_file(source)
         self.vit = _create_vit(source if by_name else config.timm_name, config, pretrained=by_name)
+        if source is None:
+            self.vit.blocks.apply(functools.partial(init_bert_weights, std=init_std))
+            nn.init.normal_(self.vit.pos_embed, std=init_std)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         if source is not None and not by_name:
