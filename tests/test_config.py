@@ -52,6 +52,21 @@ def test_overrides_coerce_types():
     assert config.model.text.hidden_size == tiny().model.text.hidden_size
 
 
+def test_overrides_are_validated_together_in_any_order():
+    # Each alone would be refused against tiny's batch 64 / the other's old value; together they fit.
+    config = apply_overrides(
+        tiny(), ["pretrain.batch_size=16", "pretrain.ap_batch_size=12", "pretrain.lr=1", "pretrain.lr=2"]
+    )
+    assert (config.pretrain.batch_size, config.pretrain.ap_batch_size) == (16, 12)
+    assert config.pretrain.lr == 2.0  # the last value of a repeated key
+    with pytest.raises(ConfigError, match="ap_batch_size=24 is invalid"):
+        apply_overrides(tiny(), ["pretrain.ap_batch_size=24", "pretrain.batch_size=16"])
+    with pytest.raises(ConfigError, match="pretrain is also set as a value"):
+        apply_overrides(tiny(), ["pretrain=3", "pretrain.lr=1"])
+    with pytest.raises(ConfigError, match="also given as a section"):
+        apply_overrides(tiny(), ["pretrain.lr=1", "pretrain=3"])
+
+
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [

@@ -592,7 +592,12 @@ def _coerce_scalar(value: Any, kind: Any, dotted: str) -> Any:
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """Apply `section.key=value` strings (as given to `--set`) in order."""
+    """Apply `section.key=value` strings (as given to `--set`) together; a key given twice takes its last value.
+
+    The whole set is validated once, so keys that constrain each other can be given in any order
+    (`pretrain.batch_size=16` before `pretrain.ap_batch_size=12`).
+    """
+    nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -600,14 +605,16 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         key = key.strip()
         if key in _REMOVED_KEYS:  # saved configs may carry it; a user setting it is told
             raise ConfigError(f"--set {key} no longer exists: {_REMOVED_KEYS[key]}")
-        nested: dict[str, Any] = {}
         node = nested
         parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is also set as a value")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"--set {key}: also given as a section ({key}.<key>=...)")
         node[parts[-1]] = raw.strip()
-        config = config_from_dict(nested, base=config)
-    return config
+    return config_from_dict(nested, base=config) if nested else config
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
