@@ -193,8 +193,9 @@ class ModelConfig:
     num_labels: int = 2
     initializer_range: float = 0.02
     """Std of the normal init of every linear and embedding weight built from scratch (BERT's 0.02),
-    a from-scratch ViT's blocks and position embeddings included. Pretrained encoders keep their weights. BERT's value was chosen for width 768, where a projection
-    then has a gain of about 0.02 * sqrt(768) = 0.55; at width 64 the same gain needs about 0.07."""
+    a from-scratch ViT's blocks and position embeddings included. Pretrained encoders keep their
+    weights. BERT's value was chosen for width 768, where a projection then has a gain of about
+    0.02 * sqrt(768) = 0.55; at width 64 the same gain needs about 0.07."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "freeze", tuple(self.freeze))
