@@ -102,3 +102,23 @@ def test_unknown_timm_name_lists_choices():
 def test_wrong_image_size_is_a_model_error():
     with pytest.raises(ModelError, match="image_size=32"):
         VisionEncoder(CONFIG)(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("std", [0.02, 0.07])
+def test_from_scratch_blocks_and_positions_take_the_init_std(std):
+    torch.manual_seed(0)
+    encoder = VisionEncoder(dataclasses.replace(CONFIG, hidden_size=64, num_heads=2), init_std=std)
+    linear = torch.cat([m.weight.flatten() for m in encoder.vit.blocks.modules() if isinstance(m, torch.nn.Linear)])
+    assert linear.std().item() == pytest.approx(std, rel=0.05)  # ~50k weights: well within 5%
+    assert all((m.bias == 0).all() for m in encoder.vit.blocks.modules() if isinstance(m, torch.nn.Linear))
+    assert encoder.vit.pos_embed.std().item() == pytest.approx(std, rel=0.15)  # 17 x 64 values
+
+
+def test_loaded_weights_are_not_reinitialized(tmp_path):
+    vit = _timm_vit()
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    ours = VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path)), init_std=0.07)
+    for name, value in vit.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(ours.vit.state_dict()[name], value), name
