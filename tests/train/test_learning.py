@@ -4,8 +4,8 @@ The captions say "a small red circle to the left of a blue square", so a masked 
 recovered by looking at the image: one training run, then the held-out masked-word accuracy with each
 sample's own image against the same captions with another sample's image (the control), and the
 curves `vilbert plot` draws. Alignment prediction leaves chance (with the image-text contrastive task)
-but does not reach 0.9 in this budget: that test is a strict xfail, so it fails loudly once a recipe
-makes it pass.
+but does not reach 0.9 in this budget, and masked shape words stay near chance: those two tests are
+strict xfails, so they fail loudly once a recipe makes them pass.
 """
 
 from __future__ import annotations
