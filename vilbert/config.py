@@ -266,6 +266,11 @@ class PretrainConfig:
     """No gradient through the unmasked (target) view, like ConMIM's and iBOT's teacher view."""
     itc_temperature: float = 0.1
     """Temperature of the image-text contrastive InfoNCE (`itc`)."""
+    itc_token_weight: float = 0.0
+    """Weight of ITC's token-level term (FILIP's late interaction), added to the global one: a caption
+    scores an image by each caption token's best cosine over the image's patches, averaged over the
+    caption's tokens; a second symmetric InfoNCE over those scores. It gives every word, not just the
+    first token, a contrastive signal to the patches. 0: ALBEF's global term only."""
     mlm_weight: float = 1.0
     ap_weight: float = 1.0
     mim_weight: float = 1.0
@@ -333,6 +338,7 @@ class PretrainConfig:
         for name in ("epochs", "batch_size", "lr", "grad_accum", "mim_temperature", "itc_temperature"):
             _positive(f"pretrain.{name}", getattr(self, name))
         _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
+        _check(self.itc_token_weight >= 0, "pretrain.itc_token_weight", self.itc_token_weight, ">= 0 (0: off)")
         _check(self.warmup_steps >= 0, "pretrain.warmup_steps", self.warmup_steps, ">= 0")
         _check(self.grad_clip >= 0, "pretrain.grad_clip", self.grad_clip, ">= 0 (0 disables)")
         _choice("pretrain.schedule", self.schedule, ("linear", "cosine", "constant"))

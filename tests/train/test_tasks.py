@@ -6,11 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vilbert.config import PretrainConfig, apply_overrides, tiny
+from vilbert.errors import ConfigError
 from vilbert.model import ViLBERT
 from vilbert.train.masking import IGNORE_INDEX, PixelNormalizer, SpecialTokens, num_masked_patches
-from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize
+from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize, token_similarity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,6 +160,61 @@ def test_itc_is_symmetric_infonce_over_the_aligned_rows() -> None:
     model.zero_grad()
     itc_only(_build(dataclasses.replace(config, tasks=("itc",)))[0]).loss.backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.cross.parameters())
+
+
+def test_token_similarity_is_the_mean_over_words_of_each_words_best_patch() -> None:
+    e = torch.eye(3)
+    tokens = torch.stack([e[[0, 1, 2]], e[[2, 2, 0]]])  # (2 captions, 3 tokens, d=3)
+    patches = torch.stack([e[[0, 0]], e[[1, 2]]])  # image 0 has only direction 0; image 1 has 1 and 2
+    words = torch.tensor([[True, True, False], [True, True, True]])  # caption 0's last token is padding
+    scores = token_similarity(tokens, words, patches)
+    # caption 0 (tokens 0, 1): image 0 matches token 0 only -> 1/2; image 1 matches token 1 -> 1/2.
+    # caption 1 (tokens 2, 2, 0): image 0 matches the last -> 1/3; image 1 matches the first two -> 2/3.
+    assert torch.allclose(scores, torch.tensor([[0.5, 0.5], [1 / 3, 2 / 3]]))
+    # The padding token would have matched image 1: it is not counted.
+    assert token_similarity(tokens, torch.ones(2, 3, dtype=torch.bool), patches)[0, 1] == pytest.approx(2 / 3)
+
+
+def test_itc_token_term_adds_filip_infonce_over_the_same_rows() -> None:
+    base = apply_overrides(
+        tiny(), ["pretrain.batch_size=12", "pretrain.tasks=[ap,itc]", "pretrain.ap_batch_size=8", "data.max_len=16"]
+    )
+    model_config = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = ViLBERT(model_config).eval()
+    global_only = dataclasses.replace(base.pretrain, itc_temperature=0.5)
+    with_tokens = dataclasses.replace(global_only, itc_token_weight=2.0)
+    tasks, _ = _build(with_tokens)
+    keep = tasks.aligned[: tasks.itc_rows]
+    n = int(keep.sum())
+    loss_global = PretrainObjective(model, global_only)(tasks).sums["itc_loss_sum"].item() / n
+    out = PretrainObjective(model, with_tokens)(tasks)
+    forward = model(tasks.input_ids, tasks.attention_mask, tasks.pixels)
+    tokens, patches = (e[keep] for e in model.token_contrastive_embeddings(forward))
+    words = tasks.attention_mask[keep].bool()
+    words[:, 0] = False
+    scores = torch.zeros(n, n)
+    for i in range(n):
+        for j in range(n):
+            best = (tokens[i] @ patches[j].T).max(dim=1).values  # (T,): each token's best patch
+            scores[i, j] = best[words[i]].mean()
+    logits = scores / 0.5
+    targets = torch.arange(n)
+    token_term = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    assert out.sums["itc_loss_sum"].item() / n == pytest.approx(loss_global + 2.0 * token_term.item(), rel=1e-5)
+    assert token_term.item() > 0.1
+    # The token term trains the patch embedding through the patches themselves, not only through [CLS].
+    model.zero_grad()
+    out.loss.backward()
+    with_grad = model.vision.vit.patch_embed.proj.weight.grad.clone()
+    model.zero_grad()
+    PretrainObjective(model, global_only)(tasks).loss.backward()
+    assert not torch.allclose(with_grad, model.vision.vit.patch_embed.proj.weight.grad)
+
+
+def test_itc_token_weight_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="itc_token_weight=-1.0 is invalid"):
+        apply_overrides(tiny(), ["pretrain.itc_token_weight=-1"])
 
 
 def test_itc_needs_two_aligned_rows() -> None:

@@ -62,6 +62,8 @@ class ViLBERTOutput:
             cross layer (no pooler); else None.
         unimodal_text: `(B, Dt)` first text token entering the first cross layer (text only so far).
         unimodal_vision: `(B, Dv)` first vision token entering the first cross layer.
+        unimodal_text_tokens: `(B, T, Dt)` the whole text stream entering the first cross layer.
+        unimodal_vision_tokens: `(B, 1+P, Dv)` the whole vision stream entering the first cross layer.
     """
 
     text: Tensor
@@ -70,6 +72,8 @@ class ViLBERTOutput:
     pooled_vision: Tensor
     unimodal_text: Tensor
     unimodal_vision: Tensor
+    unimodal_text_tokens: Tensor
+    unimodal_vision_tokens: Tensor
     layer_pooled: list[tuple[Tensor, Tensor]] | None = None
     layer_cls: list[tuple[Tensor, Tensor]] | None = None
 
@@ -158,15 +162,17 @@ class ViLBERT(nn.Module):
             pooled_vision=self.vision_pooler(vision),
             layer_pooled=layer_pooled if output_layers else None,
             layer_cls=layer_cls if output_layers else None,
-            unimodal_text=unimodal[0],
-            unimodal_vision=unimodal[1],
+            unimodal_text=unimodal[0][:, 0],
+            unimodal_vision=unimodal[1][:, 0],
+            unimodal_text_tokens=unimodal[0],
+            unimodal_vision_tokens=unimodal[1],
         )
 
     def _layers(
         self, text: Tensor, vision: Tensor, mask: Tensor, keep: bool
     ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
         """Encoder blocks and cross layers in schedule order -> both final streams, (with `keep`) both
-        streams right after each cross layer, and both first tokens entering the first cross layer."""
+        streams right after each cross layer, and both streams entering the first cross layer."""
         text_layers, blocks = self.text.layers, self.vision.blocks
         after_cross: list[tuple[Tensor, Tensor]] = []
         unimodal: tuple[Tensor, Tensor] | None = None
@@ -179,12 +185,12 @@ class ViLBERT(nn.Module):
                     vision = self.vision.norm(vision)  # ViT is pre-LN: its stream ends with a norm
             for i in self._cross_after.get(j, ()):
                 if i == 0:
-                    unimodal = (text[:, 0], vision[:, 0])
+                    unimodal = (text, vision)
                 text, vision = self.cross[i](text, vision, mask)
                 if keep:
                     after_cross.append((text, vision))
         if unimodal is None:  # no cross layers: the streams never met
-            unimodal = (text[:, 0], vision[:, 0])
+            unimodal = (text, vision)
         return text, vision, after_cross, unimodal
 
     # -------------------------------------------------------------------------------------- heads
@@ -202,6 +208,12 @@ class ViLBERT(nn.Module):
         """Unit-norm `(B, Dc)` embeddings of the unimodal first tokens through the poolers' Linear maps:
         (text, vision), in the space the pooled product of the alignment head lives in."""
         return self.text_pooler.embed(output.unimodal_text), self.vision_pooler.embed(output.unimodal_vision)
+
+    def token_contrastive_embeddings(self, output: ViLBERTOutput) -> tuple[Tensor, Tensor]:
+        """Unit-norm `(B, T, Dc)` text tokens and `(B, P, Dc)` image patches ([CLS] dropped) of the unimodal
+        streams, through the same Linear maps as `contrastive_embeddings` (ITC's token-level term)."""
+        text, vision = output.unimodal_text_tokens, output.unimodal_vision_tokens[:, 1:]
+        return self.text_pooler.embed(text), self.vision_pooler.embed(vision)
 
     def mim_projection(self, vision_patches: Tensor) -> Tensor:
         """`(B, P, Dv)` patch states (pass `output.vision[:, 1:]`) -> `(B, P, mim_projection_dim)`."""

@@ -18,7 +18,9 @@ spends its second forward pass on rows whose caption is their own.
   aligns the pooled space the AP head multiplies in; symmetric InfoNCE over the aligned rows among the
   first `itc_batch_size`, each caption against every image of those rows and back. Accuracy = in-batch
   retrieval top-1, averaged over both directions (chance: 1/rows). No extra forward pass, no extra
-  parameters.
+  parameters. With `itc_token_weight > 0` a token-level term (FILIP) is added: caption i scores image j
+  by the mean over its tokens of each token's best cosine among image j's patches (same maps, same
+  rows, same temperature), a second symmetric InfoNCE; the accuracy stays the global term's.
   From scratch, AP alone sits at chance: its head multiplies two pooled vectors, which carry nothing
   that agrees between caption and image until both streams have learned to encode what the other
   one shows, so its gradient starts near zero. ITC rewards exactly that agreement, with a whole
@@ -48,7 +50,15 @@ from vilbert.train.masking import (
     mismatch_captions,
 )
 
-__all__ = ["TaskBatch", "TaskOutput", "build_task_batch", "PretrainObjective", "summarize", "ACCURACY_NAMES"]
+__all__ = [
+    "TaskBatch",
+    "TaskOutput",
+    "build_task_batch",
+    "PretrainObjective",
+    "summarize",
+    "token_similarity",
+    "ACCURACY_NAMES",
+]
 
 ACCURACY_NAMES = {"mlm": "mlm_acc", "ap": "ap_acc", "mim": "mim_top1", "itc": "itc_acc"}
 
@@ -240,9 +250,41 @@ class PretrainObjective(nn.Module):
             return _store(sums, "itc", out.unimodal_text.sum() * 0.0, torch.zeros((), device=text.device), 0)
         logits = text @ vision.T / self.config.itc_temperature  # (N, N): caption i against image j
         targets = torch.arange(count, device=logits.device)
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        loss = _symmetric_infonce(logits, targets)
         hits = ((logits.argmax(1) == targets).sum() + (logits.argmax(0) == targets).sum()).float() / 2
+        if self.config.itc_token_weight > 0:
+            tokens, patches = self.model.token_contrastive_embeddings(out)
+            words = batch.attention_mask[: batch.itc_rows][rows].bool()
+            words[:, 0] = False  # [CLS] is the global term's
+            scores = token_similarity(tokens[: batch.itc_rows][rows], words, patches[: batch.itc_rows][rows])
+            token_loss = _symmetric_infonce(scores / self.config.itc_temperature, targets)
+            loss = loss + self.config.itc_token_weight * token_loss
         return _store(sums, "itc", loss, hits, count)
+
+
+def token_similarity(tokens: torch.Tensor, words: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """FILIP's late interaction: `(N, N)` scores, caption i against image j = the mean over caption i's
+    tokens (where `words` is True) of each token's best cosine among image j's patches.
+
+    Args:
+        tokens: `(N, T, d)` unit-norm caption tokens.
+        words: `(N, T)` bool, the tokens that count (real tokens; [CLS] and padding excluded by the caller).
+        patches: `(N, P, d)` unit-norm image patches.
+
+    One `(K, N * P)` cosine matrix for the K counted tokens (padding costs nothing).
+    """
+    n, _, d = tokens.shape
+    rows, cols = torch.nonzero(words, as_tuple=True)  # the K counted tokens
+    cosines = tokens[rows, cols].float() @ patches.reshape(-1, d).float().T  # (K, N * P)
+    best = cosines.view(len(rows), n, -1).amax(dim=-1)  # (K, N): each token's best patch in each image
+    weights = 1.0 / words.sum(dim=1).clamp(min=1).float()  # a mean over each caption's tokens
+    scores = torch.zeros(n, n, dtype=best.dtype, device=best.device)
+    return scores.index_add(0, rows, best * weights[rows, None])
+
+
+def _symmetric_infonce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of the row-wise (caption -> image) and column-wise (image -> caption) cross-entropies."""
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 def _record(
