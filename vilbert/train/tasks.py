@@ -271,15 +271,13 @@ def token_similarity(tokens: torch.Tensor, words: torch.Tensor, patches: torch.T
         words: `(N, T)` bool, the tokens that count (real tokens; [CLS] and padding excluded by the caller).
         patches: `(N, P, d)` unit-norm image patches.
 
-    One `(K, N * P)` cosine matrix for the K counted tokens (padding costs nothing).
+    One `(N * T, N * P)` cosine matrix, with no data-dependent shapes (no device sync, no graph break).
     """
-    n, _, d = tokens.shape
-    rows, cols = torch.nonzero(words, as_tuple=True)  # the K counted tokens
-    cosines = tokens[rows, cols].float() @ patches.reshape(-1, d).float().T  # (K, N * P)
-    best = cosines.view(len(rows), n, -1).amax(dim=-1)  # (K, N): each token's best patch in each image
-    weights = 1.0 / words.sum(dim=1).clamp(min=1).float()  # a mean over each caption's tokens
-    scores = torch.zeros(n, n, dtype=best.dtype, device=best.device)
-    return scores.index_add(0, rows, best * weights[rows, None])
+    n, t, d = tokens.shape
+    cosines = tokens.reshape(-1, d).float() @ patches.reshape(-1, d).float().T  # (N * T, N * P)
+    best = cosines.view(n, t, n, -1).amax(dim=-1)  # (N, T, N): each token's best patch in each image
+    weights = words.float() / words.sum(dim=1, keepdim=True).clamp(min=1)  # (N, T): a mean over each caption
+    return torch.einsum("itj,it->ij", best, weights)
 
 
 def _symmetric_infonce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
