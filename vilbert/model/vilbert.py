@@ -60,22 +60,28 @@ class ViLBERTOutput:
             alignment head compares, whatever the stream widths); else None.
         layer_cls: With `output_layers`, the raw first tokens `(text[:, 0], vision[:, 0])` after each
             cross layer (no pooler); else None.
-        unimodal_text: `(B, Dt)` first text token entering the first cross layer (text only so far).
-        unimodal_vision: `(B, Dv)` first vision token entering the first cross layer.
-        unimodal_text_tokens: `(B, T, Dt)` the whole text stream entering the first cross layer.
-        unimodal_vision_tokens: `(B, 1+P, Dv)` the whole vision stream entering the first cross layer.
+        unimodal_text_tokens: `(B, T, Dt)` the text stream entering the first cross layer (text only so far).
+        unimodal_vision_tokens: `(B, 1+P, Dv)` the vision stream entering the first cross layer.
     """
 
     text: Tensor
     vision: Tensor
     pooled_text: Tensor
     pooled_vision: Tensor
-    unimodal_text: Tensor
-    unimodal_vision: Tensor
     unimodal_text_tokens: Tensor
     unimodal_vision_tokens: Tensor
     layer_pooled: list[tuple[Tensor, Tensor]] | None = None
     layer_cls: list[tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def unimodal_text(self) -> Tensor:
+        """`(B, Dt)` first text token entering the first cross layer."""
+        return self.unimodal_text_tokens[:, 0]
+
+    @property
+    def unimodal_vision(self) -> Tensor:
+        """`(B, Dv)` first vision token entering the first cross layer."""
+        return self.unimodal_vision_tokens[:, 0]
 
 
 class ViLBERT(nn.Module):
@@ -162,8 +168,6 @@ class ViLBERT(nn.Module):
             pooled_vision=self.vision_pooler(vision),
             layer_pooled=layer_pooled if output_layers else None,
             layer_cls=layer_cls if output_layers else None,
-            unimodal_text=unimodal[0][:, 0],
-            unimodal_vision=unimodal[1][:, 0],
             unimodal_text_tokens=unimodal[0],
             unimodal_vision_tokens=unimodal[1],
         )

@@ -242,9 +242,12 @@ class PretrainObjective(nn.Module):
         return _record(sums, "mim", logits[positions], targets[positions], fallback=out.vision)
 
     def _itc(self, out, batch: TaskBatch, sums: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = batch.aligned[: batch.itc_rows]  # only pairs whose caption is their own
-        text, vision = self.model.contrastive_embeddings(out)
-        text, vision = text[: batch.itc_rows][rows], vision[: batch.itc_rows][rows]  # (N, d) each
+        aligned = batch.aligned[: batch.itc_rows]  # only pairs whose caption is their own
+
+        def pairs(x: torch.Tensor) -> torch.Tensor:  # the N aligned rows among the first itc_rows
+            return x[: batch.itc_rows][aligned]
+
+        text, vision = (pairs(e) for e in self.model.contrastive_embeddings(out))  # (N, d) each
         count = text.shape[0]
         if count < 2:  # nothing to contrast with: a zero that keeps the graph
             return _store(sums, "itc", out.unimodal_text.sum() * 0.0, torch.zeros((), device=text.device), 0)
@@ -253,10 +256,10 @@ class PretrainObjective(nn.Module):
         loss = _symmetric_infonce(logits, targets)
         hits = ((logits.argmax(1) == targets).sum() + (logits.argmax(0) == targets).sum()).float() / 2
         if self.config.itc_token_weight > 0:
-            tokens, patches = self.model.token_contrastive_embeddings(out)
-            words = batch.attention_mask[: batch.itc_rows][rows].bool()
+            tokens, patches = (pairs(e) for e in self.model.token_contrastive_embeddings(out))
+            words = pairs(batch.attention_mask).bool()
             words[:, 0] = False  # [CLS] is the global term's
-            scores = token_similarity(tokens[: batch.itc_rows][rows], words, patches[: batch.itc_rows][rows])
+            scores = token_similarity(tokens, words, patches)
             token_loss = _symmetric_infonce(scores / self.config.itc_temperature, targets)
             loss = loss + self.config.itc_token_weight * token_loss
         return _store(sums, "itc", loss, hits, count)
