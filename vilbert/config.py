@@ -106,6 +106,9 @@ class TextConfig:
         _probability("text.attention_dropout", self.attention_dropout)
 
 
+VISION_STEMS = ("patch", "conv")
+
+
 @dataclass(frozen=True, kw_only=True)
 class VisionConfig:
     """The ViT vision stream: timm's `VisionTransformer`."""
@@ -121,10 +124,25 @@ class VisionConfig:
     attention_dropout: float = 0.0
     pretrained: str | None = None
     """A timm model name (online) or a local safetensors/state-dict file; None: random init."""
+    stem: str = "patch"
+    """How pixels become patch tokens. `patch`: timm's linear patch embedding (what timm's weights have).
+    `conv`: a convolutional stem (conv3x3-ReLU-maxpool stages, Xiao et al. 2021, "Early convolutions help
+    transformers see better"), one stage per halving, so `patch_size` is a power of 2; for small ViTs
+    trained from scratch, which do not learn shapes from linear patches in a short budget."""
+    stem_width: int = 16
+    """Channels of the conv stem's first stage; each further stage doubles them, the last gives hidden_size."""
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads"):
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "stem_width"):
             _positive(f"vision.{name}", getattr(self, name))
+        _choice("vision.stem", self.stem, VISION_STEMS)
+        if self.stem == "conv":
+            _check(
+                self.patch_size >= 2 and self.patch_size & (self.patch_size - 1) == 0,
+                "vision.patch_size",
+                self.patch_size,
+                "a power of 2 (>= 2) with vision.stem=conv (one conv stage per halving)",
+            )
         _check(
             self.image_size % self.patch_size == 0,
             "vision.patch_size",

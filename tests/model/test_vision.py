@@ -122,3 +122,46 @@ def test_loaded_weights_are_not_reinitialized(tmp_path):
     for name, value in vit.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(ours.vit.state_dict()[name], value), name
+
+
+CONV = dataclasses.replace(CONFIG, stem="conv", stem_width=8)
+
+
+def test_conv_stem_stages_halve_the_image_down_to_the_patch_grid():
+    encoder = VisionEncoder(CONV)
+    convs = [m for m in encoder.vit.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 8), (8, 16), (16, 48)]  # 8 = 2**3: three
+    assert encoder.num_patches == 16
+    assert encoder(_pixels()).shape == (2, 17, 48)
+
+
+def test_conv_stem_tokens_see_only_their_neighbourhood():
+    """A pixel change reaches the patch tokens within the stem's receptive field (22 px), not the far ones:
+    the locality the linear patch embedding has only inside its own patch."""
+    encoder = VisionEncoder(dataclasses.replace(CONV, image_size=64)).eval()
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    changed = pixels.clone()
+    changed[0, :, 0:4, 0:4] += 1.0
+    with torch.no_grad():
+        before = encoder.vit.patch_embed(pixels)[0].view(8, 8, -1)
+        after = encoder.vit.patch_embed(changed)[0].view(8, 8, -1)
+    moved = (after - before).abs().amax(-1) > 0
+    assert moved[0, 0] and moved[1, 1]  # the patch itself and its diagonal neighbour
+    assert not moved[2:, :].any() and not moved[:, 2:].any()
+
+
+def test_conv_stem_refuses_timm_weights_by_name():
+    with pytest.raises(ModelError, match="linear patch embedding; model.vision.stem=conv takes a local weights file"):
+        VisionEncoder(dataclasses.replace(CONV, pretrained="vit_tiny_patch16_224"))
+
+
+def test_conv_stem_weights_round_trip_through_a_local_file(tmp_path):
+    torch.manual_seed(0)
+    trained = VisionEncoder(CONV).eval()
+    path = tmp_path / "stem.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.vit.state_dict().items()}, str(path))
+    loaded = VisionEncoder(dataclasses.replace(CONV, pretrained=str(path))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_pixels()), trained(_pixels()), atol=0, rtol=0)
+    with pytest.raises(ModelError, match="do not fit model.vision"):
+        VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path)))  # a linear-patch config

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -48,6 +49,11 @@ class VisionEncoder(nn.Module):
         self.config = config
         source = config.pretrained
         by_name = source is not None and not _looks_like_file(source)
+        if by_name and config.stem != "patch":
+            raise ModelError(
+                f"model.vision.pretrained={source!r} names timm weights, which have a linear patch embedding; "
+                f"model.vision.stem={config.stem} takes a local weights file saved with that stem, or no weights"
+            )
         self.vit = _create_vit(source if by_name else config.timm_name, config, pretrained=by_name)
         if source is None:
             self.vit.blocks.apply(functools.partial(init_bert_weights, std=init_std))
@@ -95,8 +101,7 @@ class VisionEncoder(nn.Module):
             )
         if not pixels.is_floating_point():
             raise ModelError(f"pixels are {pixels.dtype}; the model takes normalized floating-point pixels")
-        weight = self.vit.patch_embed.proj.weight
-        x = self.vit.patch_embed(pixels.to(weight.dtype))  # (B, P, D); float16 caches -> model dtype
+        x = self.vit.patch_embed(pixels.to(self.vit.pos_embed.dtype))  # (B, P, D); float16 caches -> model dtype
         if image_mask is not None:
             if tuple(image_mask.shape) != tuple(x.shape[:2]):
                 raise ModelError(
@@ -138,6 +143,24 @@ class VisionEncoder(nn.Module):
         log.info("loaded ViT weights from %s", path)
 
 
+class ConvStemEmbed(PatchEmbed):
+    """timm's `PatchEmbed` with a convolutional stem in place of its linear projection: per halving of
+    the resolution one conv3x3-ReLU-maxpool2 stage, `stem_width` channels doubling per stage, the last
+    stage giving `embed_dim` (8x8 patches at width 64: 16, 32, 64). Each token then sees a receptive field
+    of 22 px instead of one 8x8 patch, the locality a small ViT from scratch lacks (Xiao et al. 2021)."""
+
+    def __init__(self, *, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, stem_width: int = 16,
+                 **kwargs) -> None:  # fmt: skip
+        super().__init__(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        stages = patch_size.bit_length() - 1  # patch_size is a power of 2 (VisionConfig checks)
+        widths = [stem_width * 2**i for i in range(stages - 1)] + [embed_dim]
+        layers: list[nn.Module] = []
+        for width in widths:
+            layers += [nn.Conv2d(in_chans, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            in_chans = width
+        self.proj = nn.Sequential(*layers)
+
+
 def _looks_like_file(source: str) -> bool:
     return source.endswith(_LOCAL_SUFFIXES) or Path(source).exists()
 
@@ -154,6 +177,8 @@ def _create_vit(name: str, config: VisionConfig, pretrained: bool) -> VisionTran
         attn_drop_rate=config.attention_dropout,
         num_classes=0,
     )
+    if config.stem == "conv":
+        kwargs["embed_layer"] = functools.partial(ConvStemEmbed, stem_width=config.stem_width)
     if not timm.is_model(name.split(".")[0]):
         valid = ", ".join(timm.list_models("vit_*")[:8])
         raise ModelError(f"unknown timm model {name!r}; valid: a timm ViT name such as {valid}, ...")
