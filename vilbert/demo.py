@@ -366,17 +366,22 @@ def _reading(report: DemoReport) -> list[str]:
     ]
     if falling:
         lines.append(f"- **pretraining losses**, first to last record: {', '.join(falling)}.")
-    ap = report.figures.get("pretrain", {}).get("eval", {}).get("ap_acc")
+    last_eval = report.figures.get("pretrain", {}).get("eval", {})
+    ap = last_eval.get("ap_acc")
+    whole = last_eval.get("ap_whole_acc")
+    held_out = f"held-out {ap:.2f} on the task's masked captions" if ap is not None else ""
+    if whole is not None:
+        held_out += f", {whole:.2f} on whole captions"
     if ap is not None and ap < 0.6:
         lines.append(
-            f"- **alignment prediction stayed near chance** (held-out {ap:.2f}): AP leaves chance only after the "
+            f"- **alignment prediction stayed near chance** ({held_out}): AP leaves chance only after the "
             "image-text contrastive task has taught both streams what the other shows, a few hundred steps "
             "on this recipe (vilbert/train/README.md, 'What learns on a CPU'); this run was too short for that. "
             "MLM is what learns here: its loss falls, and masked colour words come to be read off the image."
         )
     elif ap is not None:
         lines.append(
-            f"- **alignment prediction left chance** (held-out {ap:.2f}, chance 0.50): the image-text contrastive "
+            f"- **alignment prediction left chance** ({held_out}; chance 0.50): the image-text contrastive "
             "task (ITC) taught both streams to encode what the other one shows, which is what AP's product "
             "head compares (vilbert/train/README.md, 'What learns on a CPU')."
         )

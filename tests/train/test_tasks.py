@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from vilbert.config import PretrainConfig, apply_overrides, tiny
 from vilbert.errors import ConfigError
 from vilbert.model import ViLBERT
-from vilbert.train.masking import IGNORE_INDEX, PixelNormalizer, SpecialTokens, num_masked_patches
-from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize, token_similarity
+from vilbert.train.masking import IGNORE_INDEX, PixelNormalizer, SpecialTokens, mismatch_captions, num_masked_patches
+from vilbert.train.tasks import (
+    PretrainObjective,
+    build_task_batch,
+    summarize,
+    token_similarity,
+    whole_caption_alignment,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,3 +227,29 @@ def test_itc_needs_two_aligned_rows() -> None:
     config = PretrainConfig(batch_size=12, tasks=("itc",))
     single, _ = _build(config, rows=1)
     assert single.itc_rows == 0
+
+
+def test_whole_caption_alignment_swaps_half_the_captions_and_masks_nothing() -> None:
+    torch.manual_seed(0)
+    model = ViLBERT(dataclasses.replace(tiny().model, text=dataclasses.replace(tiny().model.text, vocab_size=VOCAB)))
+    model.eval()
+    pixels, ids, lengths = _batch(rows=12)
+    pixels = PixelNormalizer((0.5,) * 3, (0.5,) * 3, "cpu").model_input(pixels)
+    with torch.no_grad():  # every row once with its own caption, once with each other row's
+        scores = torch.stack([
+            model.alignment_logits(model(ids.long()[(torch.arange(12) + k) % 12],
+                                         (torch.arange(16)[None] < lengths[(torch.arange(12) + k) % 12, None]).long(),
+                                         pixels)).argmax(-1)
+            for k in range(12)
+        ])  # fmt: skip  # (shift, row): predicted label of row i with the caption of row (i + shift) % 12
+    sums = whole_caption_alignment(model, pixels, ids, lengths, generator=torch.Generator().manual_seed(3))
+    source = torch.Generator().manual_seed(3)
+    donor, labels = mismatch_captions(12, generator=source)
+    assert (labels == 0).sum() == 6 and (donor[labels == 0] != torch.arange(12)[labels == 0]).all()
+    expected = sum(int(scores[(donor[i] - i) % 12, i] == labels[i]) for i in range(12))
+    assert sums["ap_whole_count"].item() == 12 and sums["ap_whole_correct"].item() == expected
+    again = whole_caption_alignment(model, pixels, ids, lengths, generator=torch.Generator().manual_seed(3))
+    assert again["ap_whole_correct"].item() == expected
+    assert whole_caption_alignment(model, pixels[:1], ids[:1], lengths[:1], generator=source) == {}
+    metrics = summarize({"ap_whole_correct": 9.0, "ap_whole_count": 12.0}, PretrainConfig())
+    assert metrics["ap_whole_acc"] == 0.75

@@ -30,7 +30,9 @@ records_log = logging.getLogger("vilbert.cli.pretrain.records")
 records_log.propagate = False
 records_log.setLevel(logging.INFO)
 
-_METRIC_ORDER = ("loss", "mlm_loss", "mlm_acc", "ap_loss", "ap_acc", "mim_loss", "mim_top1", "itc_loss", "itc_acc")
+_METRIC_ORDER = (
+    "loss", "mlm_loss", "mlm_acc", "ap_loss", "ap_acc", "ap_whole_acc", "mim_loss", "mim_top1", "itc_loss", "itc_acc"
+)  # fmt: skip
 
 
 def pretrain_command(

@@ -33,7 +33,7 @@ from vilbert.train.metrics import Accumulator
 from vilbert.train.pretrain import CHECKPOINT_FORMAT as PRETRAIN_FORMAT
 from vilbert.train.pretrain import _normalizer, open_split
 from vilbert.train.scoring import binary_metrics
-from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize
+from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize, whole_caption_alignment
 
 __all__ = [
     "FINETUNE_FORMAT",
@@ -229,13 +229,15 @@ def pretraining_metrics(
     seed: int = 0,
 ) -> dict[str, float]:
     """Per-task loss and accuracy of the pretraining tasks (`config.pretrain.tasks`) on a split, with
-    masks drawn from a generator seeded with `seed` (the same masks on every call)."""
+    masks drawn from a generator seeded with `seed` (the same masks on every call); with AP also
+    `ap_whole_acc`, the alignment head on whole captions (`tasks.whole_caption_alignment`)."""
     device = torch.device(device)
     normalizer = pixel_normalizer(reader, model, device)
     cfg = dataclasses.replace(config.pretrain, augment=False)  # measure the task, not the augmentation
     objective = PretrainObjective(model, cfg).eval()
     special = SpecialTokens.from_dict(reader.manifest.special_token_ids)
     generator = torch.Generator(device=device).manual_seed(seed)
+    swaps = torch.Generator(device=device).manual_seed(seed + 104_729)
     loader = BatchLoader(reader, batch_size, shuffle=False, drop_last=False, device=device)
     sums = Accumulator()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -254,6 +256,9 @@ def pretraining_metrics(
                 generator=generator,
             )
             sums.add(objective(tasks).sums)
+            if "ap" in cfg.tasks:
+                pixels = normalizer.model_input(batch.pixels)
+                sums.add(whole_caption_alignment(model, pixels, batch.input_ids, batch.num_tokens, generator=swaps))
     return summarize(sums.totals(), cfg)
 
 

@@ -43,7 +43,7 @@ from vilbert.train.masking import PixelNormalizer, SpecialTokens
 from vilbert.train.metrics import Accumulator, MetricsWriter, StepClock, peak_memory_mb
 from vilbert.train.optim import build_optimizer, build_scheduler
 from vilbert.train.preemption import StopRequest
-from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize
+from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize, whole_caption_alignment
 
 __all__ = ["PretrainOptions", "PretrainResult", "pretrain", "run_config", "open_split", "CHECKPOINT_FORMAT"]
 
@@ -444,6 +444,8 @@ class _Session:
         )
         generator = torch.Generator(device=ctx.device)
         generator.manual_seed(cfg.seed + 7919 * (ctx.rank + 1))  # the same masks at every evaluation
+        swaps = torch.Generator(device=ctx.device)
+        swaps.manual_seed(cfg.seed + 104_729 * (ctx.rank + 1))  # the same whole-caption pairs every time
         sums = Accumulator()
         self.objective.eval()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
@@ -451,6 +453,11 @@ class _Session:
                 if cfg.eval_max_batches is not None and i >= cfg.eval_max_batches:
                     break
                 sums.add(self.objective(self._task_batch(batch, generator)).sums)
+                if "ap" in cfg.tasks:
+                    pixels = self.normalizer.model_input(batch.pixels)
+                    sums.add(whole_caption_alignment(
+                        self.model, pixels, batch.input_ids, batch.num_tokens, generator=swaps
+                    ))  # fmt: skip
         self.objective.train()
         totals = all_reduce_sums(sums.totals(), ctx)
         self.last_eval = summarize(totals, cfg)

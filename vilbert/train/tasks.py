@@ -28,6 +28,11 @@ spends its second forward pass on rows whose caption is their own.
 
 Losses are means over each task's items; `TaskOutput.sums` holds loss sums, hit counts and item
 counts, so means over steps, batches or ranks are exact (`summarize`).
+
+Evaluation adds `ap_whole_acc` (`whole_caption_alignment`): the alignment head as a classifier of
+held-out pairs with their whole captions. `ap_acc` is measured on the task's own inputs, whose captions
+carry the MLM masks (with `mlm_probability=0.3`, 30% of the words that tell two captions apart are
+hidden), so it understates what the head tells apart.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ __all__ = [
     "build_task_batch",
     "PretrainObjective",
     "summarize",
+    "whole_caption_alignment",
     "token_similarity",
     "ACCURACY_NAMES",
 ]
@@ -309,8 +315,43 @@ def _store(
     return loss
 
 
+@torch.no_grad()
+def whole_caption_alignment(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    input_ids: torch.Tensor,
+    num_tokens: torch.Tensor,
+    *,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The alignment head as a classifier of whole-caption pairs, for evaluation.
+
+    Exactly half of the rows get another row's caption (`mismatch_captions`, a derangement), and nothing
+    is masked. Returns the sums `ap_whole_correct` and `ap_whole_count` (empty for a batch of one row),
+    which `summarize` turns into `ap_whole_acc`.
+
+    Args:
+        model: A `ViLBERT` (eval mode is the caller's).
+        pixels: `(B, 3, H, W)` model input (normalized).
+        input_ids, num_tokens: The batch's own captions, `(B, T)` and `(B,)`.
+        generator: Draws the swap (same generator state, same pairs).
+    """
+    rows = input_ids.shape[0]
+    if rows < 2:
+        return {}
+    source, labels = mismatch_captions(rows, generator=generator, device=input_ids.device)
+    ids, lengths = input_ids.long()[source], num_tokens.long()[source]
+    attention_mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
+    logits = model.alignment_logits(model(ids, attention_mask, pixels))
+    return {
+        "ap_whole_correct": (logits.argmax(-1) == labels).sum().float(),
+        "ap_whole_count": torch.tensor(float(rows), device=ids.device),
+    }
+
+
 def summarize(sums: dict[str, float], config: PretrainConfig) -> dict[str, float]:
-    """Per-task mean loss and accuracy from accumulated sums, and `loss`, the weighted total."""
+    """Per-task mean loss and accuracy from accumulated sums, and `loss`, the weighted total (plus
+    `ap_whole_acc` where the sums hold `whole_caption_alignment`'s)."""
     metrics: dict[str, float] = {}
     total = 0.0
     for task in config.tasks:
@@ -321,4 +362,6 @@ def summarize(sums: dict[str, float], config: PretrainConfig) -> dict[str, float
         metrics[ACCURACY_NAMES[task]] = sums[f"{task}_correct"] / count
         total += getattr(config, f"{task}_weight") * metrics[f"{task}_loss"]
     metrics["loss"] = total
+    if sums.get("ap_whole_count", 0.0) > 0:
+        metrics["ap_whole_acc"] = sums["ap_whole_correct"] / sums["ap_whole_count"]
     return metrics
