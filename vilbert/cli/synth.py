@@ -1,4 +1,5 @@
-"""`vilbert synth`: the synthetic corpus, the synthetic memes task and the loopback test server."""
+"""`vilbert synth`: the synthetic corpus, the synthetic memes task, the loopback test server, and a vision
+stream trained on labelled synthetic objects."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 import typer
 from rich.progress import Progress
 
+from vilbert.cli._options import CONFIG_OPTION, SET_OPTION, resolve_config
 from vilbert.cli.console import console
 from vilbert.errors import UsageError
 from vilbert.pipeline.synthetic import ServerOptions, generate_corpus, generate_memes, serve_in_background
 from vilbert.pipeline.synthetic.server import FAILURE_KINDS
 
-synth_app = typer.Typer(help="Synthetic data: a captioned corpus, a memes task, a test server.",
+synth_app = typer.Typer(help="Synthetic data: a captioned corpus, a memes task, a test server, vision weights.",
                         no_args_is_help=True)  # fmt: skip
 
 
@@ -83,6 +85,47 @@ def serve(
             server.wait()
         except KeyboardInterrupt:
             console.print("stopped")
+
+
+@synth_app.command("vision")
+def vision(
+    out: Path = typer.Option(..., "--out", help="The weights file to write (.safetensors)."),
+    preset: str = typer.Option("tiny", "--preset", help="Starting point whose model.vision is trained."),
+    config_file: Path = CONFIG_OPTION,
+    overrides: list[str] = SET_OPTION,
+    images: int = typer.Option(3200, "--images", help="Labelled scenes to train on (+1/4 held out)."),
+    steps: int = typer.Option(600, "--steps", help="Optimizer steps (batch 32)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same images and weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+) -> None:
+    """Train the config's vision stream on labelled one-object scenes (shape and colour) and write its weights,
+    the offline stand-in for ImageNet weights: load them with --set model.vision.pretrained=OUT."""
+    from vilbert.pipeline.synthetic.objects import render_objects
+    from vilbert.train.backbone import save_vision_weights, train_vision_backbone
+
+    config = resolve_config(preset, config_file, overrides)
+    vision_config = config.model.vision
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out}: vision weights are written as .safetensors")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if vision_config.pretrained is not None:
+        raise UsageError(f"model.vision.pretrained={vision_config.pretrained!r}: this command trains from scratch")
+    if images < 8 or steps < 1:
+        raise UsageError(f"need --images >= 8 and --steps >= 1, got {images} and {steps}")
+    size = vision_config.image_size
+    start = time.perf_counter()
+    train = render_objects(images, size, seed=2 * seed)
+    test = render_objects(max(images // 4, 1), size, seed=2 * seed + 1)
+    console.print(f"rendered {len(train)} + {len(test)} labelled {size}x{size} scenes in "
+                  f"{time.perf_counter() - start:.1f} s; training {steps} steps", soft_wrap=True)  # fmt: skip
+    result = train_vision_backbone(vision_config, train.pixels, train.labels, test.pixels, test.labels,
+                                   steps=steps, init_std=config.model.initializer_range, seed=seed)  # fmt: skip
+    save_vision_weights(result.encoder, out)
+    accuracy = ", ".join(f"{name} {value:.3f}" for name, value in result.accuracy.items())
+    console.print(f"wrote {out} ({result.seconds:.0f} s); held-out accuracy: {accuracy}", soft_wrap=True)
+    stem = f" --set model.vision.stem={vision_config.stem}" if vision_config.stem != "patch" else ""
+    console.print(f"use it with: --set model.vision.pretrained={out}{stem} --set model.freeze=[vision]", soft_wrap=True)
 
 
 def _print_plan(plan: dict) -> None:
