@@ -1,11 +1,18 @@
 """Pretraining learns: the tiny preset on synthetic scenes, on the CPU, within a few minutes.
 
-The captions say "a small red circle to the left of a blue square", so a masked colour word can only be
-recovered by looking at the image: one training run, then the held-out masked-word accuracy with each
-sample's own image against the same captions with another sample's image (the control), and the
-curves `vilbert plot` draws. Alignment prediction leaves chance (with the image-text contrastive task)
-but does not reach 0.9 in this budget, and masked shape words stay near chance: those two tests are
-strict xfails, so they fail loudly once a recipe makes them pass.
+The captions say "a small red circle to the left of a blue square", so a masked colour or shape word can only be
+recovered by looking at the image. Two runs on the same 4,000 scenes, each followed by held-out figures: masked-word
+accuracy with each sample's own image against the same captions with another sample's image (the control), and the
+alignment head on whole captions (`ap_whole_acc`, half of them another sample's).
+
+- **On a pretrained vision stream** (`PRETRAINED_VISION`), the recipe this project is about: the original ViLBERT
+  reads a detector trained on labelled objects, the thesis a timm ViT trained on ImageNet, both frozen. The tiny
+  preset has no such weights offline, so the test makes them: a ViT with a conv stem trained on labelled one-object
+  scenes that are not in the corpus (`train_vision_backbone`), then frozen. Alignment accuracy reaches 0.9, and
+  colour and shape words are read off the image.
+- **From scratch** (`CPU_RECIPE`, the demo's): colour words are read off the image and alignment prediction leaves
+  chance, but the vision stream does not learn shapes from pretraining in this budget, so shape words stay near
+  chance: a strict xfail, which fails loudly once a recipe makes it pass.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import torch
 from vilbert.cache import CacheReader
 from vilbert.config import CPU_RECIPE, apply_overrides, tiny
 from vilbert.model import ViLBERT
+from vilbert.pipeline.synthetic.objects import render_objects
+from vilbert.train.backbone import save_vision_weights, train_vision_backbone
 from vilbert.train.checkpoint import load_checkpoint
 from vilbert.train.masking import PixelNormalizer
 from vilbert.train.plot import plot_runs
@@ -29,6 +38,17 @@ CHANCE = 1 / 6
 
 SAMPLES = 4000
 OVERRIDES = [*CPU_RECIPE, "pretrain.epochs=10", "pretrain.log_every=10"]
+PRETRAINED_VISION = [
+    "model.vision.stem=conv",  # the tiny ViT alone reaches only 0.26-0.37 on shape labels in 800-2,000 steps
+    "model.freeze=[vision]",  # trainable, pretraining overwrites the shape features (README, "What learns on a CPU")
+    "pretrain.lr=2e-3",  # fewer parameters to train: 1e-3 read shape words at 0.29-0.64 by caption kind, 2e-3 0.36-0.73
+    # MIM could only train the cross stack's side of a frozen stream, and its target view costs a second forward:
+    "pretrain.tasks=[mlm,ap,itc]",
+    "pretrain.ap_batch_size=32",
+    "pretrain.epochs=8",  # held-out alignment 0.94 at step 800 of 1,000 already; this keeps the run inside 5 minutes
+]
+BACKBONE_IMAGES = (3200, 800)  # labelled one-object scenes: train, held out
+BACKBONE_STEPS = 600
 
 
 def masked_word_accuracy(
@@ -62,33 +82,86 @@ def masked_word_accuracy(
     return hits / len(rows), len(rows)
 
 
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One tiny pretraining run on 4,000 synthetic scenes, and its held-out figures."""
-    from .conftest import build_synthetic_cache
-
-    root = tmp_path_factory.mktemp("learning")
-    start = time.monotonic()
-    cache = build_synthetic_cache(root / "cache", SAMPLES, seed=1)
-    run = root / "run"
-    result = pretrain(apply_overrides(tiny(), OVERRIDES), PretrainOptions(data=cache, run_dir=run, device="cpu"))
-    trained_s = time.monotonic() - start
+def held_out_figures(run, test: CacheReader) -> dict[str, float]:
+    """Masked colour and shape words with the own image and another one, from the run's last checkpoint."""
     model = ViLBERT(run_config(run).model)
     model.load_state_dict(load_checkpoint(run)["model"])
-    test = CacheReader(cache / "test")
-    figures = {
+    return {
         "colour": masked_word_accuracy(model, test, COLOURS)[0],
         "shape": masked_word_accuracy(model, test, SHAPES)[0],
         "colour_other_image": masked_word_accuracy(model, test, COLOURS, other_image=True)[0],
         "shape_other_image": masked_word_accuracy(model, test, SHAPES, other_image=True)[0],
     }
+
+
+def report(name: str, seconds: float, result, figures: dict[str, float]) -> None:
+    """One line of a run's figures; `seconds` is what it took to train, the cache (and backbone) included."""
+    last = result.last_eval
     print(
-        f"\nlearning test: {trained_s:.0f} s to build the cache and train {result.step} steps; held-out "
-        f"AP acc {result.last_eval['ap_acc']:.3f}, MLM acc {result.last_eval['mlm_acc']:.3f}; masked word acc "
-        f"with the own image / another image: colour {figures['colour']:.3f} / {figures['colour_other_image']:.3f}, "
+        f"\nlearning test, {name}: {seconds:.0f} s to train ({result.step} steps); held-out alignment acc "
+        f"{last['ap_whole_acc']:.3f} with whole captions "
+        f"({last['ap_acc']:.3f} on the task's masked captions), MLM acc {last['mlm_acc']:.3f}; masked word acc with "
+        f"the own image / another image: colour {figures['colour']:.3f} / {figures['colour_other_image']:.3f}, "
         f"shape {figures['shape']:.3f} / {figures['shape_other_image']:.3f}; chance {CHANCE:.3f}"
     )
-    return {"root": root, "run": run, "result": result, **figures}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The 4,000 synthetic scenes both runs train on, and how long the cache took."""
+    from .conftest import build_synthetic_cache
+
+    root = tmp_path_factory.mktemp("learning")
+    start = time.monotonic()
+    cache = build_synthetic_cache(root / "cache", SAMPLES, seed=1)
+    return {"root": root, "cache": cache, "seconds": time.monotonic() - start}
+
+
+@pytest.fixture(scope="module")
+def learned(scenes: dict) -> dict:
+    """One tiny pretraining run from scratch (`CPU_RECIPE`), and its held-out figures."""
+    start = time.monotonic()
+    run = scenes["root"] / "run-from-scratch"
+    options = PretrainOptions(data=scenes["cache"], run_dir=run, device="cpu")
+    result = pretrain(apply_overrides(tiny(), OVERRIDES), options)
+    seconds = scenes["seconds"] + time.monotonic() - start
+    figures = held_out_figures(run, CacheReader(scenes["cache"] / "test"))
+    report("from scratch", seconds, result, figures)
+    return {"root": scenes["root"], "run": run, "result": result, **figures}
+
+
+@pytest.fixture(scope="module")
+def learned_on_pretrained_vision(scenes: dict) -> dict:
+    """A vision stream trained on labelled one-object scenes, then frozen for pretraining (`PRETRAINED_VISION`)."""
+    start = time.monotonic()
+    config = apply_overrides(tiny(), [*OVERRIDES, *PRETRAINED_VISION])
+    train, test = render_objects(BACKBONE_IMAGES[0], 64, seed=0), render_objects(BACKBONE_IMAGES[1], 64, seed=1)
+    backbone = train_vision_backbone(
+        config.model.vision, train.pixels, train.labels, test.pixels, test.labels,
+        steps=BACKBONE_STEPS, init_std=config.model.initializer_range,
+    )  # fmt: skip
+    weights = save_vision_weights(backbone.encoder, scenes["root"] / "vision" / "objects.safetensors")
+    print(f"\nvision backbone: held-out accuracy {backbone.accuracy}, {backbone.steps} steps, {backbone.seconds:.0f} s")
+    run = scenes["root"] / "run-pretrained-vision"
+    config = apply_overrides(config, [f"model.vision.pretrained={weights}"])
+    result = pretrain(config, PretrainOptions(data=scenes["cache"], run_dir=run, device="cpu"))
+    seconds = scenes["seconds"] + time.monotonic() - start
+    figures = held_out_figures(run, CacheReader(scenes["cache"] / "test"))
+    report("on a pretrained, frozen vision stream", seconds, result, figures)
+    return {"run": run, "result": result, **figures}
+
+
+@pytest.mark.slow
+def test_on_pretrained_vision_alignment_reaches_090(learned_on_pretrained_vision: dict) -> None:
+    assert learned_on_pretrained_vision["result"].stopped == "completed"
+    assert learned_on_pretrained_vision["result"].last_eval["ap_whole_acc"] >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["colour", "shape"])
+def test_on_pretrained_vision_masked_words_are_read_off_the_image(learned_on_pretrained_vision: dict, kind) -> None:
+    assert learned_on_pretrained_vision[kind] >= 2 * CHANCE
+    assert learned_on_pretrained_vision[kind] >= learned_on_pretrained_vision[f"{kind}_other_image"] + 0.15
 
 
 @pytest.mark.slow
@@ -102,8 +175,8 @@ def test_masked_colour_words_are_read_off_the_image(learned: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="shape words stay near chance (0.17-0.22 after 1,000-3,000 steps): the cross stack reads shapes from a "
-    "frozen vision stream trained on shape labels (0.805 in one-shape captions), but pretraining neither builds nor "
+    reason="from scratch, shape words stay near chance (0.17-0.22 after 1,000-3,000 steps): the cross stack reads "
+    "shapes from a frozen vision stream trained on shape labels (the run above), but pretraining neither builds nor "
     "keeps shape features in the patches (see vilbert/train/README.md, 'What learns on a CPU')",
 )
 def test_masked_shape_words_are_read_off_the_image(learned: dict) -> None:
@@ -117,17 +190,6 @@ def test_alignment_prediction_leaves_chance(learned: dict) -> None:
 
 
 @pytest.mark.slow
-def test_plot_writes_the_curves_of_the_run(learned: dict) -> None:
-    written = plot_runs([learned["run"]], learned["root"] / "plots")
+def test_plot_writes_the_curves_of_the_run(learned: dict, learned_on_pretrained_vision: dict) -> None:
+    written = plot_runs([learned["run"], learned_on_pretrained_vision["run"]], learned["root"] / "plots")
     assert written and all(path.stat().st_size > 5000 for path in written)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="with ITC the tiny model leaves chance on alignment prediction but stops short of 0.9 in the CPU "
-    "budget (held-out AP 0.75-0.87 after 1,000 steps, 0.90 after ~2,100; a colour-only judge would score 0.91; see "
-    "vilbert/train/README.md, 'What learns on a CPU')",
-)
-def test_alignment_prediction_reaches_090(learned: dict) -> None:
-    assert learned["result"].last_eval["ap_acc"] >= 0.9
