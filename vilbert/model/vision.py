@@ -146,8 +146,9 @@ class VisionEncoder(nn.Module):
 class ConvStemEmbed(PatchEmbed):
     """timm's `PatchEmbed` with a convolutional stem in place of its linear projection: per halving of
     the resolution one conv3x3-ReLU-maxpool2 stage, `stem_width` channels doubling per stage, the last
-    stage giving `embed_dim` (8x8 patches at width 64: 16, 32, 64). Each token then sees a receptive field
-    of 22 px instead of one 8x8 patch, the locality a small ViT from scratch lacks (Xiao et al. 2021)."""
+    stage giving `embed_dim` (8x8 patches at width 64: 16, 32, 64). With 8x8 patches each token then sees
+    22 px around its patch instead of the patch alone: the locality a small ViT from scratch lacks (Xiao
+    et al. 2021)."""
 
     def __init__(self, *, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, stem_width: int = 16,
                  **kwargs) -> None:  # fmt: skip
