@@ -169,3 +169,22 @@ def test_url_table_with_named_columns(tmp_path: Path, corpus: Path) -> None:
     assert report["run"]["saved"] == 4
     saved = [row for batch in iter_fetched(tmp_path / "out") for row in batch.to_pylist()]
     assert [r["caption"] for r in saved] == [r["text"] for r in rows] and [r["line"] for r in saved] == [1, 2, 3, 4]
+
+
+def test_thread_decoding_gives_torch_its_thread_count_back(tmp_path: Path, corpus: Path) -> None:
+    """Decode threads run torch with one thread each; a caller that fetches and then trains in the same
+    process (the demo) must get its own thread count back, not train on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with serve_in_background(corpus, SERVER) as server:
+            ok = [p for p, o in server.plan.items() if o.kind == "ok"][:2]
+            tsv = tmp_path / "cc.tsv"
+            tsv.write_text("".join(f"caption {i}\t{server.base_url}{p}\n" for i, p in enumerate(ok)))
+            report = fetch_cc(tsv, tmp_path / "out", loopback_options(decode_in="thread", decode_workers=2))
+        assert report["run"]["saved"] == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import gc
 import json
 import logging
@@ -228,9 +229,15 @@ def _lean_gc() -> Iterator[None]:
 @contextlib.contextmanager
 def _decode_pool(options: FetchOptions) -> Iterator[Executor]:
     workers = options.decode_workers or os.cpu_count() or 1
+    restore_threads = None
     if options.decode_in == "thread":
         # Import torch before the first request: an import running beside the event loop holds the GIL
-        # for seconds, and the loop's requests would miss their deadlines.
+        # for seconds, and the loop's requests would miss their deadlines. `init_worker` sets torch's
+        # process-wide thread count to 1 (the pool is the parallelism); it is restored afterwards, or a
+        # caller that fetches and then trains in the same process (the demo) would train on one thread.
+        import torch
+
+        restore_threads = functools.partial(torch.set_num_threads, torch.get_num_threads())
         init_worker()
         pool: Executor = ThreadPoolExecutor(workers, thread_name_prefix="vilbert-decode")
     else:
@@ -242,6 +249,8 @@ def _decode_pool(options: FetchOptions) -> Iterator[Executor]:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if restore_threads is not None:
+            restore_threads()
 
 
 @dataclass
