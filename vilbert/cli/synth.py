@@ -100,8 +100,7 @@ def vision(
 ) -> None:
     """Train the config's vision stream on labelled one-object scenes (shape and colour) and write its weights,
     the offline stand-in for ImageNet weights: load them with --set model.vision.pretrained=OUT."""
-    from vilbert.pipeline.synthetic.objects import render_objects
-    from vilbert.train.backbone import save_vision_weights, train_vision_backbone
+    from vilbert.train.backbone import save_vision_weights, train_on_synthetic_objects
 
     config = resolve_config(preset, config_file, overrides)
     vision_config = config.model.vision
@@ -113,14 +112,9 @@ def vision(
         raise UsageError(f"model.vision.pretrained={vision_config.pretrained!r}: this command trains from scratch")
     if images < 8 or steps < 1:
         raise UsageError(f"need --images >= 8 and --steps >= 1, got {images} and {steps}")
-    size = vision_config.image_size
-    start = time.perf_counter()
-    train = render_objects(images, size, seed=2 * seed)
-    test = render_objects(max(images // 4, 1), size, seed=2 * seed + 1)
-    console.print(f"rendered {len(train)} + {len(test)} labelled {size}x{size} scenes in "
-                  f"{time.perf_counter() - start:.1f} s; training {steps} steps", soft_wrap=True)  # fmt: skip
-    result = train_vision_backbone(vision_config, train.pixels, train.labels, test.pixels, test.labels,
-                                   steps=steps, init_std=config.model.initializer_range, seed=seed)  # fmt: skip
+    console.print(f"training on {images} labelled one-shape scenes ({images // 4} held out), {steps} steps")
+    result = train_on_synthetic_objects(vision_config, images=images, steps=steps,
+                                        init_std=config.model.initializer_range, seed=seed)  # fmt: skip
     save_vision_weights(result.encoder, out)
     accuracy = ", ".join(f"{name} {value:.3f}" for name, value in result.accuracy.items())
     console.print(f"wrote {out} ({result.seconds:.0f} s); held-out accuracy: {accuracy}", soft_wrap=True)
