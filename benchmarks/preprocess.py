@@ -124,50 +124,56 @@ def run_ours(data: Path, out: Path, tokenizer: Path, workers: int | None, pixel_
 
 
 def run_loop(data: Path, out: Path, tokenizer: Path) -> int:
+    from contextlib import ExitStack
+
     from PIL import Image
 
-    from vilbert.cache import CacheWriter
+    from vilbert.cache import CacheSpec, CacheWriter
     from vilbert.pipeline.fetch import iter_fetched
     from vilbert.pipeline.sources import split_for_key
     from vilbert.pipeline.text import CaptionEncoder, load_tokenizer
 
     encoder = CaptionEncoder(load_tokenizer(tokenizer), MAX_LEN)
     mean, std = np.float32(MEAN[0]), np.float32(STD[0])
+    stack = ExitStack()  # both splits stay open for the whole loop; leaving it finishes them
     writers = {
-        split: CacheWriter(
-            out / split,
-            split=split,
-            image_size=SIZE,
-            pixel_dtype="float16",
-            normalization="half",
-            max_len=MAX_LEN,
-            tokenizer_json=encoder.tokenizer_json,
-            special_token_ids=encoder.special_ids,
-            vocab_size=encoder.vocab_size,
-            has_labels=False,
-            command="benchmark loop",
-            mode="overwrite",
+        split: stack.enter_context(
+            CacheWriter(
+                out / split,
+                CacheSpec(
+                    split=split,
+                    image_size=SIZE,
+                    pixel_dtype="float16",
+                    normalization="half",
+                    max_len=MAX_LEN,
+                    tokenizer_json=encoder.tokenizer_json,
+                    special_token_ids=encoder.special_ids,
+                    vocab_size=encoder.vocab_size,
+                    has_labels=False,
+                    command="benchmark loop",
+                ),
+                mode="overwrite",
+            )
         )
         for split in ("train", "test")
     }
     rows = 0
-    for batch in iter_fetched(data, batch_size=CHUNK):
-        keys, captions, jpegs = (batch.column(c).to_pylist() for c in ("key", "caption", "jpeg"))
-        pixels = np.empty((len(keys), 3, SIZE, SIZE), np.float16)
-        for i, jpeg in enumerate(jpegs):
-            image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-            if image.size != (SIZE, SIZE):
-                image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-            array = (np.asarray(image, np.float32) / 255.0 - mean) / std
-            pixels[i] = array.transpose(2, 0, 1)
-        ids, num = encoder(captions)
-        splits = np.array([split_for_key(k, 0.8) for k in keys])
-        for split, writer in writers.items():
-            idx = np.nonzero(splits == split)[0]
-            writer.write([keys[i] for i in idx], pixels[idx], ids[idx], num[idx], None, [captions[i] for i in idx])
-        rows += len(keys)
-    for writer in writers.values():
-        writer.finish()
+    with stack:
+        for batch in iter_fetched(data, batch_size=CHUNK):
+            keys, captions, jpegs = (batch.column(c).to_pylist() for c in ("key", "caption", "jpeg"))
+            pixels = np.empty((len(keys), 3, SIZE, SIZE), np.float16)
+            for i, jpeg in enumerate(jpegs):
+                image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+                if image.size != (SIZE, SIZE):
+                    image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+                array = (np.asarray(image, np.float32) / 255.0 - mean) / std
+                pixels[i] = array.transpose(2, 0, 1)
+            ids, num = encoder(captions)
+            splits = np.array([split_for_key(k, 0.8) for k in keys])
+            for split, writer in writers.items():
+                idx = np.nonzero(splits == split)[0]
+                writer.write([keys[i] for i in idx], pixels[idx], ids[idx], num[idx], None, [captions[i] for i in idx])
+            rows += len(keys)
     return rows
 
 
@@ -202,7 +208,7 @@ def run_ceiling(data: Path, decoder: str, workers: int) -> int:
 
 def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
     """The cache write alone (one process): rows already decoded, normalized and tokenized."""
-    from vilbert.cache import CacheWriter
+    from vilbert.cache import CacheSpec, CacheWriter
     from vilbert.pipeline.fetch import count_fetched
     from vilbert.pipeline.text import CaptionEncoder, load_tokenizer
 
@@ -211,17 +217,19 @@ def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
     ids, num = encoder(["a small red circle"] * CHUNK)
     with CacheWriter(
         out / "train",
-        split="train",
-        image_size=SIZE,
-        pixel_dtype="float16",
-        normalization="half",
-        max_len=MAX_LEN,
-        tokenizer_json=encoder.tokenizer_json,
-        special_token_ids=encoder.special_ids,
-        vocab_size=encoder.vocab_size,
-        has_labels=False,
-        command="benchmark write-only",
-        target_shard_bytes=128 << 20,
+        CacheSpec(
+            split="train",
+            image_size=SIZE,
+            pixel_dtype="float16",
+            normalization="half",
+            max_len=MAX_LEN,
+            tokenizer_json=encoder.tokenizer_json,
+            special_token_ids=encoder.special_ids,
+            vocab_size=encoder.vocab_size,
+            has_labels=False,
+            command="benchmark write-only",
+            target_shard_bytes=128 << 20,
+        ),
     ) as writer:
         for start in range(0, n, CHUNK):
             rows = min(CHUNK, n - start)

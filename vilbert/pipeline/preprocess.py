@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from vilbert.cache import CacheWriter, Normalization, normalization
+from vilbert.cache import CacheSpec, CacheWriter, Normalization, normalization
 from vilbert.errors import DataError, UsageError
 from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
 from vilbert.pipeline._preprocess_io import REPORT_NAME, SKIPS_NAME, BackgroundWriter, SkipLog, remove_stale_caches
@@ -263,6 +264,8 @@ class _RunState:
         run_id = hashlib.sha256(identity.encode()).hexdigest()
         self.log = SkipLog(out, run_id, options.mode)
         self.writers: dict[str, CacheWriter] = {}
+        self.open_writers = ExitStack()
+        """Each writer is entered (locked, its directory prepared) when its split first appears."""
         self.labelled: dict[str, bool] = {}
         self.ordinals: Counter[str] = Counter()
         self.fast_forwarded: Counter[str] = Counter()
@@ -293,8 +296,7 @@ class _RunState:
                 yield ordinal, item
 
     def _open_writer(self, split: str) -> CacheWriter:
-        writer = CacheWriter(
-            self.out / split,
+        spec = CacheSpec(
             split=split,
             image_size=self.options.image_size,
             pixel_dtype=self.options.pixel_dtype,
@@ -307,8 +309,8 @@ class _RunState:
             has_captions=True,
             command=self.command,
             target_shard_bytes=self.options.target_shard_bytes,
-            mode=self.options.mode,
         )
+        writer = self.open_writers.enter_context(CacheWriter(self.out / split, spec, mode=self.options.mode))
         if writer.rows_done:
             log.info("%s: resuming after %d rows in completed shards", self.out / split, writer.rows_done)
         self.writers[split] = writer
@@ -420,6 +422,7 @@ class _RunState:
             writer.abort()
 
     def close(self) -> None:
+        self.open_writers.close()  # finished or aborted by now: this only releases them
         self.log.close()
 
 

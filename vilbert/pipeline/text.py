@@ -29,6 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
+from vilbert.cache.format import TOKENIZER_NAME
 from vilbert.errors import DataError, UsageError
 
 __all__ = [
@@ -64,14 +65,15 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
 
     Args:
         spec: A path to `tokenizer.json` or `vocab.txt` (recognised by content, not name), a
-            directory holding one of them, or a Hugging Face hub name (needs the network).
+            directory holding one of them, a cache directory (its `_tokenizer.json`: the same
+            tokenizer again), or a Hugging Face hub name (needs the network).
 
     Raises:
         UsageError: The path does not exist, the file is neither kind, or the hub is unreachable.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
-        for name in ("tokenizer.json", "vocab.txt"):
+        for name in ("tokenizer.json", "vocab.txt", TOKENIZER_NAME):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
         raise UsageError(f"tokenizer directory {path} holds neither tokenizer.json nor vocab.txt")
