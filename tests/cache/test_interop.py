@@ -41,6 +41,8 @@ def test_polars_scans_and_reads_the_shards(cache_f16):
     pl = pytest.importorskip("polars")
     path, _ = cache_f16
     want = expected(path)
+    with pytest.raises(pl.exceptions.PolarsError):  # the doc says why it takes a glob
+        pl.scan_ipc(path).collect()
     frame = pl.scan_ipc(path / "*.arrow").select("key", "caption", "num_tokens").collect()  # the doc's line
     assert frame["key"].to_list() == want["keys"]
     assert frame["caption"].to_list() == want["captions"]
@@ -68,7 +70,7 @@ def test_hugging_face_datasets_reads_a_shard_and_the_whole_cache(cache_f16):
         [datasets.Dataset(pa.ipc.open_file(pa.memory_map(str(s))).read_all()) for s in shards]
     )
     assert whole["key"] == want["keys"] and whole["caption"] == want["captions"]
-    with pytest.raises(pa.ArrowInvalid):  # what the doc says: from_file is for stream files
+    with pytest.raises(pa.ArrowInvalid):  # the doc says why: from_file reads stream files only
         datasets.Dataset.from_file(str(shard))
 
 
