@@ -185,7 +185,7 @@ def run_loop(data: Path, out: Path, tokenizer: Path) -> int:
 
     from PIL import Image
 
-    from vilbert.cache import CacheSpec, CacheWriter
+    from vilbert.cache import CacheWriter
     from vilbert.pipeline.fetch import iter_fetched
     from vilbert.pipeline.sources import split_for_key
     from vilbert.pipeline.text import CaptionEncoder, load_tokenizer
@@ -197,15 +197,11 @@ def run_loop(data: Path, out: Path, tokenizer: Path) -> int:
         split: stack.enter_context(
             CacheWriter(
                 out / split,
-                CacheSpec(
+                encoder.cache_spec(
                     split=split,
                     image_size=SIZE,
                     pixel_dtype="float16",
                     normalization="half",
-                    max_len=MAX_LEN,
-                    tokenizer_json=encoder.tokenizer_json,
-                    special_token_ids=encoder.special_ids,
-                    vocab_size=encoder.vocab_size,
                     has_labels=False,
                     command="benchmark loop",
                 ),
@@ -265,7 +261,7 @@ def run_ceiling(data: Path, decoder: str, workers: int) -> int:
 
 def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
     """The cache write alone (one process): rows already decoded, normalized and tokenized."""
-    from vilbert.cache import CacheSpec, CacheWriter
+    from vilbert.cache import CacheWriter
     from vilbert.pipeline.fetch import count_fetched
     from vilbert.pipeline.text import CaptionEncoder, load_tokenizer
 
@@ -274,15 +270,11 @@ def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
     ids, num = encoder(["a small red circle"] * CHUNK)
     with CacheWriter(
         out / "train",
-        CacheSpec(
+        encoder.cache_spec(
             split="train",
             image_size=SIZE,
             pixel_dtype="float16",
             normalization="half",
-            max_len=MAX_LEN,
-            tokenizer_json=encoder.tokenizer_json,
-            special_token_ids=encoder.special_ids,
-            vocab_size=encoder.vocab_size,
             has_labels=False,
             command="benchmark write-only",
             target_shard_bytes=128 << 20,

@@ -10,25 +10,7 @@ from pathlib import Path
 import pytest
 
 from vilbert.cache import verify_cache
-from vilbert.cli.app import main
 from vilbert.errors import CacheError
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """Run `vilbert ARGS` in this process (the CLI's own entry point, exit code included)."""
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return run
 
 
 def flip_byte(file: Path, offset: int) -> None:

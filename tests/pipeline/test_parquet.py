@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from vilbert.cache import CacheReader, verify_cache
-from vilbert.cli.app import main
 from vilbert.errors import UsageError
 from vilbert.pipeline.images import decode_resize
 from vilbert.pipeline.parquet import ParquetSource
@@ -33,16 +32,6 @@ def caption(rng: np.random.Generator) -> str:
     return " ".join(rng.choice(WORDS, rng.integers(2, 9)))
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    return code, capsys.readouterr().err
-
-
 def cache_rows(out: Path, splits) -> dict[str, tuple]:
     rows = {}
     for split in splits:
@@ -58,7 +47,7 @@ def cache_rows(out: Path, splits) -> dict[str, tuple]:
     return rows
 
 
-def test_img2dataset_parquet_output_with_failed_rows_and_traps(tmp_path, capsys):
+def test_img2dataset_parquet_output_with_failed_rows_and_traps(tmp_path, run_cli):
     rng = np.random.default_rng(2)
     files = []
     good = []
@@ -75,11 +64,11 @@ def test_img2dataset_parquet_output_with_failed_rows_and_traps(tmp_path, capsys)
     tokenizer = tmp_path / "tokenizer.json"
     train_wordpiece(iter_captions([tmp_path / "i2d"]), vocab_size=60).save(str(tokenizer))
     out = tmp_path / "cache"
-    code, err = run_cli(
-        capsys, "preprocess", "--format", "parquet", str(tmp_path / "i2d"), "--to-mmap", str(out),
+    result = run_cli(
+        "preprocess", "--format", "parquet", str(tmp_path / "i2d"), "--to-mmap", str(out),
         "--tokenizer", str(tokenizer), "--image-size", str(SIZE), "--pixel-dtype", "uint8", "--workers", "2",
     )  # fmt: skip
-    assert code == 0, err
+    assert result.returncode == 0, result.stderr
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["skipped"] == {"failed-status": 4, "no-caption": 2, "undecodable": 2}
     assert report["examples"]["failed-status"][0] == f"{files[0]}:row 4: status=failed_to_download: HTTP 404"
@@ -117,14 +106,15 @@ def test_hugging_face_image_dataset_with_labels(tmp_path):
         np.testing.assert_array_equal(got_image, decode_resize(image, size=SIZE).transpose(2, 0, 1))
 
 
-def test_a_missing_column_is_one_clear_error_listing_the_columns(tmp_path, capsys):
+def test_a_missing_column_is_one_clear_error_listing_the_columns(tmp_path, run_cli):
     rng = np.random.default_rng(6)
     path = write_img2dataset_parquet(tmp_path / "i2d", 0, [Row(key_of(0, 0), "a red circle", photo(rng, 40, 40))])
-    code, err = run_cli(
-        capsys, "preprocess", "--format", "parquet", str(path), "--caption-col", "alt_text",
+    result = run_cli(
+        "preprocess", "--format", "parquet", str(path), "--caption-col", "alt_text",
         "--to-mmap", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "missing.json"),
     )  # fmt: skip
-    assert code == 2
+    assert result.returncode == 2
+    err = result.stderr
     lines = [line for line in err.splitlines() if line.strip()]
     assert "has no caption column (alt_text); pass --caption-col NAME. Its columns: url (string), caption (string)" in (
         " ".join(lines)

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from vilbert.cache import CacheReader, verify_cache
-from vilbert.cli.app import main
 from vilbert.pipeline.images import decode_resize
 from vilbert.pipeline.preprocess import REPORT_NAME, PreprocessOptions, preprocess
 from vilbert.pipeline.sources import iter_captions, open_source
@@ -38,14 +37,6 @@ WORDS = "a small big red blue green circle square left right of above below the 
 
 def caption(rng: np.random.Generator) -> str:
     return " ".join(rng.choice(WORDS, rng.integers(2, 9)))
-
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
 
 
 def truncate_inside_member(tar: Path, member_index: int) -> str:
@@ -82,17 +73,18 @@ def img2dataset_output(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"dir": out, "shards": shards, "good": good, "broken": broken, "paths": paths}
 
 
-def test_img2dataset_webdataset_output_becomes_a_cache_with_every_trap_counted(tmp_path, img2dataset_output):
+def test_img2dataset_webdataset_output_becomes_a_cache_with_every_trap_counted(tmp_path, img2dataset_output, run_cli):
     data = img2dataset_output
     tokenizer = tmp_path / "tokenizer.json"
-    assert run_cli("tokenizer", "train", str(data["dir"]), "--vocab-size", "60", "--out", str(tokenizer)) == 0
+    trained = run_cli("tokenizer", "train", str(data["dir"]), "--vocab-size", "60", "--out", str(tokenizer))
+    assert trained.returncode == 0, trained.stderr
     out = tmp_path / "cache"
-    code = run_cli(
+    result = run_cli(
         "preprocess", "--format", "webdataset", str(data["dir"] / "*.tar"), "--to-mmap", str(out),
         "--tokenizer", str(tokenizer), "--image-size", str(SIZE), "--pixel-dtype", "uint8", "--max-len", "12",
         "--workers", "2",
     )  # fmt: skip
-    assert code == 0
+    assert result.returncode == 0, result.stderr
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["skipped"] == {"no-caption": 1, "no-image": 1, "truncated-shard": 1, "undecodable": 1}
     examples = report["examples"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vilbert.cache import CacheSpec, CacheWriter
+from vilbert.cache import CacheWriter
 from vilbert.pipeline.synthetic.captions import describe
 from vilbert.pipeline.synthetic.scenes import random_shapes, render_scene
 from vilbert.pipeline.text import CaptionEncoder, train_wordpiece
@@ -66,15 +66,11 @@ def build_synthetic_cache(
         index = np.flatnonzero(rows)
         with CacheWriter(
             root / split,
-            CacheSpec(
+            encoder.cache_spec(
                 split=split,
                 image_size=size,
                 pixel_dtype=pixel_dtype,
                 normalization=normalization,
-                max_len=max_len,
-                tokenizer_json=encoder.tokenizer_json,
-                special_token_ids=encoder.special_ids,
-                vocab_size=encoder.vocab_size,
                 has_labels=False,
                 command="tests/train/conftest.py",
             ),

@@ -14,7 +14,7 @@ def build_labelled_cache(root: Path, sizes: dict[str, int], *, seed: int = 0, ma
     mechanics of fine-tuning and evaluation, not for learning)."""
     import numpy as np
 
-    from vilbert.cache import CacheSpec, CacheWriter
+    from vilbert.cache import CacheWriter
     from vilbert.pipeline.text import CaptionEncoder
 
     from .conftest import render_samples
@@ -28,15 +28,11 @@ def build_labelled_cache(root: Path, sizes: dict[str, int], *, seed: int = 0, ma
         labels = rng.integers(0, 2, len(keys)).astype(np.int64)
         with CacheWriter(
             root / split,
-            CacheSpec(
+            encoder.cache_spec(
                 split=split,
                 image_size=64,
                 pixel_dtype="uint8",
                 normalization="half",
-                max_len=max_len,
-                tokenizer_json=encoder.tokenizer_json,
-                special_token_ids=encoder.special_ids,
-                vocab_size=encoder.vocab_size,
                 has_labels=True,
                 command="tests/train/downstream_data.py",
             ),

@@ -12,9 +12,10 @@ Each file is read in record batches of at most `batch_rows` rows, row group by r
 the columns used (pyarrow decodes the columns on its own threads; the images are decoded on all
 cores by preprocess's pool), so memory holds one row group, whatever the file size. Every file's
 schema is checked when the source is made: a missing column is a `UsageError` naming the file and
-listing its columns. Rows: without an image (`missing-image`), without a caption (`no-caption`),
-with a label that is not an integer (`malformed-label`) are counted skips naming file and row; a
-file that cannot be read is one `unreadable-shard` skip (the rows before the break are kept).
+listing its columns. Rows without an image (`missing-image`) or with one over `MAX_MEMBER_BYTES`
+(`too-large`), without a caption (`no-caption`), with a label that is not an integer
+(`malformed-label`) are counted skips naming file and row; a file that cannot be read is one
+`unreadable-shard` skip (the rows before the break are kept).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vilbert.errors import UsageError
-from vilbert.pipeline.shard_inputs import Columns, expand_shards, key_prefixes
+from vilbert.pipeline.shard_inputs import Columns, describe_shards, expand_shards, key_prefixes
 from vilbert.pipeline.sources import Sample, Skip, Source, integer_label
+from vilbert.pipeline.webdataset import MAX_MEMBER_BYTES
 
 __all__ = ["PARQUET_SUFFIXES", "PARQUET_COLUMNS", "ParquetSource"]
 
@@ -89,9 +91,7 @@ class ParquetSource(Source):
         self.batch_rows = batch_rows
         self.layouts: dict[Path, _Layout | str] = {f: _layout(f, columns) for f in self.files}
         """Each file's columns, or why it cannot be read (a counted skip when iterated)."""
-        first, count = self.files[0].resolve(), len(self.files)
-        more = f" and {count - 1} more" if count > 1 else ""
-        self.description = f"parquet {first}{more} ({columns.describe()}, key prefix {key_prefix})"
+        self.description = describe_shards("parquet", self.files, columns, key_prefix)
 
     def has_labels(self, split: str) -> bool:
         return bool(self.columns.label)
@@ -158,6 +158,8 @@ class ParquetSource(Source):
             elif not image:
                 stored = f" (only a path: {image_paths[i]!r})" if image_paths and image_paths[i] else ""
                 yield Skip(key, "missing-image", f"column {layout.image} holds no bytes{stored}", **where)
+            elif len(image) > MAX_MEMBER_BYTES:
+                yield Skip(key, "too-large", f"{len(image):,} image bytes (over {MAX_MEMBER_BYTES:,})", **where)
             elif not isinstance(caption, str):
                 yield Skip(key, "no-caption", f"column {layout.caption} is null", **where)
             else:

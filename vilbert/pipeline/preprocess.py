@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from vilbert.cache import CacheSpec, CacheWriter, Normalization, normalization
+from vilbert.cache import CacheWriter, Normalization, normalization
 from vilbert.errors import DataError, UsageError
 from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
 from vilbert.pipeline._preprocess_io import REPORT_NAME, SKIPS_NAME, BackgroundWriter, SkipLog, remove_stale_caches
@@ -311,15 +311,11 @@ class _RunState:
                 yield ordinal, item
 
     def _open_writer(self, split: str) -> CacheWriter:
-        spec = CacheSpec(
+        spec = self.encoder.cache_spec(
             split=split,
             image_size=self.options.image_size,
             pixel_dtype=self.options.pixel_dtype,
             normalization=self.options.normalize,
-            max_len=self.options.max_len,
-            tokenizer_json=self.encoder.tokenizer_json,
-            special_token_ids=self.encoder.special_ids,
-            vocab_size=self.encoder.vocab_size,
             has_labels=self.labelled.setdefault(split, self._has_labels(split)),
             has_captions=True,
             command=self.command,

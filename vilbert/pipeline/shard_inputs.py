@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vilbert.errors import UsageError
 
-__all__ = ["KEY_PREFIXES", "Columns", "expand_shards", "key_prefixes"]
+__all__ = ["KEY_PREFIXES", "Columns", "expand_shards", "key_prefixes", "describe_shards"]
 
 KEY_PREFIXES = ("none", "source")
 """`none`: keys as the source has them; `source`: `<shard path>/<key>` (the path relative to the
@@ -124,3 +124,9 @@ def key_prefixes(files: Sequence[Path], mode: str, suffixes: Sequence[str]) -> d
         if seen.setdefault(prefix, file) is not file:
             raise UsageError(f"{seen[prefix]} and {file} would give their keys the same prefix {prefix!r}")
     return prefixes
+
+
+def describe_shards(kind: str, files: Sequence[Path], columns: Columns, key_prefix: str) -> str:
+    """One line naming what a source reads (logs, the report, and the resume check's identity)."""
+    more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+    return f"{kind} {files[0].resolve()}{more} ({columns.describe()}, key prefix {key_prefix})"

@@ -23,13 +23,13 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
-from vilbert.cache.format import TOKENIZER_NAME
+from vilbert.cache import TOKENIZER_NAME, CacheSpec
 from vilbert.errors import DataError, UsageError
 
 __all__ = [
@@ -257,6 +257,18 @@ class CaptionEncoder:
     def tokenizer_json(self) -> str:
         """The tokenizer as stored in a cache, with this encoder's truncation and padding."""
         return self.tokenizer.to_str()
+
+    def cache_spec(self, **settings: Any) -> CacheSpec:
+        """The `CacheSpec` of a cache of captions encoded here: this encoder's tokenizer, special ids,
+        vocabulary and `max_len`, plus `settings` (split, image_size, pixel_dtype, normalization,
+        has_labels, command, ...)."""
+        return CacheSpec(
+            max_len=self.max_len,
+            tokenizer_json=self.tokenizer_json,
+            special_token_ids=self.special_ids,
+            vocab_size=self.vocab_size,
+            **settings,
+        )
 
     def __call__(self, captions: Sequence[str]) -> EncodedCaptions:
         """Encode `captions` (any length, including empty strings) in one batch call."""

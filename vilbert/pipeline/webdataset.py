@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vilbert.pipeline.shard_inputs import Columns, expand_shards, key_prefixes
+from vilbert.pipeline.shard_inputs import Columns, describe_shards, expand_shards, key_prefixes
 from vilbert.pipeline.sources import Sample, Skip, Source, integer_label
 
 __all__ = ["WEBDATASET_SUFFIXES", "WEBDATASET_COLUMNS", "MAX_MEMBER_BYTES", "TarSample", "WebDatasetSource", "iter_tar"]
@@ -81,9 +81,7 @@ class WebDatasetSource(Source):
         self.columns = columns
         self.prefixes = key_prefixes(self.shards, key_prefix, WEBDATASET_SUFFIXES)
         self.max_member_bytes = max_member_bytes
-        first, count = self.shards[0].resolve(), len(self.shards)
-        more = f" and {count - 1} more" if count > 1 else ""
-        self.description = f"webdataset {first}{more} ({columns.describe()}, key prefix {key_prefix})"
+        self.description = describe_shards("webdataset", self.shards, columns, key_prefix)
 
     def has_labels(self, split: str) -> bool:
         return bool(self.columns.label)
