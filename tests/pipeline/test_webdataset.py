@@ -130,6 +130,8 @@ def test_a_json_caption_and_label_and_a_member_cap(tmp_path):
     skips = {i.reason: i for i in items if not hasattr(i, "image")}
     assert set(skips) == {"malformed-label", "too-large"}
     assert skips["too-large"].where.endswith(f"00000.tar:{key_of(0, 5)}.jpg")
+    keyed = open_source([tmp_path / "wds"], "webdataset", columns={"caption": "json.caption", "key": "json.url"})
+    assert [i.key for i in keyed][:2] == [f"http://127.0.0.1/{key_of(0, i)}.jpg" for i in range(2)]
 
 
 def test_keys_must_be_unique_across_sources_or_prefixed(tmp_path):

@@ -13,8 +13,8 @@ the columns used (pyarrow decodes the columns on its own threads; the images are
 cores by preprocess's pool), so memory holds one row group, whatever the file size. Every file's
 schema is checked when the source is made: a missing column is a `UsageError` naming the file and
 listing its columns. Rows without an image (`missing-image`) or with one over `MAX_MEMBER_BYTES`
-(`too-large`), without a caption (`no-caption`), with a label that is not an integer
-(`malformed-label`) are counted skips naming file and row; a file that cannot be read is one
+(`too-large`), without a caption (`no-caption`), without a key (`malformed-key`), with a label
+that is not an integer (`malformed-label`) are counted skips naming file and row; a file that cannot be read is one
 `unreadable-shard` skip (the rows before the break are kept).
 """
 
@@ -149,10 +149,13 @@ class ParquetSource(Source):
         prefix, source = self.prefixes[file], str(file)
         for i, (image, caption) in enumerate(zip(image_bytes, captions, strict=True)):
             row = first_row + i
-            key = prefix + (str(values["key"][i]) if layout.key else f"{_stem(file)}/{row}")
+            own_key = values["key"][i] if layout.key else f"{_stem(file)}/{row}"
+            key = prefix + str(own_key)
             where = {"source": source, "member": f"row {row}"}
             status = values["status"][i] if layout.status else "success"
-            if status != "success":
+            if own_key is None or own_key == "":
+                yield Skip(key, "malformed-key", f"column {layout.key} is empty", **where)
+            elif status != "success":
                 error = values["error"][i] if layout.error else None
                 yield Skip(key, "failed-status", f"status={status}" + (f": {error}" if error else ""), **where)
             elif not image:

@@ -8,8 +8,8 @@ plain or compressed), so memory holds one sample at a time whatever the shard si
 than `max_member_bytes` are never read. Image bytes go to preprocess's decode gate untouched.
 
 Dirty input is a counted skip naming the shard and member, never a crash: a sample without an image
-(`no-image`), without a caption (`no-caption`), with an undecodable caption or label
-(`malformed-caption`, `malformed-label`), two members for one field (`malformed-sample`), an
+(`no-image`), without a caption (`no-caption`), with an undecodable caption, label or key
+(`malformed-caption`, `-label`, `-key`), two members for one field (`malformed-sample`), an
 oversized member (`too-large`), and a tar that ends in the middle of a member or cannot be read
 (`truncated-shard`, `unreadable-shard`: the samples before the break are kept).
 """
@@ -109,7 +109,10 @@ class WebDatasetSource(Source):
         for shard in self.shards:
             for item in iter_tar(shard, _wanted_fields(text_only), self.max_member_bytes):
                 if isinstance(item, TarSample):
-                    caption = _field(item, self.columns.caption, text=True)
+                    try:
+                        caption = _field(item, self.columns.caption, "caption", text=True)
+                    except _FieldError:
+                        continue  # preprocess skips it too
                     if isinstance(caption, str):
                         yield caption
 
@@ -128,9 +131,9 @@ class WebDatasetSource(Source):
         if image_field in tar.oversized:
             return skip("too-large", f"member is over {self.max_member_bytes:,} bytes")
         try:
-            caption = _field(tar, columns.caption, text=True)
-            label = _field(tar, columns.label) if columns.label else None
-            key = _field(tar, columns.key, text=True) if columns.key else tar.key
+            caption = _field(tar, columns.caption, "caption", text=True)
+            label = _field(tar, columns.label, "label") if columns.label else None
+            key = _field(tar, columns.key, "key") if columns.key else tar.key
         except _FieldError as err:
             return skip(err.reason, str(err))
         if caption is None:
@@ -140,8 +143,10 @@ class WebDatasetSource(Source):
                 label = integer_label(label)
             except ValueError:
                 return skip("malformed-label", f"label {label!r} ({'/'.join(columns.label)}) is not an integer")
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
         if not isinstance(key, str) or not key:
-            return skip("malformed-sample", f"key {key!r} ({'/'.join(columns.key)}) is not a non-empty string")
+            return skip("malformed-key", f"key {key!r} ({'/'.join(columns.key)}) is not a non-empty string")
         return Sample(
             key=self.prefixes[shard] + key,
             image=tar.members[image_field],
@@ -217,8 +222,13 @@ def _wanted_fields(columns: Columns) -> frozenset[str]:
     return frozenset("json" if n.startswith("json.") else n.lower() for n in names)
 
 
-def _field(sample: TarSample, choices: Sequence[str], text: bool = False) -> Any:
-    """The first of `choices` the sample has: a member's text, or a field of its `json` member."""
+def _field(sample: TarSample, choices: Sequence[str], what: str, text: bool = False) -> Any:
+    """The first of `choices` the sample has: a member's text, or a field of its `json` member.
+
+    Raises:
+        _FieldError: `malformed-<what>` for a member that is not UTF-8 or (`text`) a json value that
+            is not a string; `malformed-sample` for a `json` member that is not a JSON object.
+    """
     for choice in choices:
         if choice.startswith("json."):
             record = _json_member(sample)
@@ -226,13 +236,13 @@ def _field(sample: TarSample, choices: Sequence[str], text: bool = False) -> Any
             if value is None:
                 continue
             if text and not isinstance(value, str):
-                raise _FieldError("malformed-caption", f"{choice} is {type(value).__name__}, not text: {value!r:.60}")
+                raise _FieldError(f"malformed-{what}", f"{choice} is {type(value).__name__}, not text: {value!r:.60}")
             return value
         if choice.lower() in sample.members:
             try:
                 return sample.members[choice.lower()].decode("utf-8")
             except UnicodeDecodeError as err:
-                raise _FieldError("malformed-caption", f"member {sample.key}.{choice} is not UTF-8 ({err})") from err
+                raise _FieldError(f"malformed-{what}", f"member {sample.key}.{choice} is not UTF-8 ({err})") from err
     return None
 
 
