@@ -224,7 +224,7 @@ class ShardInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """`manifest.json`: everything a consumer must know to trust and interpret the shards."""
+    """`_manifest.json`: everything a consumer must know to trust and interpret the shards."""
 
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -237,7 +237,7 @@ class Manifest:
     normalization: Normalization
     tokenizer_file: str = TOKENIZER_NAME
     tokenizer_fingerprint: str
-    """`sha256:<hex>` of `tokenizer.json`'s bytes."""
+    """`sha256:<hex>` of `_tokenizer.json`'s bytes."""
     vocab_size: int
     special_token_ids: dict[str, int]
     max_len: int
@@ -294,7 +294,7 @@ class Manifest:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    """Load and parse `directory/manifest.json`.
+    """Load and parse `directory/_manifest.json`.
 
     Raises:
         CacheError: no manifest (not a cache, or an unfinished build), bad JSON, unknown version.

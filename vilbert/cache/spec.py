@@ -58,7 +58,7 @@ class CacheSpec:
     rows_per_shard: int | None = None
     """Exact rows per shard, overriding `target_shard_bytes` (tests, tuning); set from it when None."""
     tokenizer_bytes: bytes = field(init=False, repr=False, compare=False)
-    """The bytes of `tokenizer.json` as the cache stores them."""
+    """The bytes of `_tokenizer.json` as the cache stores them."""
 
     def __post_init__(self) -> None:
         _check(self)
