@@ -34,17 +34,20 @@ def preprocess_command(
     image_col: str = typer.Option(
         None,
         "--image-col",
-        help="webdataset/parquet: image field(s), first present wins [jpg,jpeg,png,webp | jpg,...,image].",
+        help="webdataset/parquet: image field(s), first present wins "
+        "(default: jpg,jpeg,png,webp in tars; jpg,png,webp,jpeg,image,img in parquet).",
     ),
     caption_col: str = typer.Option(
         None,
         "--caption-col",
-        help="webdataset/parquet: caption field(s); json.NAME: a field of the json member "
-        "[txt,json.caption | caption,txt,text].",
+        help="webdataset/parquet: caption field(s); json.NAME is a field of the json member "
+        "(default: txt,json.caption in tars; caption,txt,text in parquet).",
     ),
     label_col: str = typer.Option(None, "--label-col", help="webdataset/parquet: label field (default: no labels)."),
     key_col: str = typer.Option(
-        None, "--key-col", help="webdataset/parquet: key field [the member name | key,id, else FILE/ROW]."
+        None,
+        "--key-col",
+        help="webdataset/parquet: key field (default: the member name in tars; key,id, else FILE/ROW in parquet).",
     ),
     key_prefix: str = typer.Option(
         "none", "--key-prefix", help="webdataset/parquet: none, or source (keys SHARD/KEY: sources whose keys collide)."
