@@ -86,7 +86,7 @@ def build_cache(path: Path, pixels_chw: np.ndarray, dtype: str, repeat: int = 1,
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    from vilbert.cache import CacheWriter, normalization
+    from vilbert.cache import CacheSpec, CacheWriter, normalization
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo"])}
     special = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -97,17 +97,19 @@ def build_cache(path: Path, pixels_chw: np.ndarray, dtype: str, repeat: int = 1,
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]")).to_str()
     with CacheWriter(
         path,
-        split="train",
-        image_size=SIZE,
-        pixel_dtype=dtype,
-        normalization="half",
-        max_len=MAX_LEN,
-        tokenizer_json=tokenizer,
-        special_token_ids=special,
-        vocab_size=len(vocab),
-        has_labels=True,
-        command="benchmarks/loader.py",
-        target_shard_bytes=shard_mib << 20,
+        CacheSpec(
+            split="train",
+            image_size=SIZE,
+            pixel_dtype=dtype,
+            normalization="half",
+            max_len=MAX_LEN,
+            tokenizer_json=tokenizer,
+            special_token_ids=special,
+            vocab_size=len(vocab),
+            has_labels=True,
+            command="benchmarks/loader.py",
+            target_shard_bytes=shard_mib << 20,
+        ),
     ) as writer:
         for copy in range(repeat):
             for s in range(0, n, BATCH):

@@ -1,10 +1,15 @@
 """Benchmark: `vilbert preprocess` against a single-process loop and the decode-only ceiling.
 
-All three read the same fetch output (N JPEGs at 224x224 in Arrow parts, as `vilbert fetch`
-writes them) and run in fresh subprocesses, one after another:
+All read the same fetch output (N JPEGs at 224x224 in Arrow parts, as `vilbert fetch` writes them),
+or a copy of it in another layout, and run in fresh subprocesses, one after another:
 
 - **ours**: `vilbert.pipeline.preprocess` (all cores), float16 pixels normalized with `half`,
   captions tokenized to 36 ids, written through `CacheWriter`.
+- **ours, webdataset tars / parquet**: ours again on the same images and captions as img2dataset
+  would have saved them (tars of `KEY.jpg/.txt/.json`, 1,000 samples each; parquet files of 1,000
+  rows in 100-row row groups), read by `--format webdataset` / `--format parquet`: each against the
+  fetch-output run as a ratio (the goal: 0.8 or more). These three run round-robin, three times
+  each, and the median run of each is shown: on a shared machine one run of each is not comparable.
 - **loop**: what a user writes first: one process, PIL decode, numpy normalize (float32 -> float16
   CHW), the same `tokenizers` tokenizer in batches of 64, the same `CacheWriter`.
 - **ceiling**: decoding the same JPEGs on all cores and nothing else (each worker memory-maps the
@@ -111,19 +116,73 @@ def make_tokenizer(data: Path, path: Path) -> None:
 # ------------------------------------------------------------------------------------ contenders
 
 
-def run_ours(data: Path, out: Path, tokenizer: Path, workers: int | None, pixel_dtype: str = "float16") -> int:
+def make_webdataset_copy(data: Path, out: Path, per_shard: int = 1000) -> None:
+    """The fetched rows as img2dataset's webdataset output: tars of KEY.jpg, KEY.txt, KEY.json."""
+    import tarfile
+
+    from vilbert.pipeline.fetch import iter_fetched
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row for batch in iter_fetched(data, batch_size=256) for row in batch.to_pylist()]
+    for shard, start in enumerate(range(0, len(rows), per_shard)):
+        with tarfile.open(out / f"{shard:05d}.tar", "w") as tar:
+            for row in rows[start : start + per_shard]:
+                meta = {"url": row["url"], "caption": row["caption"], "key": row["key"], "status": "success"}
+                fields = {
+                    "jpg": row["jpeg"],
+                    "json": json.dumps(meta, indent=4).encode(),
+                    "txt": row["caption"].encode(),
+                }
+                for ext, payload in fields.items():  # as webdataset's TarWriter: fields sorted, mode 0o444
+                    info = tarfile.TarInfo(f"{row['key']}.{ext}")
+                    info.size, info.mode, info.mtime = len(payload), 0o444, 0
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def make_parquet_copy(data: Path, out: Path, per_file: int = 1000) -> None:
+    """The fetched rows as img2dataset's parquet output: metadata columns, `jpg`, 100-row row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vilbert.pipeline.fetch import iter_fetched
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.concat_tables(pa.Table.from_batches([b]) for b in iter_fetched(data, batch_size=256))
+    n = table.num_rows
+    parquet = pa.table(
+        {
+            "url": table.column("url"),
+            "caption": table.column("caption"),
+            "key": table.column("key"),
+            "status": pa.array(["success"] * n),
+            "error_message": pa.nulls(n, pa.string()),
+            "width": table.column("width"),
+            "height": table.column("height"),
+            "jpg": table.column("jpeg"),
+        }
+    )
+    for file, start in enumerate(range(0, n, per_file)):
+        pq.write_table(parquet.slice(start, per_file), out / f"{file:05d}.parquet", row_group_size=100)
+
+
+def run_ours(
+    data: Path, out: Path, tokenizer: Path, workers: int | None, pixel_dtype: str = "float16", fmt: str = "fetch"
+) -> int:
     from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
-    from vilbert.pipeline.sources import FetchSource
+    from vilbert.pipeline.sources import open_source
     from vilbert.pipeline.text import load_tokenizer
 
     options = PreprocessOptions(
         normalize="half", max_len=MAX_LEN, workers=workers, mode="overwrite", pixel_dtype=pixel_dtype
     )
-    report = preprocess(FetchSource([data]), out, load_tokenizer(tokenizer), options, command="benchmark")
+    source = open_source([data], fmt)
+    report = preprocess(source, out, load_tokenizer(tokenizer), options, command="benchmark")
     return report.rows
 
 
 def run_loop(data: Path, out: Path, tokenizer: Path) -> int:
+    from contextlib import ExitStack
+
     from PIL import Image
 
     from vilbert.cache import CacheWriter
@@ -133,41 +192,41 @@ def run_loop(data: Path, out: Path, tokenizer: Path) -> int:
 
     encoder = CaptionEncoder(load_tokenizer(tokenizer), MAX_LEN)
     mean, std = np.float32(MEAN[0]), np.float32(STD[0])
+    stack = ExitStack()  # both splits stay open for the whole loop; leaving it finishes them
     writers = {
-        split: CacheWriter(
-            out / split,
-            split=split,
-            image_size=SIZE,
-            pixel_dtype="float16",
-            normalization="half",
-            max_len=MAX_LEN,
-            tokenizer_json=encoder.tokenizer_json,
-            special_token_ids=encoder.special_ids,
-            vocab_size=encoder.vocab_size,
-            has_labels=False,
-            command="benchmark loop",
-            mode="overwrite",
+        split: stack.enter_context(
+            CacheWriter(
+                out / split,
+                encoder.cache_spec(
+                    split=split,
+                    image_size=SIZE,
+                    pixel_dtype="float16",
+                    normalization="half",
+                    has_labels=False,
+                    command="benchmark loop",
+                ),
+                mode="overwrite",
+            )
         )
         for split in ("train", "test")
     }
     rows = 0
-    for batch in iter_fetched(data, batch_size=CHUNK):
-        keys, captions, jpegs = (batch.column(c).to_pylist() for c in ("key", "caption", "jpeg"))
-        pixels = np.empty((len(keys), 3, SIZE, SIZE), np.float16)
-        for i, jpeg in enumerate(jpegs):
-            image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-            if image.size != (SIZE, SIZE):
-                image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-            array = (np.asarray(image, np.float32) / 255.0 - mean) / std
-            pixels[i] = array.transpose(2, 0, 1)
-        ids, num = encoder(captions)
-        splits = np.array([split_for_key(k, 0.8) for k in keys])
-        for split, writer in writers.items():
-            idx = np.nonzero(splits == split)[0]
-            writer.write([keys[i] for i in idx], pixels[idx], ids[idx], num[idx], None, [captions[i] for i in idx])
-        rows += len(keys)
-    for writer in writers.values():
-        writer.finish()
+    with stack:
+        for batch in iter_fetched(data, batch_size=CHUNK):
+            keys, captions, jpegs = (batch.column(c).to_pylist() for c in ("key", "caption", "jpeg"))
+            pixels = np.empty((len(keys), 3, SIZE, SIZE), np.float16)
+            for i, jpeg in enumerate(jpegs):
+                image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+                if image.size != (SIZE, SIZE):
+                    image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+                array = (np.asarray(image, np.float32) / 255.0 - mean) / std
+                pixels[i] = array.transpose(2, 0, 1)
+            ids, num = encoder(captions)
+            splits = np.array([split_for_key(k, 0.8) for k in keys])
+            for split, writer in writers.items():
+                idx = np.nonzero(splits == split)[0]
+                writer.write([keys[i] for i in idx], pixels[idx], ids[idx], num[idx], None, [captions[i] for i in idx])
+            rows += len(keys)
     return rows
 
 
@@ -211,17 +270,15 @@ def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
     ids, num = encoder(["a small red circle"] * CHUNK)
     with CacheWriter(
         out / "train",
-        split="train",
-        image_size=SIZE,
-        pixel_dtype="float16",
-        normalization="half",
-        max_len=MAX_LEN,
-        tokenizer_json=encoder.tokenizer_json,
-        special_token_ids=encoder.special_ids,
-        vocab_size=encoder.vocab_size,
-        has_labels=False,
-        command="benchmark write-only",
-        target_shard_bytes=128 << 20,
+        encoder.cache_spec(
+            split="train",
+            image_size=SIZE,
+            pixel_dtype="float16",
+            normalization="half",
+            has_labels=False,
+            command="benchmark write-only",
+            target_shard_bytes=128 << 20,
+        ),
     ) as writer:
         for start in range(0, n, CHUNK):
             rows = min(CHUNK, n - start)
@@ -255,6 +312,8 @@ def contender_main(args: argparse.Namespace) -> None:
         rows = run_ours(args.data, args.out, args.tokenizer, args.workers)
     elif args.contender == "ours-uint8":
         rows = run_ours(args.data, args.out, args.tokenizer, args.workers, pixel_dtype="uint8")
+    elif args.contender in ("ours-webdataset", "ours-parquet"):
+        rows = run_ours(args.data, args.out, args.tokenizer, args.workers, fmt=args.contender.split("-")[1])
     elif args.contender == "loop":
         rows = run_loop(args.data, args.out, args.tokenizer)
     elif args.contender == "write-only":
@@ -341,6 +400,18 @@ def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int
     }
 
 
+def median_of_rounds(
+    contenders: dict[str, tuple[str, Path]], out: Path, tokenizer: Path, workers: int | None, rounds: int
+) -> dict[str, dict]:
+    """Each contender `rounds` times, round-robin (so that all see the same machine load), and for
+    each its run of median speed: the fetch-output and copy layouts are compared as ratios of these."""
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, (contender, data) in contenders.items():
+            runs[name].append(measure(contender, data, out, tokenizer, workers))
+    return {name: sorted(r, key=lambda x: x["images_per_s"])[len(r) // 2] for name, r in runs.items()}
+
+
 _MEMORY = ("peak_rss_mib", "peak_pss_mib", "peak_rss_anon_mib", "peak_rss_file_mib", "peak_rss_shmem_mib")
 
 
@@ -384,8 +455,18 @@ def _prepare(tmp: Path, n: int) -> tuple[Path, Path]:
     return data, tokenizer
 
 
+def _copies(tmp: Path, data: Path) -> dict[str, Path]:
+    """The same images and captions as the copies researchers hold: img2dataset's two layouts."""
+    copies = {"webdataset": tmp / "webdataset", "parquet": tmp / "parquet"}
+    make_webdataset_copy(data, copies["webdataset"])
+    make_parquet_copy(data, copies["parquet"])
+    return copies
+
+
 _KEYS = {
     "ours": "ours",
+    "ours, webdataset tars": "ours_webdataset",
+    "ours, parquet": "ours_parquet",
     "loop (1 process)": "loop",
     "ceiling (simplejpeg)": "ceiling",
     "decode-only PIL": "pil_decode_only",
@@ -396,9 +477,15 @@ _KEYS = {
 
 def compare(tmp: Path, n: int, workers: int | None, quick: bool = False) -> None:
     data, tokenizer = _prepare(tmp, n)
+    copies = _copies(tmp, data)
     cores = os.cpu_count() or 1
+    layouts = {
+        "ours": ("ours", data),
+        "ours, webdataset tars": ("ours-webdataset", copies["webdataset"]),
+        "ours, parquet": ("ours-parquet", copies["parquet"]),
+    }
     results = {
-        "ours": measure("ours", data, tmp / "out", tokenizer, workers),
+        **median_of_rounds(layouts, tmp / "out", tokenizer, workers, rounds=3),
         "loop (1 process)": measure("loop", data, tmp / "out", tokenizer, None),
         "ceiling (simplejpeg)": measure("ceiling-simplejpeg", data, tmp / "out", tokenizer, workers),
         "cache write only": measure("write-only", data, tmp / "out", tokenizer, None),
@@ -413,6 +500,8 @@ def compare(tmp: Path, n: int, workers: int | None, quick: bool = False) -> None
         "ours_vs_loop": round(ours / results["loop (1 process)"]["images_per_s"], 2),
         "ours_vs_ceiling": round(ours / results["ceiling (simplejpeg)"]["images_per_s"], 2),
         "ours_vs_write_only": round(ours / results["cache write only"]["images_per_s"], 2),
+        "webdataset_vs_fetch": round(results["ours, webdataset tars"]["images_per_s"] / ours, 2),
+        "parquet_vs_fetch": round(results["ours, parquet"]["images_per_s"] / ours, 2),
     }
     if "decode-only PIL" in results:
         ratios["ours_vs_pil_decode_only"] = round(ours / results["decode-only PIL"]["images_per_s"], 2)

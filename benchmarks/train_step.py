@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vilbert.cache import BatchLoader, CacheReader, CacheWriter
+from vilbert.cache import BatchLoader, CacheReader, CacheSpec, CacheWriter
 from vilbert.config import Config, preset
 from vilbert.model import ViLBERT
 from vilbert.train.masking import PixelNormalizer, SpecialTokens
@@ -71,16 +71,18 @@ def write_cache(root: Path, config: Config, rows: int) -> Path:
     ids[np.arange(max_len)[None, :] >= lengths[:, None]] = 0
     with CacheWriter(
         root / "train",
-        split="train",
-        image_size=size,
-        pixel_dtype="uint8",
-        normalization="half",
-        max_len=max_len,
-        tokenizer_json=tokenizer.to_str(),
-        special_token_ids=dict(zip(("pad", "unk", "cls", "sep", "mask"), range(5), strict=True)),
-        vocab_size=vocab_size,
-        has_labels=False,
-        command="benchmarks/train_step.py",
+        CacheSpec(
+            split="train",
+            image_size=size,
+            pixel_dtype="uint8",
+            normalization="half",
+            max_len=max_len,
+            tokenizer_json=tokenizer.to_str(),
+            special_token_ids=dict(zip(("pad", "unk", "cls", "sep", "mask"), range(5), strict=True)),
+            vocab_size=vocab_size,
+            has_labels=False,
+            command="benchmarks/train_step.py",
+        ),
     ) as writer:
         for start in range(0, rows, 256):
             stop = min(start + 256, rows)

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
-from vilbert.cache import CacheWriter
+from vilbert.cache import CacheSpec, CacheWriter
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square", "left", "of"]
@@ -45,7 +45,7 @@ def make_rows(n: int, dtype: str, *, seed: int = 0, start: int = 0) -> dict:
     }
 
 
-def writer_kwargs(dtype: str = "float16", **overrides) -> dict:
+def writer_spec(dtype: str = "float16", **overrides) -> CacheSpec:
     kwargs = dict(
         split="train",
         image_size=SIZE,
@@ -61,13 +61,20 @@ def writer_kwargs(dtype: str = "float16", **overrides) -> dict:
         rows_per_shard=7,
     )
     kwargs.update(overrides)
-    return kwargs
+    return CacheSpec(**kwargs)
 
 
-def build_cache(path: Path, n: int = 20, dtype: str = "float16", chunk: int = 5, **overrides) -> dict:
+def new_writer(path: Path, dtype: str = "float16", *, mode: str = "create", **overrides) -> CacheWriter:
+    """A writer of the test spec (enter it to write)."""
+    return CacheWriter(path, writer_spec(dtype, **overrides), mode=mode)
+
+
+def build_cache(
+    path: Path, n: int = 20, dtype: str = "float16", chunk: int = 5, *, mode: str = "create", **overrides
+) -> dict:
     """Write n rows in chunks of `chunk`; returns the rows written."""
     rows = make_rows(n, dtype)
-    with CacheWriter(path, **writer_kwargs(dtype, **overrides)) as writer:
+    with new_writer(path, dtype, mode=mode, **overrides) as writer:
         for s in range(0, n, chunk):
             writer.write(
                 rows["keys"][s : s + chunk],

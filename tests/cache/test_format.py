@@ -41,9 +41,9 @@ def test_manifest_round_trip_and_malformed_manifests(cache_f16):
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     data = manifest.to_dict()
     del data["shards"][0]["checksum"]
-    (path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(CacheError, match=r"manifest.json: malformed manifest \(TypeError"):
+    (path / "_manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CacheError, match=r"_manifest.json: malformed manifest \(TypeError"):
         read_manifest(path)
-    (path / "manifest.json").write_text("{not json")
+    (path / "_manifest.json").write_text("{not json")
     with pytest.raises(CacheError, match="unreadable manifest"):
         read_manifest(path)

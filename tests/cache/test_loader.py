@@ -105,11 +105,11 @@ def test_ring_slots_are_reused_only_when_released(cache_f16):
 
 
 def test_an_empty_cache_loads_nothing(tmp_path):
-    from vilbert.cache import CacheWriter, verify_cache
+    from vilbert.cache import verify_cache
 
-    from .conftest import writer_kwargs
+    from .conftest import new_writer
 
-    with CacheWriter(tmp_path / "c", **writer_kwargs()):
+    with new_writer(tmp_path / "c"):
         pass
     reader = CacheReader(tmp_path / "c")
     assert len(reader) == 0 and reader.num_shards == 0

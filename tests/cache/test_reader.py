@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from vilbert.cache import CacheReader, normalization
-from vilbert.errors import CacheError
+from vilbert.cache import CacheReader, normalization, verify_cache
+from vilbert.errors import CacheError, UsageError
 
-from .conftest import build_cache, tokenizer_json
+from .conftest import build_cache, new_writer, tokenizer_json
 
 
 def mapped_ranges(file: Path) -> list[tuple[int, int]]:
@@ -118,10 +118,10 @@ def test_a_shard_from_a_cache_with_another_tokenizer_is_refused(tmp_path):
     build_cache(tmp_path / "b", n=20, tokenizer_json=tokenizer_json(extra_word="triangle"))
     # Copy b's second shard into a and make a's manifest agree on its size and checksum.
     shutil.copy(tmp_path / "b" / "shard-00001.arrow", tmp_path / "a" / "shard-00001.arrow")
-    manifest_a = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    manifest_b = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest_a = json.loads((tmp_path / "a" / "_manifest.json").read_text())
+    manifest_b = json.loads((tmp_path / "b" / "_manifest.json").read_text())
     manifest_a["shards"][1] = manifest_b["shards"][1]
-    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest_a))
+    (tmp_path / "a" / "_manifest.json").write_text(json.dumps(manifest_a))
     with pytest.raises(
         CacheError,
         match=r"shard-00001.arrow was built with a different tokenizer_fingerprint "
@@ -132,7 +132,7 @@ def test_a_shard_from_a_cache_with_another_tokenizer_is_refused(tmp_path):
 
 def test_missing_manifest_is_not_a_cache(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CacheError, match=r"not a cache \(no manifest.json\): .*empty"):
+    with pytest.raises(CacheError, match=r"not a cache \(no _manifest.json\): .*empty"):
         CacheReader(tmp_path / "empty")
     with pytest.raises(CacheError, match="not a cache"):
         CacheReader(tmp_path / "nowhere")
@@ -140,13 +140,47 @@ def test_missing_manifest_is_not_a_cache(tmp_path):
 
 def test_unknown_format_version_is_refused(cache_f16):
     path, _ = cache_f16
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = json.loads((path / "_manifest.json").read_text())
     manifest["format_version"] = 99
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
-        CacheError, match="unknown format 'vilbert-cache' version 99; this vilbert reads 'vilbert-cache' version 1"
+        CacheError, match="unknown format 'vilbert-cache' version 99; this vilbert reads 'vilbert-cache' version 2"
     ):
         CacheReader(path)
+
+
+def test_a_version_1_cache_is_refused_with_a_rebuild_hint_and_can_be_overwritten(tmp_path, cache_f16):
+    """Version 1 kept `manifest.json` and `tokenizer.json` beside the shards (what Arrow dataset
+    readers trip on); such a directory is refused by name, and `--overwrite` replaces it."""
+    path, _ = cache_f16
+    manifest = json.loads((path / "_manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
+    (path / "tokenizer.json").write_bytes((path / "_tokenizer.json").read_bytes())
+    (path / "_manifest.json").unlink()
+    (path / "_tokenizer.json").unlink()
+    with pytest.raises(
+        CacheError,
+        match=r"cache of format version 1 \(manifest.json\); this vilbert reads version 2: "
+        r"rebuild it with `vilbert preprocess ... --overwrite`",
+    ):
+        CacheReader(path)
+    with pytest.raises(CacheError, match="version 1"):
+        verify_cache(path)
+    with pytest.raises(UsageError, match="a cache of an older format version"), new_writer(path):
+        pass
+    with (
+        pytest.raises(CacheError, match="older format version; pass mode='overwrite'"),
+        new_writer(path, mode="resume"),
+    ):
+        pass
+    build_cache(path, n=9, mode="overwrite")
+    assert sorted(p.name for p in path.iterdir()) == [
+        "_manifest.json",
+        "_tokenizer.json",
+        "shard-00000.arrow",
+        "shard-00001.arrow",
+    ]
+    assert len(CacheReader(path)) == 9
 
 
 def test_truncated_and_missing_shards_are_refused(cache_f16):
@@ -168,7 +202,7 @@ def test_truncated_and_missing_shards_are_refused(cache_f16):
 
 def test_a_replaced_tokenizer_file_is_refused(cache_f16):
     path, _ = cache_f16
-    (path / "tokenizer.json").write_text(tokenizer_json(extra_word="triangle"))
+    (path / "_tokenizer.json").write_text(tokenizer_json(extra_word="triangle"))
     with pytest.raises(CacheError, match="does not match the manifest's tokenizer fingerprint"):
         CacheReader(path)
 

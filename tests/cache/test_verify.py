@@ -10,25 +10,7 @@ from pathlib import Path
 import pytest
 
 from vilbert.cache import verify_cache
-from vilbert.cli.app import main
 from vilbert.errors import CacheError
-
-
-@pytest.fixture
-def run_cli(capsys):
-    """Run `vilbert ARGS` in this process (the CLI's own entry point, exit code included)."""
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code or 0
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return run
 
 
 def flip_byte(file: Path, offset: int) -> None:
@@ -70,13 +52,12 @@ def test_truncated_and_missing_shards_are_named(cache_f16):
 
 
 def test_duplicate_keys_are_reported(tmp_path):
-    from vilbert.cache import CacheWriter
 
-    from .conftest import make_rows, writer_kwargs
+    from .conftest import make_rows, new_writer
 
     rows = make_rows(10, "uint8")
     rows["keys"][9] = rows["keys"][2]  # shard 1 repeats a key of shard 0
-    with CacheWriter(tmp_path / "c", **writer_kwargs("uint8")) as writer:
+    with new_writer(tmp_path / "c", "uint8") as writer:
         writer.write(
             rows["keys"], rows["pixels"], rows["input_ids"], rows["num_tokens"], rows["labels"], rows["captions"]
         )
@@ -105,12 +86,12 @@ def test_cli_verify_exits_1_naming_the_bad_shard(cache_u8):
 
 def test_cli_verify_refuses_an_unknown_version(cache_u8, run_cli):
     path, _ = cache_u8
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["format_version"] = 2
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    manifest = json.loads((path / "_manifest.json").read_text())
+    manifest["format_version"] = 3
+    (path / "_manifest.json").write_text(json.dumps(manifest))
     result = run_cli("cache", "verify", str(path))
     assert result.returncode == 1
-    assert "unknown format 'vilbert-cache' version 2" in error_lines(result)[0]
+    assert "unknown format 'vilbert-cache' version 3" in error_lines(result)[0]
 
 
 def test_cli_inspect_shows_the_cache(cache_f16, run_cli):
@@ -126,4 +107,4 @@ def test_cli_inspect_of_a_non_cache_is_one_line(tmp_path, run_cli):
     result = run_cli("cache", "inspect", str(tmp_path))
     assert result.returncode == 1
     lines = error_lines(result)
-    assert len(lines) == 1 and "not a cache (no manifest.json)" in lines[0]
+    assert len(lines) == 1 and "not a cache (no _manifest.json)" in lines[0]

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vilbert.cache import CacheReader, CacheWriter, normalization
+from vilbert.cache import MANIFEST_NAME, CacheReader, CacheWriter, normalization
 from vilbert.errors import CacheError, UsageError
 
-from .conftest import MAX_LEN, SIZE, build_cache, make_rows, writer_kwargs
+from .conftest import MAX_LEN, SIZE, build_cache, make_rows, new_writer
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -68,7 +68,7 @@ def test_rows_per_shard_follow_target_bytes(tmp_path):
 
 def test_uint8_input_is_normalized_for_a_float16_cache(tmp_path):
     rows = make_rows(4, "uint8")
-    with CacheWriter(tmp_path / "c", **writer_kwargs("float16", normalization="imagenet")) as writer:
+    with new_writer(tmp_path / "c", "float16", normalization="imagenet") as writer:
         writer.write(
             rows["keys"], rows["pixels"], rows["input_ids"], rows["num_tokens"], rows["labels"], rows["captions"]
         )
@@ -83,7 +83,7 @@ def test_uint8_input_is_normalized_for_a_float16_cache(tmp_path):
 def test_an_exception_leaves_no_manifest_and_no_temp_files(tmp_path):
     rows = make_rows(20, "float16")
     path = tmp_path / "c"
-    with pytest.raises(RuntimeError), CacheWriter(path, **writer_kwargs()) as writer:
+    with pytest.raises(RuntimeError), new_writer(path) as writer:
         writer.write(
             rows["keys"][:10],
             rows["pixels"][:10],
@@ -93,16 +93,16 @@ def test_an_exception_leaves_no_manifest_and_no_temp_files(tmp_path):
             rows["captions"][:10],
         )
         raise RuntimeError("producer crashed")
-    assert not (path / "manifest.json").exists()
+    assert not (path / MANIFEST_NAME).exists()
     assert not list(path.glob("*.tmp")) and not list(path.glob(".*.tmp"))
-    with pytest.raises(CacheError, match=r"not a cache \(no manifest.json\)"):
+    with pytest.raises(CacheError, match=r"not a cache \(no _manifest.json\)"):
         CacheReader(path)
 
 
 def test_existing_directory_is_refused_unless_overwrite(tmp_path, cache_f16):
     path, _ = cache_f16
-    with pytest.raises(UsageError) as info:
-        CacheWriter(path, **writer_kwargs())
+    with pytest.raises(UsageError) as info, new_writer(path):
+        pass
     message = str(info.value)
     assert str(path) in message and "overwrite" in message and "resume" in message
     rows = build_cache(path, n=9, dtype="uint8", mode="overwrite")
@@ -112,19 +112,19 @@ def test_existing_directory_is_refused_unless_overwrite(tmp_path, cache_f16):
 
 
 def test_a_second_writer_on_the_same_directory_is_refused(tmp_path):
-    first = CacheWriter(tmp_path / "c", **writer_kwargs())
-    with pytest.raises(UsageError, match=r"another process is writing the cache .*c \(it holds"):
-        CacheWriter(tmp_path / "c", **writer_kwargs(mode="resume"))
-    first.finish()
+    second = new_writer(tmp_path / "c", mode="resume")  # making a writer touches nothing
+    assert not (tmp_path / "c").exists()
+    with new_writer(tmp_path / "c"), pytest.raises(UsageError, match=r"another process is writing .*c \(it holds"):
+        second.__enter__()
     assert not (tmp_path / "c" / ".lock").exists()
-    with CacheWriter(tmp_path / "c", **writer_kwargs(mode="resume")) as again:
+    with new_writer(tmp_path / "c", mode="resume") as again:
         assert again.rows_done == 0
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_cache(tmp_path):
     (tmp_path / "notes.txt").write_text("precious")
-    with pytest.raises(UsageError, match="does not look like a cache"):
-        CacheWriter(tmp_path, **writer_kwargs(mode="overwrite"))
+    with pytest.raises(UsageError, match="does not look like a cache"), new_writer(tmp_path, mode="overwrite"):
+        pass
     assert (tmp_path / "notes.txt").read_text() == "precious"
 
 
@@ -145,10 +145,10 @@ def test_resume_keeps_completed_shards_and_ends_byte_identical(tmp_path):
     rows = make_rows(20, "float16")
     build_cache(tmp_path / "clean", n=20)
     path = tmp_path / "c"
-    with pytest.raises(KeyboardInterrupt), CacheWriter(path, **writer_kwargs()) as writer:
+    with pytest.raises(KeyboardInterrupt), new_writer(path) as writer:
         write_rows(writer, rows, 0, 17)  # shards 0 and 1 complete (14 rows), 3 rows unflushed
         raise KeyboardInterrupt
-    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+    with new_writer(path, mode="resume") as writer:
         assert writer.rows_done == 14
         write_rows(writer, rows, writer.rows_done, 20)
     assert [f.read_bytes() for f in shard_files(path)] == [f.read_bytes() for f in shard_files(tmp_path / "clean")]
@@ -159,12 +159,12 @@ def test_resume_keeps_completed_shards_and_ends_byte_identical(tmp_path):
 def test_resume_drops_a_damaged_shard_and_everything_after_it(tmp_path):
     rows = make_rows(20, "float16")
     path = tmp_path / "c"
-    with pytest.raises(KeyboardInterrupt), CacheWriter(path, **writer_kwargs()) as writer:
+    with pytest.raises(KeyboardInterrupt), new_writer(path) as writer:
         write_rows(writer, rows, 0, 17)
         raise KeyboardInterrupt
     with open(path / "shard-00001.arrow", "r+b") as handle:
         handle.truncate(100)
-    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+    with new_writer(path, mode="resume") as writer:
         assert writer.rows_done == 7
         write_rows(writer, rows, writer.rows_done, 20)
     assert CacheReader(path).gather(range(20))["pixels"].tobytes() == rows["pixels"].tobytes()
@@ -172,17 +172,20 @@ def test_resume_drops_a_damaged_shard_and_everything_after_it(tmp_path):
 
 def test_resume_of_a_finished_cache_keeps_its_full_shards(tmp_path, cache_f16):
     path, rows = cache_f16
-    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+    with new_writer(path, mode="resume") as writer:
         assert writer.rows_done == 14  # the last shard (6 rows) was partial: it is rebuilt
-        assert not (path / "manifest.json").exists()
+        assert not (path / MANIFEST_NAME).exists()
         write_rows(writer, rows, 14, 20)
     assert CacheReader(path).gather(range(20))["pixels"].tobytes() == rows["pixels"].tobytes()
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, cache_f16):
     path, _ = cache_f16
-    with pytest.raises(CacheError, match=r"different settings \(max_len: was 8, now 9"):
-        CacheWriter(path, **writer_kwargs(mode="resume", max_len=9))
+    with (
+        pytest.raises(CacheError, match=r"different settings \(max_len: was 8, now 9"),
+        new_writer(path, mode="resume", max_len=9),
+    ):
+        pass
 
 
 @pytest.mark.parametrize(
@@ -199,12 +202,12 @@ def test_resume_with_other_settings_is_refused(tmp_path, cache_f16):
 def test_bad_batches_are_refused_clearly(tmp_path, change, fragment):
     rows = make_rows(4, "float16")
     rows.update(change)
-    with pytest.raises(UsageError) as info, CacheWriter(tmp_path / "c", **writer_kwargs()) as writer:
+    with pytest.raises(UsageError) as info, new_writer(tmp_path / "c") as writer:
         writer.write(
             rows["keys"], rows["pixels"], rows["input_ids"], rows["num_tokens"], rows["labels"], rows["captions"]
         )
     assert fragment in str(info.value)
-    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not (tmp_path / "c" / MANIFEST_NAME).exists()
 
 
 @pytest.mark.parametrize(
@@ -214,19 +217,35 @@ def test_bad_batches_are_refused_clearly(tmp_path, change, fragment):
         ({"normalization": "imagenett"}, "unknown normalization 'imagenett'; valid: imagenet, half, clip"),
         ({"special_token_ids": {"pad": 0}}, "special_token_ids lacks unk, cls, sep, mask"),
         ({"mode": "append"}, "unknown mode 'append'"),
+        ({"split": "a/b"}, "split must be a non-empty name without '/'"),
     ],
 )
-def test_bad_arguments_are_refused_clearly(tmp_path, override, fragment):
+def test_bad_arguments_are_refused_before_any_file_is_touched(tmp_path, override, fragment):
     with pytest.raises(UsageError) as info:
-        CacheWriter(tmp_path / "c", **writer_kwargs(**override))
+        new_writer(tmp_path / "c", **override)
     assert fragment in str(info.value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_writer_writes_only_inside_its_with_block(tmp_path):
+    rows = make_rows(3, "float16")
+    writer = new_writer(tmp_path / "c")
+    with pytest.raises(UsageError, match="is not open; use it in a `with` block"):
+        write_rows(writer, rows, 0, 3)
+    with writer:
+        write_rows(writer, rows, 0, 3)
+    with pytest.raises(UsageError, match="already closed"):
+        write_rows(writer, rows, 0, 3)
+    with pytest.raises(UsageError, match="already entered"), writer:
+        pass
+    assert len(CacheReader(tmp_path / "c")) == 3
 
 
 def test_finish_records_extra_provenance(tmp_path):
     rows = make_rows(3, "float16")
-    writer = CacheWriter(tmp_path / "c", **writer_kwargs())
-    write_rows(writer, rows, 0, 3)
-    manifest = writer.finish(extra={"skipped": {"undecodable": 2}})
+    with new_writer(tmp_path / "c") as writer:
+        write_rows(writer, rows, 0, 3)
+        manifest = writer.finish(extra={"skipped": {"undecodable": 2}})
     assert manifest.extra == {"skipped": {"undecodable": 2}}
     assert CacheReader(tmp_path / "c").manifest.extra == {"skipped": {"undecodable": 2}}
 
@@ -245,13 +264,13 @@ def test_a_failed_shard_commit_fails_the_build_and_keeps_the_earlier_shards(tmp_
     monkeypatch.setattr(writer_module, "_drop_from_page_cache", failing_second_commit)
     rows = make_rows(20, "float16")
     path = tmp_path / "c"
-    with pytest.raises(OSError, match="Input/output error"), CacheWriter(path, **writer_kwargs()) as writer:
+    with pytest.raises(OSError, match="Input/output error"), new_writer(path) as writer:
         write_rows(writer, rows, 0, 20)
-    assert not (path / "manifest.json").exists()
+    assert not (path / MANIFEST_NAME).exists()
     assert [f.name for f in shard_files(path)] == ["shard-00000.arrow"]
     assert not list(path.glob(".shard-*.tmp"))
     monkeypatch.undo()
-    with CacheWriter(path, **writer_kwargs(mode="resume")) as writer:
+    with new_writer(path, mode="resume") as writer:
         assert writer.rows_done == 7
         write_rows(writer, rows, writer.rows_done, 20)
     build_cache(tmp_path / "clean", n=20)

@@ -234,7 +234,7 @@ def test_resume_after_a_crash_gives_the_same_shards(tmp_path: Path, fetched: dic
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         preprocess(FetchSource([fetched["dir"]]), tmp_path / "crashed", fetched["tokenizer"], options, progress=crash)
-    assert not (tmp_path / "crashed" / "train" / "manifest.json").exists()
+    assert not (tmp_path / "crashed" / "train" / "_manifest.json").exists()
     assert list((tmp_path / "crashed" / "train").glob("shard-*.arrow"))  # completed shards survived
     resumed = PreprocessOptions(**{**options.__dict__, "mode": "resume"})
     report = preprocess(FetchSource([fetched["dir"]]), tmp_path / "crashed", fetched["tokenizer"], resumed)

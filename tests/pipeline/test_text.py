@@ -133,6 +133,10 @@ def test_load_tokenizer_json_file_and_directory(tmp_path: Path, trained: Tokeniz
     other = tmp_path / "other.vocab"  # recognised by content, not by name
     other.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nzzz\n", encoding="utf-8")
     assert load_tokenizer(other).encode("zzz yyy").tokens == ["[CLS]", "zzz", "[UNK]", "[SEP]"]
+    cache = tmp_path / "cache"  # a cache directory: its _tokenizer.json, to rebuild with the same one
+    cache.mkdir()
+    trained.save(str(cache / "_tokenizer.json"))
+    assert tokenizer_fingerprint(load_tokenizer(cache)) == tokenizer_fingerprint(trained)
 
 
 def test_load_tokenizer_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,16 +66,14 @@ def build_synthetic_cache(
         index = np.flatnonzero(rows)
         with CacheWriter(
             root / split,
-            split=split,
-            image_size=size,
-            pixel_dtype=pixel_dtype,
-            normalization=normalization,
-            max_len=max_len,
-            tokenizer_json=encoder.tokenizer_json,
-            special_token_ids=encoder.special_ids,
-            vocab_size=encoder.vocab_size,
-            has_labels=False,
-            command="tests/train/conftest.py",
+            encoder.cache_spec(
+                split=split,
+                image_size=size,
+                pixel_dtype=pixel_dtype,
+                normalization=normalization,
+                has_labels=False,
+                command="tests/train/conftest.py",
+            ),
         ) as writer:
             writer.write(
                 [keys[i] for i in index], pixels[index], ids[index], lengths[index], None, [captions[i] for i in index]

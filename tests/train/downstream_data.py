@@ -28,16 +28,14 @@ def build_labelled_cache(root: Path, sizes: dict[str, int], *, seed: int = 0, ma
         labels = rng.integers(0, 2, len(keys)).astype(np.int64)
         with CacheWriter(
             root / split,
-            split=split,
-            image_size=64,
-            pixel_dtype="uint8",
-            normalization="half",
-            max_len=max_len,
-            tokenizer_json=encoder.tokenizer_json,
-            special_token_ids=encoder.special_ids,
-            vocab_size=encoder.vocab_size,
-            has_labels=True,
-            command="tests/train/downstream_data.py",
+            encoder.cache_spec(
+                split=split,
+                image_size=64,
+                pixel_dtype="uint8",
+                normalization="half",
+                has_labels=True,
+                command="tests/train/downstream_data.py",
+            ),
         ) as writer:
             writer.write(keys, images, ids, lengths, labels, caps)
     return root

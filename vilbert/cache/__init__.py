@@ -1,23 +1,27 @@
 """The cache: the on-disk contract between the pipeline (writer) and the trainer (reader, loader).
 
 A cache is a directory of Arrow IPC shards (pixels, token ids, lengths, labels, captions), the
-tokenizer it was built with and a manifest written last. See README.md beside this file and
-`docs/cache-format.md`.
+tokenizer it was built with (`_tokenizer.json`) and a manifest written last (`_manifest.json`).
+See README.md beside this file and `docs/cache-format.md`.
 """
 
 from typing import TYPE_CHECKING
 
 from vilbert.cache.format import (
     FORMAT_VERSION,
+    MANIFEST_NAME,
     NORMALIZATIONS,
+    TOKENIZER_NAME,
     Manifest,
     Normalization,
     ShardInfo,
+    is_cache,
     normalization,
     read_manifest,
 )
 from vilbert.cache.reader import CacheReader
 from vilbert.cache.sampler import EpochSampler
+from vilbert.cache.spec import CacheSpec
 from vilbert.cache.verify import VerifyReport, verify_cache
 from vilbert.cache.writer import CacheWriter
 
@@ -38,12 +42,16 @@ def __getattr__(name: str):
 
 __all__ = [
     "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "TOKENIZER_NAME",
     "NORMALIZATIONS",
     "Normalization",
     "normalization",
     "Manifest",
     "ShardInfo",
     "read_manifest",
+    "is_cache",
+    "CacheSpec",
     "CacheWriter",
     "CacheReader",
     "EpochSampler",

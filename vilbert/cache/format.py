@@ -25,6 +25,8 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "TOKENIZER_NAME",
+    "LEGACY_MANIFEST_NAMES",
+    "is_cache",
     "PIXEL_DTYPES",
     "SPECIAL_TOKENS",
     "Normalization",
@@ -45,10 +47,14 @@ __all__ = [
 ]
 
 FORMAT_NAME = "vilbert-cache"
-FORMAT_VERSION = 1
-"""Bumped on any change a reader of the previous version would misread."""
-MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.json"
+FORMAT_VERSION = 2
+"""Bumped on any change a reader of the previous version would misread. Version 2 renamed the side
+files `_manifest.json` and `_tokenizer.json`, so that Arrow dataset readers skip them (they ignore
+names starting with `_` or `.`) and a cache directory opens as a dataset of its shards."""
+MANIFEST_NAME = "_manifest.json"
+TOKENIZER_NAME = "_tokenizer.json"
+LEGACY_MANIFEST_NAMES = ("manifest.json",)
+"""Where older format versions kept the manifest: such a cache is refused with a rebuild hint."""
 PIXEL_DTYPES = ("float16", "uint8")
 SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask")
 LAYOUT = "CHW"
@@ -218,7 +224,7 @@ class ShardInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """`manifest.json`: everything a consumer must know to trust and interpret the shards."""
+    """`_manifest.json`: everything a consumer must know to trust and interpret the shards."""
 
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -231,7 +237,7 @@ class Manifest:
     normalization: Normalization
     tokenizer_file: str = TOKENIZER_NAME
     tokenizer_fingerprint: str
-    """`sha256:<hex>` of `tokenizer.json`'s bytes."""
+    """`sha256:<hex>` of `_tokenizer.json`'s bytes."""
     vocab_size: int
     special_token_ids: dict[str, int]
     max_len: int
@@ -256,7 +262,8 @@ class Manifest:
         if data.get("format") != FORMAT_NAME or version != FORMAT_VERSION:
             raise CacheError(
                 f"{source}: unknown format {data.get('format')!r} version {version!r}; "
-                f"this vilbert reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+                f"this vilbert reads {FORMAT_NAME!r} version {FORMAT_VERSION} (rebuild the cache with "
+                "`vilbert preprocess ... --overwrite`)"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         try:
@@ -287,7 +294,7 @@ class Manifest:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    """Load and parse `directory/manifest.json`.
+    """Load and parse `directory/_manifest.json`.
 
     Raises:
         CacheError: no manifest (not a cache, or an unfinished build), bad JSON, unknown version.
@@ -296,6 +303,7 @@ def read_manifest(directory: Path) -> Manifest:
     if not Path(directory).is_dir():
         raise CacheError(f"not a cache (no such directory): {directory}")
     if not path.is_file():
+        _refuse_legacy(Path(directory))
         raise CacheError(
             f"not a cache (no {MANIFEST_NAME}): {directory} "
             "(an unfinished build leaves no manifest; rebuild or resume it)"
@@ -307,6 +315,24 @@ def read_manifest(directory: Path) -> Manifest:
     if not isinstance(data, dict):
         raise CacheError(f"{path}: malformed manifest (not a JSON object)")
     return Manifest.from_dict(data, source=str(path))
+
+
+def is_cache(directory: str | os.PathLike[str]) -> bool:
+    """Whether `directory` holds a finished cache of this format version (its manifest exists)."""
+    return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def _refuse_legacy(directory: Path) -> None:
+    for name in LEGACY_MANIFEST_NAMES:
+        if (directory / name).is_file():
+            try:
+                version = json.loads((directory / name).read_text(encoding="utf-8")).get("format_version")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                version = "unknown"
+            raise CacheError(
+                f"{directory} is a cache of format version {version} ({name}); this vilbert reads version "
+                f"{FORMAT_VERSION}: rebuild it with `vilbert preprocess ... --overwrite` (see docs/cache-format.md)"
+            )
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -17,7 +17,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from vilbert.cache.format import MANIFEST_NAME, TOKENIZER_NAME, ShardInfo, fsync_dir, write_json_atomic
+from vilbert.cache.format import (
+    LEGACY_MANIFEST_NAMES,
+    MANIFEST_NAME,
+    TOKENIZER_NAME,
+    ShardInfo,
+    fsync_dir,
+    write_json_atomic,
+)
 from vilbert.errors import CacheError, UsageError
 
 __all__ = ["PROGRESS_NAME", "LOCK_NAME", "prepare_directory", "lock_directory", "unlock_directory"]
@@ -27,6 +34,8 @@ log = logging.getLogger(__name__)
 PROGRESS_NAME = ".progress.json"
 LOCK_NAME = ".lock"
 _OWN_PATTERNS = ("shard-*.arrow", ".shard-*.arrow.tmp", ".*.json.tmp")
+_LEGACY_FILES = (*LEGACY_MANIFEST_NAMES, "tokenizer.json")
+"""Side files of format version 1, removed by `overwrite`."""
 
 
 def lock_directory(path: Path) -> int:
@@ -67,9 +76,11 @@ def prepare_directory(path: Path, mode: str, config: dict[str, Any], schema: pa.
         path.mkdir(parents=True, exist_ok=True)
         return []
     if mode == "create":
-        what = {"manifest": "a complete cache", "progress": "an unfinished cache build"}.get(
-            state["kind"] if state else "", "a non-empty directory"
-        )
+        what = {
+            "manifest": "a complete cache",
+            "progress": "an unfinished cache build",
+            "legacy": "a cache of an older format version",
+        }.get(state["kind"] if state else "", "a non-empty directory")
         raise UsageError(
             f"cache directory {path} already exists ({what}); choose another path, or pass "
             "mode='overwrite' (CLI: --overwrite) to rebuild it, or mode='resume' "
@@ -83,6 +94,11 @@ def prepare_directory(path: Path, mode: str, config: dict[str, Any], schema: pa.
     if mode == "overwrite":
         _remove_cache_files(path)
         return []
+    if state is not None and state["kind"] == "legacy":
+        raise CacheError(
+            f"cannot resume {path}: it is a cache of an older format version; "
+            "pass mode='overwrite' (--overwrite) to rebuild it"
+        )
     return _resume(path, state, config, schema)
 
 
@@ -94,22 +110,26 @@ def _existing_state(path: Path) -> dict[str, Any] | None:
                 return {"kind": kind, "data": json.loads(file.read_text(encoding="utf-8"))}
             except (OSError, json.JSONDecodeError) as err:
                 raise CacheError(f"{file}: unreadable ({err}); pass mode='overwrite' to rebuild") from err
+    if any((path / name).is_file() for name in LEGACY_MANIFEST_NAMES):
+        return {"kind": "legacy", "data": {}}
     return None
 
 
 def _only_own_files(path: Path) -> bool:
     own = {p for pattern in _OWN_PATTERNS for p in path.glob(pattern)} | {path / TOKENIZER_NAME, path / LOCK_NAME}
+    own |= {path / name for name in _LEGACY_FILES}
     return all(p in own for p in path.iterdir())
 
 
 def _remove_cache_files(path: Path) -> None:
     # The manifest goes first: a crash halfway must not leave a manifest naming deleted shards.
-    (path / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in (MANIFEST_NAME, *LEGACY_MANIFEST_NAMES):
+        (path / name).unlink(missing_ok=True)
     fsync_dir(path)
     for pattern in _OWN_PATTERNS:
         for file in path.glob(pattern):
             file.unlink()
-    for name in (PROGRESS_NAME, TOKENIZER_NAME):
+    for name in (PROGRESS_NAME, TOKENIZER_NAME, *_LEGACY_FILES):
         (path / name).unlink(missing_ok=True)
 
 

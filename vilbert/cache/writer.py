@@ -2,7 +2,7 @@
 
 ```
 CACHE_DIR/
-  tokenizer.json           the tokenizer the captions were encoded with (fingerprint in manifest)
+  _tokenizer.json          the tokenizer the captions were encoded with (fingerprint in manifest)
   shard-00000.arrow        Arrow IPC file, uncompressed, ONE record batch of rows_per_shard rows:
   shard-00001.arrow          key        string
   ...                        pixels     fixed_size_list<float16|uint8>[3*H*W]   (CHW, row-major)
@@ -10,7 +10,7 @@ CACHE_DIR/
                              num_tokens int32
                              label      int64                                   (if has_labels)
                              caption    string                                  (if has_captions)
-  manifest.json            written LAST, atomically: version, shards (name, rows, bytes, sha256),
+  _manifest.json           written LAST, atomically: version, shards (name, rows, bytes, sha256),
                            image size/layout, pixel dtype, normalization, tokenizer fingerprint, ...
 
 while building:            .shard-NNNNN.arrow.tmp (renamed when complete and fsynced)
@@ -20,7 +20,8 @@ while building:            .shard-NNNNN.arrow.tmp (renamed when complete and fsy
 
 Rows per shard are derived from `target_shard_bytes` and the row size only, and a shard is one
 record batch whatever the producer's batch sizes, so the same rows in the same order give
-byte-identical shards. The manifest's `created_at` is the only timestamp.
+byte-identical shards. The manifest's `created_at` is the only timestamp. The side files start with
+`_` or `.`, which Arrow dataset readers skip: the directory opens as a dataset of its shards.
 
 A full shard is hashed on one thread while it is written on another; its fsync, rename and
 progress record run on a commit thread while the next shard fills (at most one waits), and its
@@ -48,19 +49,15 @@ import pyarrow as pa
 from vilbert.cache.format import (
     CHANNELS,
     MANIFEST_NAME,
-    PIXEL_DTYPES,
     SETTINGS_KEYS,
-    SPECIAL_TOKENS,
     TOKENIZER_NAME,
     Manifest,
-    Normalization,
     ShardInfo,
     fsync_dir,
-    sha256_bytes,
     write_json_atomic,
 )
-from vilbert.cache.format import normalization as normalization_of
 from vilbert.cache.resume import PROGRESS_NAME, lock_directory, prepare_directory, unlock_directory
+from vilbert.cache.spec import CacheSpec
 from vilbert.errors import CacheError, UsageError
 
 __all__ = ["CacheWriter", "shard_name"]
@@ -68,8 +65,6 @@ __all__ = ["CacheWriter", "shard_name"]
 log = logging.getLogger(__name__)
 
 WriteMode = Literal["create", "overwrite", "resume"]
-_STRING_ROW_ESTIMATE = 96
-"""Bytes a key plus caption take on average; only sizes shards, so it must never depend on data."""
 
 
 def shard_name(index: int) -> str:
@@ -77,130 +72,75 @@ def shard_name(index: int) -> str:
 
 
 class CacheWriter:
-    """Builds a cache directory; a context manager that finalizes on clean exit.
+    """Builds a cache directory to `spec`; a context manager that finalizes on a clean exit.
+
+    Making a writer checks its arguments only; entering it takes the directory's lock and prepares
+    the directory (refuse, overwrite or resume, see `vilbert.cache.resume`), and leaving it writes
+    the manifest, or keeps the completed shards after an exception.
 
     Args:
         path: The cache directory (created if missing).
-        split: Split name recorded in the manifest (`train`, `test`, `dev_seen`, ...).
-        image_size: H = W of the stored images.
-        pixel_dtype: `float16` (normalized) or `uint8` (raw; the trainer normalizes on device).
-        normalization: Preset name, `Normalization` or `(mean, std)`; for uint8 caches it records
-            what the consumer should apply.
-        max_len: Length every `input_ids` row is padded to.
-        tokenizer_json: The tokenizer's JSON text (`Tokenizer.to_str()`) or a path to the file.
-        special_token_ids: Ids of at least `pad`, `unk`, `cls`, `sep`, `mask`.
-        vocab_size: Tokenizer vocabulary size.
-        has_labels: Whether `write` receives labels (and the `label` column exists).
-        has_captions: Whether `write` receives captions (and the `caption` column exists).
-        command: The command line that built the cache (provenance).
-        target_shard_bytes: Approximate shard size; rows per shard follow from it and the row size.
+        spec: What the cache holds and how it is sharded.
         mode: `create` refuses an existing non-empty directory, `overwrite` replaces a cache,
             `resume` keeps the completed shards of an interrupted build (see `rows_done`).
-        rows_per_shard: Exact rows per shard, overriding `target_shard_bytes` (tests, tuning).
 
     Raises:
-        UsageError: bad arguments, or an existing directory without `overwrite`/`resume`.
-        CacheError: `resume` over a cache built with different settings.
+        UsageError: an unknown mode; on entering, an existing directory without
+            `overwrite`/`resume`, or another writer holding the directory.
+        CacheError: on entering, `resume` over a cache built with different settings.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        split: str,
-        image_size: int,
-        pixel_dtype: str,
-        normalization: str | Normalization | Any,
-        max_len: int,
-        tokenizer_json: str,
-        special_token_ids: Mapping[str, int],
-        vocab_size: int,
-        has_labels: bool,
-        has_captions: bool = True,
-        command: str,
-        target_shard_bytes: int = 256 << 20,
-        mode: WriteMode = "create",
-        rows_per_shard: int | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], spec: CacheSpec, *, mode: WriteMode = "create") -> None:
+        if mode not in ("create", "overwrite", "resume"):
+            raise UsageError(f"unknown mode {mode!r}; valid: create, overwrite, resume")
         self.path = Path(path)
-        _check_args(
-            split,
-            image_size,
-            pixel_dtype,
-            max_len,
-            special_token_ids,
-            vocab_size,
-            target_shard_bytes,
-            mode,
-            rows_per_shard,
-        )
-        tokenizer_bytes = _tokenizer_bytes(tokenizer_json)
-        self.command = command
-        self.extra: dict[str, Any] = {}
-        self.settings = Manifest(
-            split=split,
-            num_rows=0,
-            image_size=image_size,
-            pixel_dtype=pixel_dtype,
-            normalization=normalization_of(normalization),
-            tokenizer_fingerprint=sha256_bytes(tokenizer_bytes),
-            vocab_size=int(vocab_size),
-            special_token_ids={k: int(v) for k, v in special_token_ids.items()},
-            max_len=max_len,
-            has_labels=has_labels,
-            has_captions=has_captions,
-            shards=(),
-            command=command,
-            rows_per_shard=rows_per_shard
-            or _rows_per_shard(target_shard_bytes, image_size, pixel_dtype, max_len, has_labels),
-        )
-        """What every shard is built with: the manifest to be, without shards."""
-        self.rows_per_shard = self.settings.rows_per_shard
-        everything = self.settings.to_dict()
+        self.spec = spec
+        self.mode = mode
+        self._settings = spec.manifest()
+        everything = self._settings.to_dict()
         self._config = {key: everything[key] for key in SETTINGS_KEYS}
-        self._schema = self.settings.schema()
-        self._lock: int | None = lock_directory(self.path)
-        try:
-            self._shards: list[ShardInfo] = prepare_directory(self.path, mode, self._config, self._schema)
-        except BaseException:
-            self._release()
-            raise
-        self.rows_done = sum(s.rows for s in self._shards)
-        """Rows in completed shards kept by `resume`: the producer skips this many input rows."""
-        _write_bytes_atomic(self.path / TOKENIZER_NAME, tokenizer_bytes)
+        self._schema = self._settings.schema()
+        self._rows_per_shard = self._settings.rows_per_shard
+        self._lock: int | None = None
+        self._shards: list[ShardInfo] = []
+        self.rows_done = 0
+        """Rows in completed shards kept by `resume` (set on entering): the producer skips this many."""
         self._buffers: dict[str, np.ndarray] | None = None
         self._strings: dict[str, list[str]] = {"key": [], "caption": []}
         self._fill = 0
         self._committer: ThreadPoolExecutor | None = None
         self._commits: deque[Future[None]] = deque()
         self._commit_failed = False
+        self._entered = False
         self._finished = False
         self._closed = False
         self.manifest: Manifest | None = None
         """Set by `finish`."""
 
+    def __enter__(self) -> CacheWriter:
+        if self._entered:
+            raise UsageError(f"cache writer for {self.path} was already entered; make a new one")
+        self._entered = True
+        self._lock = lock_directory(self.path)
+        try:
+            self._shards = prepare_directory(self.path, self.mode, self._config, self._schema)
+            _write_bytes_atomic(self.path / TOKENIZER_NAME, self.spec.tokenizer_bytes)
+        except BaseException:
+            self._closed = True
+            self._release()
+            raise
+        self.rows_done = sum(s.rows for s in self._shards)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None and not self._closed:
+            self.finish()
+        elif not self._finished:
+            self.abort()
+
     # ------------------------------------------------------------------------------ public API
-
-    @property
-    def pixel_dtype(self) -> str:
-        return self.settings.pixel_dtype
-
-    @property
-    def normalization(self) -> Normalization:
-        return self.settings.normalization
-
-    @property
-    def has_labels(self) -> bool:
-        return self.settings.has_labels
-
-    @property
-    def has_captions(self) -> bool:
-        return self.settings.has_captions
-
-    @property
-    def rows_written(self) -> int:
-        """Rows in the cache so far, including `rows_done` and rows not yet flushed to a shard."""
-        return sum(s.rows for s in self._shards) + self._fill
 
     def write(
         self,
@@ -225,30 +165,27 @@ class CacheWriter:
         Raises:
             UsageError: shapes, dtypes or presence of labels/captions do not match the cache.
         """
-        if self._closed:
-            raise UsageError(f"cache writer for {self.path} is already closed")
+        self._require_open()
         columns = self._validated(keys, pixels, input_ids, num_tokens, labels, captions)
         n, start = len(keys), 0
         while start < n:
-            take = min(self.rows_per_shard - self._fill, n - start)
+            take = min(self._rows_per_shard - self._fill, n - start)
             self._append(columns, start, take)
             start += take
-            if self._fill == self.rows_per_shard:
+            if self._fill == self._rows_per_shard:
                 self._flush_shard()
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> Manifest:
-        """Flush the last shard and write `manifest.json` (last, atomically). Idempotent."""
+        """Flush the last shard and write `_manifest.json` (last, atomically). Idempotent."""
         if self._finished:
             return self.manifest
-        if self._closed:
-            raise UsageError(f"cache writer for {self.path} was aborted; nothing to finish")
+        self._require_open()
         try:
             if self._fill:
                 self._flush_shard()
             self._wait_commits()
             self._stop_committer()
-            self.extra.update(extra or {})
-            self.manifest = self._build_manifest()
+            self.manifest = self._build_manifest(extra or {})
             write_json_atomic(self.path / MANIFEST_NAME, self.manifest.to_dict())
         except BaseException:
             self.abort()
@@ -273,30 +210,25 @@ class CacheWriter:
             unlock_directory(self.path, self._lock)
             self._lock = None
 
-    def __enter__(self) -> CacheWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.finish()
-        elif not self._finished:
-            self.abort()
-
     # ------------------------------------------------------------------------------ internals
 
-    def _build_manifest(self) -> Manifest:
+    def _require_open(self) -> None:
+        if not self._entered:
+            raise UsageError(f"cache writer for {self.path} is not open; use it in a `with` block")
+        if self._closed:
+            raise UsageError(f"cache writer for {self.path} is already closed")
+
+    def _build_manifest(self, extra: Mapping[str, Any]) -> Manifest:
         return dataclasses.replace(
-            self.settings,
+            self._settings,
             num_rows=sum(s.rows for s in self._shards),
             shards=tuple(self._shards),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            extra=dict(self.extra),
+            extra=dict(extra),
         )
 
     def _validated(self, keys, pixels, input_ids, num_tokens, labels, captions) -> dict[str, Any]:
-        n, settings = len(keys), self.settings
+        n, settings = len(keys), self._settings
         columns = {"key": [str(k) for k in keys], "pixels": self._validated_pixels(pixels, n)}
         columns["input_ids"] = _int_column("input_ids", input_ids, (n, settings.max_len), np.int32)
         columns["num_tokens"] = _int_column("num_tokens", num_tokens, (n,), np.int32)
@@ -318,7 +250,7 @@ class CacheWriter:
         return columns
 
     def _validated_pixels(self, pixels: Any, n: int) -> np.ndarray:
-        settings = self.settings
+        settings = self._settings
         pixels = np.asarray(pixels)
         _expect_shape("pixels", pixels, (n, CHANNELS, settings.image_size, settings.image_size))
         if pixels.dtype == np.uint8 and settings.pixel_dtype == "float16":
@@ -334,7 +266,7 @@ class CacheWriter:
     def _append(self, columns: dict[str, Any], start: int, take: int) -> None:
         if self._buffers is None:
             self._buffers = {
-                name: np.empty((self.rows_per_shard, *value.shape[1:]), value.dtype)
+                name: np.empty((self._rows_per_shard, *value.shape[1:]), value.dtype)
                 for name, value in columns.items()
                 if isinstance(value, np.ndarray)
             }
@@ -390,7 +322,7 @@ class CacheWriter:
 
     def _commit_later(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
         if self._committer is None:
-            self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"cache-commit-{self.settings.split}")
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"cache-commit-{self._settings.split}")
         self._commits.append(self._committer.submit(self._commit, handle, tmp, shards))
         self._wait_commits(keep=1)  # at most one shard waits for the disk while the next one fills
 
@@ -489,49 +421,6 @@ class _Digest:
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _check_args(
-    split, image_size, pixel_dtype, max_len, special_token_ids, vocab_size, target_shard_bytes, mode, rows_per_shard
-) -> None:
-    if not split or "/" in split:
-        raise UsageError(f"split must be a non-empty name without '/', got {split!r}")
-    if pixel_dtype not in PIXEL_DTYPES:
-        raise UsageError(f"unknown pixel_dtype {pixel_dtype!r}; valid: {', '.join(PIXEL_DTYPES)}")
-    if mode not in ("create", "overwrite", "resume"):
-        raise UsageError(f"unknown mode {mode!r}; valid: create, overwrite, resume")
-    for name, value in (
-        ("image_size", image_size),
-        ("max_len", max_len),
-        ("vocab_size", vocab_size),
-        ("target_shard_bytes", target_shard_bytes),
-    ):
-        if int(value) <= 0:
-            raise UsageError(f"{name} must be > 0, got {value}")
-    if rows_per_shard is not None and rows_per_shard <= 0:
-        raise UsageError(f"rows_per_shard must be > 0, got {rows_per_shard}")
-    missing = [t for t in SPECIAL_TOKENS if t not in special_token_ids]
-    if missing:
-        raise UsageError(f"special_token_ids lacks {', '.join(missing)}; needed: {', '.join(SPECIAL_TOKENS)}")
-    bad = {k: v for k, v in special_token_ids.items() if not 0 <= int(v) < vocab_size}
-    if bad:
-        raise UsageError(f"special_token_ids {bad} outside the vocabulary [0, {vocab_size})")
-
-
-def _rows_per_shard(target_bytes: int, image_size: int, pixel_dtype: str, max_len: int, has_labels: bool) -> int:
-    row = CHANNELS * image_size * image_size * np.dtype(pixel_dtype).itemsize
-    row += 4 * max_len + 4 + (8 if has_labels else 0) + _STRING_ROW_ESTIMATE
-    return max(1, target_bytes // row)
-
-
-def _tokenizer_bytes(tokenizer_json: str) -> bytes:
-    text = tokenizer_json.lstrip()
-    if text.startswith("{"):
-        return tokenizer_json.encode("utf-8")
-    path = Path(tokenizer_json)
-    if not path.is_file():
-        raise UsageError(f"tokenizer_json is neither JSON text nor an existing file: {tokenizer_json[:80]!r}")
-    return path.read_bytes()
 
 
 def _drop_from_page_cache(fd: int) -> None:

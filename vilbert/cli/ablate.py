@@ -68,6 +68,7 @@ def prepare_synthetic(
     Returns:
         The corpus cache root (`train/`, `test/`) and the memes cache root (`train/`, `dev_seen/`, `test_seen/`).
     """
+    from vilbert.cache import is_cache
     from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
     from vilbert.pipeline.sources import FolderSource, HatefulMemesSource, iter_captions
     from vilbert.pipeline.synthetic import generate_corpus, generate_memes
@@ -91,7 +92,7 @@ def prepare_synthetic(
         "memes": (lambda: HatefulMemesSource(memes_dir), "train"),
     }
     for name, (source, split) in sources.items():
-        if not (caches / name / split / "manifest.json").is_file():
+        if not is_cache(caches / name / split):
             preprocess(source(), caches / name, tokenizer, options, command=f"vilbert ablate ({name})")
     return caches / "corpus", caches / "memes"
 

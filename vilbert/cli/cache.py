@@ -9,12 +9,12 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from vilbert.cache import CacheReader, verify_cache
+from vilbert.cache import MANIFEST_NAME, CacheReader, verify_cache
 from vilbert.cli.console import console, err_console
 
 cache_app = typer.Typer(help="Inspect and verify tensor caches.", no_args_is_help=True)
 
-DIR_ARGUMENT = typer.Argument(..., help="A cache directory (holding manifest.json).")
+DIR_ARGUMENT = typer.Argument(..., help=f"A cache directory (holding {MANIFEST_NAME}).")
 
 
 def _size(n: float) -> str:

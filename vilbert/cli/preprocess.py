@@ -24,11 +24,34 @@ DEFAULT_TOKENIZER = "bert-base-uncased"
 
 def preprocess_command(
     sources: list[Path] = typer.Argument(
-        ..., help="Fetch output directories, or one directory for --format hateful-memes / folder."
+        ...,
+        help="Fetch output directories; one directory for --format hateful-memes / folder; tar shards or "
+        "parquet files, directories of them or quoted glob patterns for --format webdataset / parquet.",
     ),
     to_mmap: Path = typer.Option(..., "--to-mmap", help="Output root: one cache per split in OUT/<split>."),
     fmt: str = typer.Option("fetch", "--format", help=f"Source layout: {', '.join(SOURCE_FORMATS)}."),
     listing: Path = typer.Option(None, "--listing", help="--format folder: TSV or JSONL of image, caption[, label]."),
+    image_col: str = typer.Option(
+        None,
+        "--image-col",
+        help="webdataset/parquet: image field(s), first present wins "
+        "(default: jpg,jpeg,png,webp in tars; jpg,png,webp,jpeg,image,img in parquet).",
+    ),
+    caption_col: str = typer.Option(
+        None,
+        "--caption-col",
+        help="webdataset/parquet: caption field(s); json.NAME is a field of the json member "
+        "(default: txt,json.caption in tars; caption,txt,text in parquet).",
+    ),
+    label_col: str = typer.Option(None, "--label-col", help="webdataset/parquet: label field (default: no labels)."),
+    key_col: str = typer.Option(
+        None,
+        "--key-col",
+        help="webdataset/parquet: key field (default: the member name in tars; key,id, else FILE/ROW in parquet).",
+    ),
+    key_prefix: str = typer.Option(
+        "none", "--key-prefix", help="webdataset/parquet: none, or source (keys SHARD/KEY: sources whose keys collide)."
+    ),
     tokenizer: str = typer.Option(
         DEFAULT_TOKENIZER,
         "--tokenizer",
@@ -51,7 +74,10 @@ def preprocess_command(
     """Decode, normalize and tokenize SOURCE... into caches under OUT (one per split)."""
     if overwrite and resume:
         raise UsageError("--overwrite and --resume exclude each other")
-    source = open_source(sources, fmt, str(listing) if listing is not None else None)
+    columns = {"image": image_col, "caption": caption_col, "label": label_col, "key": key_col}
+    source = open_source(
+        sources, fmt, str(listing) if listing is not None else None, columns=columns, key_prefix=key_prefix
+    )
     options = PreprocessOptions(
         image_size=image_size,
         resize_mode=resize_mode,

@@ -20,7 +20,12 @@ tokenizer_app = typer.Typer(help="Train and try tokenizers.", no_args_is_help=Tr
 def train(
     sources: list[Path] = typer.Argument(
         ...,
-        help="Fetch output directories, Hateful Memes directories (train.jsonl), or text/TSV/JSONL files of captions.",
+        help="Fetch output directories, Hateful Memes directories (train.jsonl), text/TSV/JSONL files of captions, "
+        "webdataset tar shards or parquet files (or directories, quoted globs of them).",
+    ),
+    fmt: str = typer.Option("auto", "--format", help="auto (each source by what it is), webdataset or parquet."),
+    caption_col: str = typer.Option(
+        None, "--caption-col", help="webdataset/parquet: caption field(s), as for `vilbert preprocess`."
     ),
     vocab_size: int = typer.Option(..., "--vocab-size", help="Tokens in the vocabulary, specials included."),
     out: Path = typer.Option(..., "--out", help="Where to write tokenizer.json."),
@@ -30,7 +35,7 @@ def train(
     """Train BERT-style uncased WordPiece ([PAD] [UNK] [CLS] [SEP] [MASK]) on the captions."""
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    counted = _Counter(iter_captions(sources))
+    counted = _Counter(iter_captions(sources, fmt, caption_col))
     tokenizer = train_wordpiece(counted, vocab_size, min_frequency=min_frequency)
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out))

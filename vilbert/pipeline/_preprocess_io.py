@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from vilbert.cache import MANIFEST_NAME, TOKENIZER_NAME
 from vilbert.errors import DataError, UsageError
 
 __all__ = ["REPORT_NAME", "SKIPS_NAME", "SkipLog", "BackgroundWriter", "remove_stale_caches"]
@@ -118,7 +119,7 @@ class BackgroundWriter:
             raise self._error
 
 
-_CACHE_FILES = ("manifest.json", ".progress.json", "tokenizer.json")
+_CACHE_FILES = (MANIFEST_NAME, ".progress.json", TOKENIZER_NAME)
 
 
 def remove_stale_caches(out: Path, keep: set[str]) -> None:
@@ -126,6 +127,6 @@ def remove_stale_caches(out: Path, keep: set[str]) -> None:
     for directory in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in keep):
         names = {p.name for p in directory.iterdir()}
         own = all(n in _CACHE_FILES or n.startswith(("shard-", ".shard-")) for n in names)
-        if own and names & {"manifest.json", ".progress.json"}:
+        if own and names & {MANIFEST_NAME, ".progress.json"}:
             shutil.rmtree(directory)
             log.info("removed %s: a cache of an earlier run, for a split this run did not produce", directory)

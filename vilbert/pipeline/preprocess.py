@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,7 @@ from vilbert.cache import CacheWriter, Normalization, normalization
 from vilbert.errors import DataError, UsageError
 from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
 from vilbert.pipeline._preprocess_io import REPORT_NAME, SKIPS_NAME, BackgroundWriter, SkipLog, remove_stale_caches
+from vilbert.pipeline.keys import KeyIndex
 from vilbert.pipeline.sources import Sample, Skip, Source, assign_splits
 from vilbert.pipeline.text import CaptionEncoder, EncodedCaptions
 
@@ -113,6 +115,9 @@ class SplitReport:
     path: str
     rows: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per shard file, in reading order (sources read from several): `rows` and skips by reason. The
+    split's rows are in this order, so row `i` came from the file whose running row count passes `i`."""
 
 
 @dataclass
@@ -163,7 +168,9 @@ def drop_empty_captions(items: Iterable[Sample | Skip]) -> Iterator[Sample | Ski
     """Turn samples whose caption is blank into `Skip(reason="empty-caption")`."""
     for item in items:
         if isinstance(item, Sample) and not item.caption.strip():
-            item = Skip(item.key, "empty-caption", "caption is empty or whitespace", item.split)
+            item = Skip(
+                item.key, "empty-caption", "caption is empty or whitespace", item.split, item.source, item.member
+            )
         yield item
 
 
@@ -263,12 +270,17 @@ class _RunState:
         run_id = hashlib.sha256(identity.encode()).hexdigest()
         self.log = SkipLog(out, run_id, options.mode)
         self.writers: dict[str, CacheWriter] = {}
+        self.open_writers = ExitStack()
+        """Each writer is entered (locked, its directory prepared) when its split first appears."""
         self.labelled: dict[str, bool] = {}
         self.ordinals: Counter[str] = Counter()
         self.fast_forwarded: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
         self.skipped: dict[str | None, Counter[str]] = {}
         self.examples: dict[str, list[str]] = {}
+        self.by_source: dict[str | None, dict[str, Counter[str]]] = {}
+        """split -> shard file -> rows and skips by reason, for sources read from several files."""
+        self.keys = KeyIndex()
         self.done = 0
 
     # ------------------------------------------------------------------------ planning (in order)
@@ -281,34 +293,35 @@ class _RunState:
                 self.count_skip(item)
                 continue
             writer = self.writers[item.split] if item.split in self.writers else self._open_writer(item.split)
+            if not self.keys.add(item.split, item.key):
+                raise DataError(
+                    f"key {item.key!r} ({item.where}) comes twice in split {item.split!r}: keys must be unique "
+                    "in a cache. Sources whose keys collide (two img2dataset outputs) need distinct keys: "
+                    "--key-prefix source for webdataset and parquet"
+                )
             ordinal = self.ordinals[item.split]
             self.ordinals[item.split] += 1
             logged = self.log.skipped.get((item.split, ordinal))
             if logged is not None:
-                self.count_skip(Skip(item.key, logged[0], logged[1], item.split))
+                self.count_skip(Skip(item.key, logged[0], logged[1], item.split, item.source, item.member))
             elif self.fast_forwarded[item.split] < writer.rows_done:
                 self.fast_forwarded[item.split] += 1
-                self.rows[item.split] += 1
+                self.count_rows(item.split, [item])
             else:
                 yield ordinal, item
 
     def _open_writer(self, split: str) -> CacheWriter:
-        writer = CacheWriter(
-            self.out / split,
+        spec = self.encoder.cache_spec(
             split=split,
             image_size=self.options.image_size,
             pixel_dtype=self.options.pixel_dtype,
             normalization=self.options.normalize,
-            max_len=self.options.max_len,
-            tokenizer_json=self.encoder.tokenizer_json,
-            special_token_ids=self.encoder.special_ids,
-            vocab_size=self.encoder.vocab_size,
             has_labels=self.labelled.setdefault(split, self._has_labels(split)),
             has_captions=True,
             command=self.command,
             target_shard_bytes=self.options.target_shard_bytes,
-            mode=self.options.mode,
         )
+        writer = self.open_writers.enter_context(CacheWriter(self.out / split, spec, mode=self.options.mode))
         if writer.rows_done:
             log.info("%s: resuming after %d rows in completed shards", self.out / split, writer.rows_done)
         self.writers[split] = writer
@@ -322,11 +335,19 @@ class _RunState:
 
     def count_skip(self, skip: Skip) -> None:
         self.skipped.setdefault(skip.split, Counter())[skip.reason] += 1
+        if skip.source is not None:
+            self.by_source.setdefault(skip.split, {}).setdefault(skip.source, Counter())[skip.reason] += 1
         examples = self.examples.setdefault(skip.reason, [])
         if len(examples) < _EXAMPLES:
-            examples.append(f"{skip.key}: {skip.detail}" if skip.detail else skip.key)
+            examples.append(f"{skip.where}: {skip.detail}" if skip.detail else skip.where)
         if len(examples) <= _LOGGED:
-            log.warning("skipped %s (%s)%s", skip.key, skip.reason, f": {skip.detail}" if skip.detail else "")
+            log.warning("skipped %s (%s)%s", skip.where, skip.reason, f": {skip.detail}" if skip.detail else "")
+
+    def count_rows(self, split: str, samples: list[Sample]) -> None:
+        self.rows[split] += len(samples)
+        for sample in samples:
+            if sample.source is not None:
+                self.by_source.setdefault(split, {}).setdefault(sample.source, Counter())["rows"] += 1
 
     # ----------------------------------------------------------------------- writing (in order)
 
@@ -341,7 +362,7 @@ class _RunState:
         for index, (reason, detail) in sorted(failures.items()):
             ordinal, sample = samples[index]
             self.log.append(sample.split, ordinal, sample.key, reason, detail)
-            self.count_skip(Skip(sample.key, reason, detail, sample.split))
+            self.count_skip(Skip(sample.key, reason, detail, sample.split, sample.source, sample.member))
         self.log.flush()  # before the rows: a completed shard's skips are always in the log
         ids, num_tokens = encoded
         by_split: dict[str, list[int]] = {}
@@ -363,7 +384,7 @@ class _RunState:
                 [s.caption for s in chosen],
             )
             writes.append(partial(writer.write, *args))
-            self.rows[split] += len(rows)
+            self.count_rows(split, chosen)
         return partial(_run_all, writes)
 
     def progress(self, total: int | None) -> dict[str, Any]:
@@ -384,13 +405,16 @@ class _RunState:
         splits, extras = {}, {}
         for split in sorted(self.writers):
             skipped = dict(sorted(self.skipped.get(split, Counter()).items()))
+            sources = {name: dict(counts) for name, counts in self.by_source.get(split, {}).items()}
             extras[split] = {
                 "source": self.source.description,
                 "rows": self.rows[split],
                 "skipped": skipped,
                 "options": self.option_record,
-            }
-            splits[split] = SplitReport(path=str(self.out / split), rows=self.rows[split], skipped=skipped)
+            } | ({"sources": sources} if sources else {})
+            splits[split] = SplitReport(
+                path=str(self.out / split), rows=self.rows[split], skipped=skipped, sources=sources
+            )
         # Each split's last shard is written, hashed and synced at once (all of it releases the GIL).
         with ThreadPoolExecutor(len(self.writers) or 1, thread_name_prefix="preprocess-finish") as finishing:
             done = [finishing.submit(w.finish, extra={"preprocess": extras[s]}) for s, w in self.writers.items()]
@@ -420,6 +444,7 @@ class _RunState:
             writer.abort()
 
     def close(self) -> None:
+        self.open_writers.close()  # finished or aborted by now: this only releases them
         self.log.close()
 
 

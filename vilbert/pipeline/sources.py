@@ -1,4 +1,5 @@
-"""Where preprocess reads samples from: fetch output, Hateful Memes, or a folder with a listing.
+"""Where preprocess reads samples from: fetch output, Hateful Memes, a folder with a listing, and
+(in their own modules, opened through `open_source`) webdataset tar shards and parquet files.
 
 A source is an iterable of `Sample` (a key, the encoded image as bytes or a path, the caption, an
 optional label and split) and `Skip` (a line or sample that cannot be used, with a short reason),
@@ -15,6 +16,9 @@ with a `split` field) say so through `split_names()`; the others are split by ke
 - `FolderSource(dir, listing)`: a TSV (`image<TAB>caption[<TAB>label]`, optional header) or JSONL
   (`{"image"|"img"|"path", "caption"|"text", "label"?, "key"|"id"?, "split"?}`) listing image
   paths relative to `dir`.
+- `WebDatasetSource` (`vilbert.pipeline.webdataset`), `ParquetSource` (`vilbert.pipeline.parquet`):
+  the copies researchers already hold (img2dataset output, Hugging Face image datasets); their
+  samples name the shard file and member they came from (`Sample.source`, `Sample.member`).
 
 Malformed lines are skipped, reported as `Skip(key="FILE:LINE", reason="malformed-line")`.
 """
@@ -26,7 +30,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +50,10 @@ __all__ = [
     "split_for_key",
     "assign_splits",
     "iter_captions",
+    "integer_label",
 ]
 
-SOURCE_FORMATS = ("fetch", "hateful-memes", "folder")
+SOURCE_FORMATS = ("fetch", "hateful-memes", "folder", "webdataset", "parquet")
 HATEFUL_MEMES_SPLITS = ("train", "dev_seen", "test_seen", "dev_unseen", "test_unseen", "dev", "test")
 """The jsonl files read, in this order, when present (phase 1 had dev/test, phase 2 *_seen/*_unseen)."""
 UNSPLIT = ("train", "test")
@@ -69,6 +74,15 @@ class Sample:
     label: int | None = None
     split: str | None = None
     """None until the source's own split or `assign_splits` sets it."""
+    source: str | None = None
+    """The shard file it came from, for sources read from several (rows and skips are counted per source)."""
+    member: str | None = None
+    """Where in `source`: a tar member's name, a parquet row."""
+
+    @property
+    def where(self) -> str:
+        """`SOURCE:MEMBER` when known, else the key: what a skip of this sample names."""
+        return f"{self.source}:{self.member}" if self.source else self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +95,14 @@ class Skip:
     """Short label used to count skips: `malformed-line`, `empty-caption`, `undecodable`, ..."""
     detail: str = ""
     split: str | None = None
+    source: str | None = None
+    """As `Sample.source`."""
+    member: str | None = None
+    """As `Sample.member`."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.member}" if self.source else self.key
 
 
 class Source(ABC):
@@ -360,7 +382,7 @@ def _record_sample(
         if label is None:
             return Skip(where, "malformed-line", "no label, though other lines have one", split)
         try:
-            label = _integer(label)
+            label = integer_label(label)
         except ValueError:
             return Skip(where, "malformed-line", f"label {label!r} is not an integer", split)
     return Sample(key=key, image=root / image, caption=caption or "", label=label if labelled else None, split=split)
@@ -370,7 +392,12 @@ def _first(record: dict[str, Any], names: Sequence[str]) -> Any:
     return next((record[n] for n in names if record.get(n) is not None), None)
 
 
-def _integer(value: Any) -> int:
+def integer_label(value: Any) -> int:
+    """A label as an int: an integer, an integral float, or the text of one.
+
+    Raises:
+        ValueError: anything else (booleans and None included).
+    """
     if isinstance(value, bool) or value is None:
         raise ValueError(value)
     if isinstance(value, float) and not value.is_integer():
@@ -390,16 +417,38 @@ def _count_lines(path: Path) -> int:
 # ------------------------------------------------------------------------------------------- open
 
 
-def open_source(paths: Sequence[str | os.PathLike[str]], fmt: str = "fetch", listing: str | None = None) -> Source:
-    """The source for the CLI's `SOURCE... --format FMT [--listing FILE]`.
+def open_source(
+    paths: Sequence[str | os.PathLike[str]],
+    fmt: str = "fetch",
+    listing: str | None = None,
+    *,
+    columns: Mapping[str, str | None] | None = None,
+    key_prefix: str = "none",
+) -> Source:
+    """The source for the CLI's `SOURCE... --format FMT [--listing FILE] [--image-col ...]`.
+
+    Args:
+        paths: Directories, or for `webdataset`/`parquet` shard files, directories and globs.
+        fmt: One of `SOURCE_FORMATS`.
+        listing: `folder` only: the TSV or JSONL listing.
+        columns: `webdataset`/`parquet` only: comma-separated alternatives for `image`, `caption`,
+            `label`, `key` (None keeps the format's default).
+        key_prefix: `webdataset`/`parquet` only: `none` or `source`.
 
     Raises:
-        UsageError: an unknown format, a wrong number of directories, or a missing listing.
+        UsageError: an unknown format, a wrong number of directories, a missing listing, or an
+            option of another format.
     """
     if fmt not in SOURCE_FORMATS:
         raise UsageError(f"unknown source format {fmt!r}; valid: {', '.join(SOURCE_FORMATS)}")
     if listing is not None and fmt != "folder":
         raise UsageError(f"--listing only applies to --format folder, not {fmt!r}")
+    chosen = {k: v for k, v in (columns or {}).items() if v is not None}
+    if fmt in ("webdataset", "parquet"):
+        return _open_shard_source(paths, fmt, chosen, key_prefix)
+    if chosen or key_prefix != "none":
+        given = ", ".join([f"--{k}-col" for k in chosen] + (["--key-prefix"] if key_prefix != "none" else []))
+        raise UsageError(f"{given} only apply to --format webdataset or parquet, not {fmt!r}")
     if fmt == "fetch":
         return FetchSource(paths)
     if len(paths) != 1:
@@ -413,25 +462,52 @@ def open_source(paths: Sequence[str | os.PathLike[str]], fmt: str = "fetch", lis
     return FolderSource(paths[0], listing)
 
 
+def _open_shard_source(
+    paths: Sequence[str | os.PathLike[str]], fmt: str, columns: Mapping[str, str], key_prefix: str
+) -> Source:
+    # Imported here: both modules build on this one's Sample, Skip and Source.
+    from vilbert.pipeline.parquet import PARQUET_COLUMNS, ParquetSource
+    from vilbert.pipeline.shard_inputs import Columns
+    from vilbert.pipeline.webdataset import WEBDATASET_COLUMNS, WebDatasetSource
+
+    if fmt == "webdataset":
+        return WebDatasetSource(paths, Columns.parse(WEBDATASET_COLUMNS, **columns), key_prefix)
+    return ParquetSource(paths, Columns.parse(PARQUET_COLUMNS, **columns), key_prefix)
+
+
 # --------------------------------------------------------------------------------------- captions
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def iter_captions(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
-    """The captions of fetch output directories, Hateful Memes directories and text files.
+def iter_captions(
+    paths: Sequence[str | os.PathLike[str]], fmt: str = "auto", caption_col: str | None = None
+) -> Iterator[str]:
+    """The captions of fetch output directories, Hateful Memes directories, text files, webdataset
+    tar shards and parquet files.
 
     A Hateful Memes directory gives its `train.jsonl` texts only (no dev/test text in a vocabulary).
     A file is JSONL (`caption` or `text` field), or lines of text: a CC TSV line
     (`caption<TAB>url`) gives its first field, a folder listing line (`image<TAB>caption...`) its
-    second, any other line itself.
+    second, any other line itself. Tar shards and parquet files (by name; a directory holding them;
+    a glob pattern) give the captions preprocess would read, without reading an image.
+
+    Args:
+        paths: What to read.
+        fmt: `auto` (each path by what it is), `webdataset` or `parquet` (all paths).
+        caption_col: The caption field of tar shards or parquet files (comma-separated alternatives).
 
     Raises:
-        UsageError: a path that does not exist.
+        UsageError: a path that does not exist, an unknown format.
     """
+    if fmt not in ("auto", "webdataset", "parquet"):
+        raise UsageError(f"unknown caption source format {fmt!r}; valid: auto, webdataset, parquet")
     for entry in paths:
         path = Path(entry)
-        if path.is_dir() and (path / "train.jsonl").is_file():
+        kind = fmt if fmt != "auto" else _shard_kind(path)
+        if kind is not None:
+            yield from _open_shard_source([path], kind, {"caption": caption_col}, "none").captions()
+        elif path.is_dir() and (path / "train.jsonl").is_file():
             yield from _jsonl_captions(path / "train.jsonl", ("text",))
         elif path.is_dir():
             from vilbert.pipeline._fetched_rows import iter_fetched_rows
@@ -444,6 +520,24 @@ def iter_captions(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
             yield from _text_captions(path)
         else:
             raise UsageError(f"caption source {path} does not exist")
+
+
+def _shard_kind(path: Path) -> str | None:
+    """`webdataset` or `parquet` for a tar shard, a parquet file, a directory or pattern of them."""
+    from vilbert.pipeline.webdataset import WEBDATASET_SUFFIXES
+
+    name = path.name.lower()
+    if name.endswith(WEBDATASET_SUFFIXES):
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if path.is_dir() and not (path / "train.jsonl").is_file() and not (path / "images").is_dir():
+        names = [p.name.lower() for p in path.iterdir()]
+        if any(n.endswith(WEBDATASET_SUFFIXES) for n in names):
+            return "webdataset"  # img2dataset's webdataset output also holds metadata parquet files
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet"
+    return None
 
 
 def _jsonl_captions(path: Path, fields: Sequence[str]) -> Iterator[str]:

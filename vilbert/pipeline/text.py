@@ -23,12 +23,13 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import WordPiece
 
+from vilbert.cache import TOKENIZER_NAME, CacheSpec
 from vilbert.errors import DataError, UsageError
 
 __all__ = [
@@ -64,14 +65,15 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
 
     Args:
         spec: A path to `tokenizer.json` or `vocab.txt` (recognised by content, not name), a
-            directory holding one of them, or a Hugging Face hub name (needs the network).
+            directory holding one of them, a cache directory (its `_tokenizer.json`: the same
+            tokenizer again), or a Hugging Face hub name (needs the network).
 
     Raises:
         UsageError: The path does not exist, the file is neither kind, or the hub is unreachable.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
-        for name in ("tokenizer.json", "vocab.txt"):
+        for name in ("tokenizer.json", "vocab.txt", TOKENIZER_NAME):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
         raise UsageError(f"tokenizer directory {path} holds neither tokenizer.json nor vocab.txt")
@@ -255,6 +257,18 @@ class CaptionEncoder:
     def tokenizer_json(self) -> str:
         """The tokenizer as stored in a cache, with this encoder's truncation and padding."""
         return self.tokenizer.to_str()
+
+    def cache_spec(self, **settings: Any) -> CacheSpec:
+        """The `CacheSpec` of a cache of captions encoded here: this encoder's tokenizer, special ids,
+        vocabulary and `max_len`, plus `settings` (split, image_size, pixel_dtype, normalization,
+        has_labels, command, ...)."""
+        return CacheSpec(
+            max_len=self.max_len,
+            tokenizer_json=self.tokenizer_json,
+            special_token_ids=self.special_ids,
+            vocab_size=self.vocab_size,
+            **settings,
+        )
 
     def __call__(self, captions: Sequence[str]) -> EncodedCaptions:
         """Encode `captions` (any length, including empty strings) in one batch call."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vilbert.cache import BatchLoader, CacheReader
+from vilbert.cache import MANIFEST_NAME, BatchLoader, CacheReader, is_cache
 from vilbert.config import Config, config_from_dict
 from vilbert.errors import CacheError, CheckpointError
 from vilbert.model import ViLBERT
@@ -115,11 +115,11 @@ def open_cache(path: str | Path) -> CacheReader:
         CacheError: `path` is not a cache.
     """
     path = Path(path)
-    if (path / "manifest.json").is_file():
+    if is_cache(path):
         return CacheReader(path)
-    splits = sorted(p.name for p in path.iterdir() if (p / "manifest.json").is_file()) if path.is_dir() else []
+    splits = sorted(p.name for p in path.iterdir() if is_cache(p)) if path.is_dir() else []
     hint = f"; it holds the caches {', '.join(splits)}: pass one, e.g. {path / splits[0]}" if splits else ""
-    raise CacheError(f"{path} is not a cache directory (no manifest.json){hint}")
+    raise CacheError(f"{path} is not a cache directory (no {MANIFEST_NAME}){hint}")
 
 
 def pixel_normalizer(reader: CacheReader, model: ViLBERT, device: torch.device) -> PixelNormalizer:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vilbert.cache import BatchLoader, CacheReader
+from vilbert.cache import BatchLoader, CacheReader, is_cache
 from vilbert.config import Config, config_from_dict, config_to_dict
 from vilbert.errors import CacheError, CheckpointError
 from vilbert.model import ViLBERT
@@ -93,9 +93,9 @@ def run_config(run_dir: str | Path) -> Config:
 def open_split(data: Path, split: str) -> CacheReader | None:
     """`data/split` as a cache, `data` itself for `train` when it is a cache, or None when missing."""
     data = Path(data)
-    if (data / split / "manifest.json").is_file():
+    if is_cache(data / split):
         return CacheReader(data / split)
-    if split == "train" and (data / "manifest.json").is_file():
+    if split == "train" and is_cache(data):
         return CacheReader(data)
     if split == "train":
         raise CacheError(f"no cache at {data}/train (nor {data} itself); build one with `vilbert preprocess`")
