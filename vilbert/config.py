@@ -14,6 +14,7 @@ a value outside its range raises `ConfigError` naming the key and the valid choi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import sys
 import types
@@ -124,6 +125,12 @@ class VisionConfig:
     attention_dropout: float = 0.0
     pretrained: str | None = None
     """A timm model name (online) or a local safetensors/state-dict file; None: random init."""
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    """Per-channel pixel mean and std the vision weights were trained with. None: what the weights carry
+    (timm's `pretrained_cfg` for a timm name, the metadata vilbert writes into its own weight files; a
+    local file without that metadata is refused until both are set); without weights, timm's default
+    for `timm_name`. Set, they must agree with what the weights carry."""
     stem: str = "patch"
     """How pixels become patch tokens. `patch`: timm's linear patch embedding (what timm's weights have).
     `conv`: a convolutional stem (conv3x3-ReLU-maxpool stages, Xiao et al. 2021, "Early convolutions help
@@ -157,6 +164,17 @@ class VisionConfig:
         )
         _probability("vision.dropout", self.dropout)
         _probability("vision.attention_dropout", self.attention_dropout)
+        for name in ("image_mean", "image_std"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check_normalization(self.image_mean, self.image_std)
+
+
+def _check_normalization(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    _check((mean is None) == (std is None), "vision.image_std", std, "set together with vision.image_mean")
+    if mean is not None and std is not None:
+        _check(len(mean) == 3, "vision.image_mean", mean, "3 numbers, one per RGB channel")
+        _check(len(std) == 3 and all(s > 0 for s in std), "vision.image_std", std, "3 numbers > 0")
 
 
 CROSS_LAYER_KINDS = ("co", "self")
@@ -168,9 +186,14 @@ class CrossConfig:
 
     pattern: tuple[str, ...] = ("co", "self", "co", "self")
     """Thesis layout: co-attention, dual self-attention, co-attention, dual self-attention."""
-    interleave_from: int | None = None
-    """None: the stack runs after both encoders. An int k: layer i of the pattern runs after encoder
-    block k+i of both streams (the original ViLBERT interleaves with the upper layers)."""
+    before_text_layer: tuple[int, ...] = ()
+    """Where the stack sits in the text stream: cross layer i runs right before text layer
+    `before_text_layer[i]` (0-based; `text.num_layers` means after the last), like Lu et al.'s
+    `t_biattention_id`. Empty: every cross layer after the last text layer (the thesis)."""
+    before_vision_layer: tuple[int, ...] = ()
+    """The same for the vision stream's blocks (Lu et al.'s `v_biattention_id`); empty: after the last
+    block. Between two cross layers the text layers run first, then the vision blocks; after the last
+    cross layer the remaining vision blocks, then the remaining text layers (the original's order)."""
     hidden_size: int = 768
     num_heads: int = 12
     intermediate_size: int = 3072
@@ -178,7 +201,8 @@ class CrossConfig:
     attention_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pattern", tuple(self.pattern))
+        for name in ("pattern", "before_text_layer", "before_vision_layer"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for kind in self.pattern:
             _choice("cross.pattern item", kind, CROSS_LAYER_KINDS)
         for name in ("hidden_size", "num_heads", "intermediate_size"):
@@ -189,10 +213,16 @@ class CrossConfig:
             self.num_heads,
             f"a divisor of cross.hidden_size={self.hidden_size}",
         )
-        if self.interleave_from is not None:
-            _check(self.interleave_from >= 0, "cross.interleave_from", self.interleave_from, ">= 0")
+        for stream in ("text", "vision"):
+            _check_schedule(f"cross.before_{stream}_layer", getattr(self, f"before_{stream}_layer"), len(self.pattern))
         _probability("cross.dropout", self.dropout)
         _probability("cross.attention_dropout", self.attention_dropout)
+
+
+def _check_schedule(name: str, before: tuple[int, ...], count: int) -> None:
+    ordered = all(i >= 0 for i in before) and all(a <= b for a, b in itertools.pairwise(before))
+    valid = f"empty (after the last layer), or {count} non-decreasing layer indices >= 0, one per cross.pattern item"
+    _check(not before or (len(before) == count and ordered), name, list(before), valid)
 
 
 FREEZABLE_PARTS = ("text", "vision", "cross", "heads")
@@ -222,17 +252,14 @@ class ModelConfig:
         _positive("model.mim_projection_dim", self.mim_projection_dim)
         _positive("model.initializer_range", self.initializer_range)
         _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
-        if self.cross.interleave_from is not None:
-            depth = min(self.text.num_layers, self.vision.num_layers)
-            last = self.cross.interleave_from + len(self.cross.pattern)
-            n = len(self.cross.pattern)
-            valid = f"None or <= {depth - n}" if depth >= n else "None (after both encoders)"
+        for stream in ("text", "vision"):
+            layers, name = getattr(self, stream).num_layers, f"before_{stream}_layer"
+            before = getattr(self.cross, name)
             _check(
-                last <= depth,
-                "model.cross.interleave_from",
-                self.cross.interleave_from,
-                f"{valid}; {n} cross layers run after encoder blocks k..k+{n - 1} and the shallower "
-                f"stream has {depth} blocks",
+                all(i <= layers for i in before),
+                f"model.cross.{name}",
+                list(before),
+                f"layer indices 0..{layers} (model.{stream}.num_layers={layers}: {layers} means after the last)",
             )
 
 
@@ -433,10 +460,21 @@ def vilbert_base() -> Config:
 def vilbert_original() -> Config:
     """Lu et al. 2019: co-attention interleaved with the upper six layers of both streams.
 
-    As in their released config, co-attention runs at a width of 1024 with 8 heads
-    (`bi_hidden_size`, `bi_num_attention_heads`) and nothing is frozen.
+    As in their released config (`bert_base_6layer_6conect`), co-layer i runs right before text layer
+    6+i (`t_biattention_id` 6..11), so BERT's layer 11 runs after the last one, at a width of 1024 with
+    8 heads (`bi_hidden_size`, `bi_num_attention_heads`), and nothing is frozen. Their 6-layer vision
+    stream sits on a detector and every one of its layers follows a co-layer (`v_biattention_id`
+    0..5); a 12-block ViT is its own feature extractor, so its upper six blocks play that part:
+    co-layer i runs right before block 6+i, and block 11 after the last co-layer.
     """
-    cross = CrossConfig(pattern=("co",) * 6, interleave_from=6, hidden_size=1024, num_heads=8)
+    upper_six = tuple(range(6, 12))
+    cross = CrossConfig(
+        pattern=("co",) * 6,
+        before_text_layer=upper_six,
+        before_vision_layer=upper_six,
+        hidden_size=1024,
+        num_heads=8,
+    )
     return Config(model=ModelConfig(cross=cross, freeze=()))
 
 
@@ -522,11 +560,35 @@ def _plain(value: Any) -> Any:
 
 def config_from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
     """`base` (default: `Config()`) with every key of a nested dict applied; strict about keys."""
-    return _merge(base if base is not None else Config(), data, prefix="")
+    base = base if base is not None else Config()
+    return _merge(base, _upgrade_interleave_from(data, base), prefix="")
+
+
+def _upgrade_interleave_from(data: Mapping[str, Any], base: Config) -> Mapping[str, Any]:
+    """Configs of earlier versions placed an interleaved stack with `model.cross.interleave_from = k`:
+    cross layer i right after block k+i of both streams, i.e. right before block k+1+i. The same
+    placement in today's keys, so those runs and exports load with the forward they were trained with."""
+    model = data.get("model")
+    cross = model.get("cross") if isinstance(model, Mapping) else None
+    if not isinstance(cross, Mapping) or "interleave_from" not in cross:
+        return data
+    cross = dict(cross)
+    k = cross.pop("interleave_from")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise ConfigError(f"config key 'model.cross.interleave_from' expects an int or none, got {k!r}")
+    if k is not None:
+        count = len(cross.get("pattern", base.model.cross.pattern))
+        before = [int(k) + 1 + i for i in range(count)]
+        cross.setdefault("before_text_layer", before)
+        cross.setdefault("before_vision_layer", before)
+    log.info("config key 'model.cross.interleave_from'=%s read as the before_text_layer/before_vision_layer lists", k)
+    return {**data, "model": {**model, "cross": cross}}
 
 
 _REMOVED_KEYS = {
     "model.itc_projection_dim": "ITC now compares the streams through the poolers, at the cross width",
+    "model.cross.interleave_from": "the stack's place is model.cross.before_text_layer / before_vision_layer "
+    "(cross layer i runs right before those layers; vilbert_original: 6..11 in both streams)",
 }
 """Keys that configs written by earlier versions may carry: ignored with a log line when a saved config
 is read, so those runs and exports still load; refused with the reason when given to `--set`."""

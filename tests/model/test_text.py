@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import pytest
 import torch
 
 from vilbert.errors import ModelError
-from vilbert.model import TextEncoder
+from vilbert.model import TextEncoder, ViLBERT, text_config_from_hf
+
+from .conftest import tiny_model_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,3 +103,84 @@ def test_shape_mismatch_names_the_key(hf_bert, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="intermediate.dense"):
         TextEncoder.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------- BERT's MLM head
+
+
+def _hf_with_heads(kind: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    model = getattr(transformers, kind)(transformers.BertConfig(**SMALL)).eval()
+    with torch.no_grad():  # BERT starts its MLM bias at zero and LayerNorms at 1/0: an unloaded head would pass
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name == "cls.predictions.bias":
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _vilbert_reading(directory) -> ViLBERT:
+    text = dataclasses.replace(text_config_from_hf(directory), pretrained=str(directory))
+    return ViLBERT(dataclasses.replace(tiny_model_config(), text=text)).eval()
+
+
+def _assert_mlm_parity(model: ViLBERT, expected_logits: torch.Tensor) -> None:
+    ids, mask = _batch()
+    real = mask.bool()
+    with torch.no_grad():
+        got = model.mlm_logits(model.text(ids, mask)[real])
+    torch.testing.assert_close(got, expected_logits[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["BertForMaskedLM", "BertForPreTraining"])
+def test_mlm_logits_equal_bert_with_its_pretraining_heads(kind, tmp_path, caplog):
+    hf = _hf_with_heads(kind)
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="vilbert.model"):
+        model = _vilbert_reading(tmp_path)
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask)
+    _assert_mlm_parity(model, out.logits if kind == "BertForMaskedLM" else out.prediction_logits)
+    assert "loaded BERT's MLM head" in caplog.text
+    assert ("ignoring cls.seq_relationship" in caplog.text) == (kind == "BertForPreTraining")
+
+
+def test_mlm_head_loads_from_an_old_torch_file_with_the_decoder_saved(tmp_path):
+    # torch.save of the whole state dict writes the tied decoder weight and bias under their own names too.
+    hf = _hf_with_heads("BertForMaskedLM")
+    state = hf.state_dict()
+    assert "cls.predictions.decoder.weight" in state
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in state.items()}  # fmt: skip
+    torch.save(old, tmp_path / "pytorch_model.bin")
+    hf.config.to_json_file(tmp_path / "config.json")
+    ids, mask = _batch()
+    with torch.no_grad():
+        _assert_mlm_parity(_vilbert_reading(tmp_path), hf(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_a_bert_model_without_heads_leaves_the_mlm_head_new(hf_bert, tmp_path, caplog):
+    hf_bert.save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="vilbert.model"):
+        model = _vilbert_reading(tmp_path)
+    assert "loaded BERT weights" in caplog.text and "MLM head" not in caplog.text
+    assert torch.equal(model.mlm_head.bias, torch.zeros_like(model.mlm_head.bias))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("untie", "decoder.weight is not the word embeddings"),
+        ("partial", r"MLM head \(cls.predictions\).*missing keys \['LayerNorm.bias'"),
+    ],
+)
+def test_an_mlm_head_that_cannot_be_ours_is_a_model_error(change, tmp_path, message):
+    state = dict(_hf_with_heads("BertForMaskedLM").state_dict())
+    if change == "untie":
+        state["cls.predictions.decoder.weight"] = state["cls.predictions.decoder.weight"] + 1.0
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("cls.predictions.transform.LayerNorm")}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    transformers.BertConfig(**SMALL).to_json_file(tmp_path / "config.json")
+    with pytest.raises(ModelError, match=message):
+        _vilbert_reading(tmp_path)

@@ -13,7 +13,6 @@ import vilbert.model
 from vilbert.config import ModelConfig
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model import ViLBERT, set_fused_attention
-from vilbert.model.attention import padding_mask
 
 from .conftest import make_batch
 
@@ -138,35 +137,6 @@ def test_image_mask_changes_vision(config):
     masked = model(**batch).vision
     unmasked = model(**dict(batch, image_mask=None)).vision
     assert not torch.allclose(masked, unmasked)
-
-
-def test_interleaved_schedule_runs_and_is_checked(config):
-    cross = dataclasses.replace(config.cross, pattern=("co", "co"), interleave_from=0)
-    model = ViLBERT(dataclasses.replace(config, cross=cross)).eval()
-    out = model(**make_batch(config), output_layers=True)
-    assert len(out.layer_pooled) == 2
-    with pytest.raises(ValueError, match="interleave_from=1 is invalid; valid: None or <= 0"):
-        dataclasses.replace(config, cross=dataclasses.replace(cross, interleave_from=1))
-
-
-def test_encoder_blocks_after_the_last_interleaved_layer_still_run(config):
-    cross = dataclasses.replace(config.cross, pattern=("co",), interleave_from=0)  # then block 1
-    model = ViLBERT(dataclasses.replace(config, cross=cross)).eval()
-    batch = make_batch(config)
-    out = model(**batch, output_layers=True)
-    text_after_cross, _ = out.layer_cls[0]
-    assert not torch.allclose(out.text[:, 0], text_after_cross)
-    expected = model.text.layers[1](
-        model.cross[0](*_after_block_0(model, batch))[0], padding_mask(batch["attention_mask"])
-    )
-    torch.testing.assert_close(out.text, expected)
-
-
-def _after_block_0(model: ViLBERT, batch: dict[str, torch.Tensor]):
-    mask = padding_mask(batch["attention_mask"])
-    text = model.text.layers[0](model.text.embeddings(batch["input_ids"]), mask)
-    vision = model.vision.blocks[0](model.vision.embed(batch["pixels"], batch["image_mask"]))
-    return text, vision, mask
 
 
 def test_without_cross_layers_the_streams_are_the_encoders(config):

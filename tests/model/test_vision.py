@@ -9,13 +9,15 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vilbert.config import VisionConfig
-from vilbert.errors import ModelError
-from vilbert.model import VisionEncoder
+from vilbert.config import VisionConfig, apply_overrides, tiny
+from vilbert.errors import ConfigError, ModelError
+from vilbert.model import ViLBERT, VisionEncoder, normalization_metadata
 
 CONFIG = VisionConfig(
     timm_name="vit_tiny_patch16_224", image_size=32, patch_size=8, hidden_size=48, num_layers=2, num_heads=3
 )
+IMAGENET = {"image_mean": (0.485, 0.456, 0.406), "image_std": (0.229, 0.224, 0.225)}
+"""Not timm's default for vit_tiny_patch16_224 (0.5 everywhere), so taking it shows where it came from."""
 
 
 def _timm_vit() -> torch.nn.Module:
@@ -59,7 +61,11 @@ def test_loads_local_weight_file(tmp_path, suffix):
         save_file(state, str(path))
     else:
         torch.save({"state_dict": state}, path)
-    ours = VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path))).eval()
+    # A file from elsewhere does not say how its pixels were normalized: the user says, or it is refused.
+    with pytest.raises(ModelError, match="set model.vision.image_mean and model.vision.image_std"):
+        VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path)))
+    ours = VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path), **IMAGENET)).eval()
+    assert (ours.image_mean, ours.image_std) == (IMAGENET["image_mean"], IMAGENET["image_std"])
     with torch.no_grad():
         torch.testing.assert_close(ours(_pixels()), vit.forward_features(_pixels()), atol=1e-5, rtol=1e-5)
 
@@ -118,7 +124,7 @@ def test_loaded_weights_are_not_reinitialized(tmp_path):
     vit = _timm_vit()
     path = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
-    ours = VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path)), init_std=0.07)
+    ours = VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path), **IMAGENET), init_std=0.07)
     for name, value in vit.state_dict().items():
         if not name.startswith("head."):
             assert torch.equal(ours.vit.state_dict()[name], value), name
@@ -159,9 +165,67 @@ def test_conv_stem_weights_round_trip_through_a_local_file(tmp_path):
     torch.manual_seed(0)
     trained = VisionEncoder(CONV).eval()
     path = tmp_path / "stem.safetensors"
-    save_file({k: v.contiguous() for k, v in trained.vit.state_dict().items()}, str(path))
+    save_file(
+        {k: v.contiguous() for k, v in trained.vit.state_dict().items()},
+        str(path),
+        normalization_metadata(trained.image_mean, trained.image_std),
+    )
     loaded = VisionEncoder(dataclasses.replace(CONV, pretrained=str(path))).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(_pixels()), trained(_pixels()), atol=0, rtol=0)
     with pytest.raises(ModelError, match="do not fit model.vision"):
         VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path)))  # a linear-patch config
+
+
+# ------------------------------------------------------------------------------- normalization
+
+
+def _vilbert_file(tmp_path, mean, std) -> str:
+    """Vision weights as `vilbert synth vision` writes them, trained (nominally) under `mean`/`std`."""
+    from vilbert.train.backbone import save_vision_weights
+
+    encoder = VisionEncoder(dataclasses.replace(tiny().model.vision, image_mean=mean, image_std=std))
+    return str(save_vision_weights(encoder, tmp_path / "vision.safetensors"))
+
+
+def test_a_vilbert_vision_file_carries_its_normalization_into_the_model_and_its_exports(tmp_path):
+    path = _vilbert_file(tmp_path, IMAGENET["image_mean"], IMAGENET["image_std"])
+    config = tiny().model
+    model = ViLBERT(dataclasses.replace(config, vision=dataclasses.replace(config.vision, pretrained=path)))
+    assert (model.image_mean, model.image_std) == (IMAGENET["image_mean"], IMAGENET["image_std"])
+    assert model.config.vision.image_mean == IMAGENET["image_mean"]  # what save_pretrained writes
+    model.save_pretrained(tmp_path / "export")
+    loaded = ViLBERT.from_pretrained(tmp_path / "export")  # the vision file is not read again
+    assert (loaded.image_mean, loaded.image_std) == (IMAGENET["image_mean"], IMAGENET["image_std"])
+    assert loaded.config.vision.pretrained == path
+
+
+def test_a_normalization_that_contradicts_the_file_is_refused(tmp_path):
+    path = _vilbert_file(tmp_path, IMAGENET["image_mean"], IMAGENET["image_std"])
+    vision = dataclasses.replace(tiny().model.vision, pretrained=path)
+    with pytest.raises(ModelError, match=r"disagree with the metadata of .*vision.safetensors: mean=\[0.485"):
+        VisionEncoder(dataclasses.replace(vision, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)))
+    agreeing = VisionEncoder(dataclasses.replace(vision, **IMAGENET))
+    assert agreeing.image_std == IMAGENET["image_std"]
+
+
+@pytest.mark.parametrize("mean", ['"0.5"', "[0.5, 0.5]", "[0.5, 0.5, NaN]", "not json"])
+def test_malformed_normalization_metadata_is_a_model_error(tmp_path, mean):
+    state = {k: v.contiguous() for k, v in VisionEncoder(CONFIG).vit.state_dict().items()}
+    path = tmp_path / "vit.safetensors"
+    save_file(state, str(path), {"image_mean": mean, "image_std": "[0.5, 0.5, 0.5]"})
+    with pytest.raises(ModelError, match="is not 3 finite means and 3 stds > 0"):
+        VisionEncoder(dataclasses.replace(CONFIG, pretrained=str(path)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.vision.image_mean=[0.5,0.5,0.5]"], "set together with vision.image_mean"),
+        (["model.vision.image_mean=[0.5,0.5]", "model.vision.image_std=[0.5,0.5,0.5]"], "3 numbers"),
+        (["model.vision.image_mean=[0.5,0.5,0.5]", "model.vision.image_std=[0.5,0,0.5]"], "3 numbers > 0"),
+    ],
+)
+def test_normalization_keys_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(tiny(), overrides)

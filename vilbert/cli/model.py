@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from rich.table import Table
 
 from vilbert.cli._options import CONFIG_OPTION, PRESET_OPTION, SET_OPTION, resolve_config
 from vilbert.cli.console import console
-from vilbert.config import ModelConfig
+from vilbert.config import CrossConfig
 
 model_app = typer.Typer(help="Inspect the ViLBERT model a configuration builds.", no_args_is_help=True)
 
@@ -24,13 +23,12 @@ _PART_NOTES = {
 }
 
 
-def _random_init(config: ModelConfig) -> ModelConfig:
-    """The same shapes without pretrained sources: counting needs no download."""
-    return dataclasses.replace(
-        config,
-        text=dataclasses.replace(config.text, pretrained=None),
-        vision=dataclasses.replace(config.vision, pretrained=None),
-    )
+def _placement(cross: CrossConfig) -> str:
+    if not cross.before_text_layer and not cross.before_vision_layer:
+        return "after both encoders"
+    text = ",".join(map(str, cross.before_text_layer)) or "end"
+    vision = ",".join(map(str, cross.before_vision_layer)) or "end"
+    return f"before text layers {text} / vision blocks {vision}"
 
 
 @model_app.command("info")
@@ -40,19 +38,17 @@ def info(
     overrides: list[str] = SET_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Build the model with random weights (offline) and count its parameters by part."""
-    from vilbert.model import ViLBERT  # torch and timm load only for this command
+    """Build the model without weights (offline, on the meta device) and count its parameters by part."""
+    from vilbert.model import parameter_counts  # torch and timm load only for this command
 
     config = resolve_config(preset_name, config_file, overrides).model
-    with console.status("building the model with random weights"):
-        report = ViLBERT(_random_init(config)).parameter_report()
+    report = parameter_counts(config)
     if as_json:
         console.print_json(json.dumps(report))
         return
     cross = config.cross
-    where = "after both encoders" if cross.interleave_from is None else f"from encoder block {cross.interleave_from}"
     table = Table(
-        title=f"ViLBERT ({preset_name}): cross {'/'.join(cross.pattern)} {where}; "
+        title=f"ViLBERT ({preset_name}): cross {'/'.join(cross.pattern)} {_placement(cross)}; "
         f"frozen: {', '.join(config.freeze) or 'nothing'}",
         title_justify="left",
     )

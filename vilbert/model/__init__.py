@@ -7,9 +7,9 @@ from vilbert.model.attention import TransformerLayer, set_fused_attention
 from vilbert.model.cross import CoAttentionLayer, DualSelfAttentionLayer
 from vilbert.model.heads import AlignmentHead, Classifier, MIMProjection, MLMHead, Pooler
 from vilbert.model.text import TextEncoder, text_config_from_hf
-from vilbert.model.vilbert import ViLBERT, ViLBERTOutput
+from vilbert.model.vilbert import ViLBERT, ViLBERTOutput, cross_schedule, parameter_counts, without_pretrained_sources
 from vilbert.model.vision import VisionEncoder
-from vilbert.model.weights import read_state_dict
+from vilbert.model.weights import normalization_metadata, read_normalization, read_state_dict
 
 __all__ = [
     "ViLBERT",
@@ -27,4 +27,9 @@ __all__ = [
     "set_fused_attention",
     "text_config_from_hf",
     "read_state_dict",
+    "normalization_metadata",
+    "read_normalization",
+    "cross_schedule",
+    "parameter_counts",
+    "without_pretrained_sources",
 ]

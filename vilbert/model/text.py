@@ -3,7 +3,10 @@
 `TextEncoder(config)(input_ids, attention_mask)` equals `transformers.BertModel(...)
 .last_hidden_state` with the same weights. Its parameter names are Hugging Face's (minus the
 `bert.` prefix and the unused pooler), so a checkpoint loads by name after two renames that old
-checkpoints need: `gamma`/`beta` -> `weight`/`bias`.
+checkpoints need: `gamma`/`beta` -> `weight`/`bias`. A `BertForPreTraining` / `BertForMaskedLM`
+checkpoint also holds BERT's MLM head (`cls.predictions.*`); `read_hf_bert` returns it under
+`MLMHead`'s names for `ViLBERT` to load. The next-sentence head (`cls.seq_relationship`) has no
+counterpart (ViLBERT's alignment head is its own) and is dropped with a log line.
 """
 
 from __future__ import annotations
@@ -21,17 +24,18 @@ from torch import Tensor, nn
 from vilbert.config import TextConfig
 from vilbert.errors import ModelError
 from vilbert.model.attention import TransformerLayer, init_bert_weights, padding_mask
-from vilbert.model.weights import read_state_dict
+from vilbert.model.weights import load_exact, read_state_dict
 
-__all__ = ["TextEmbeddings", "TextEncoder", "text_config_from_hf", "load_hf_bert_state_dict"]
+__all__ = ["TextEmbeddings", "TextEncoder", "text_config_from_hf", "read_hf_bert"]
 
 log = logging.getLogger(__name__)
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Checkpoint keys that hold no weights of ours: BertModel's pooler (ViLBERT has its own), the
-# pretraining heads of BertForPreTraining, and buffers.
-_IGNORED_PREFIXES = ("pooler.", "cls.")
+# next-sentence head of BertForPreTraining, and buffers.
+_IGNORED_PREFIXES = ("pooler.", "cls.seq_relationship.")
 _IGNORED_SUFFIXES = ("position_ids", "token_type_ids")
+_MLM_PREFIX = "cls.predictions."
 
 
 class TextEmbeddings(nn.Module):
@@ -103,26 +107,17 @@ class TextEncoder(nn.Module):
         encoder.load_hf_weights(directory)
         return encoder
 
-    def load_hf_weights(self, directory: str | Path) -> None:
-        """Load a Hugging Face BERT checkpoint from `directory` into this encoder (strict)."""
-        state = load_hf_bert_state_dict(directory)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ModelError(
-                f"BERT checkpoint in {directory} does not fit the text encoder: "
-                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-            )
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise ModelError(
-                    f"BERT checkpoint in {directory}: {key} has shape {tuple(value.shape)}, "
-                    f"the text config needs {tuple(own[key].shape)}; set model.text.* to match "
-                    "its config.json"
-                )
-        self.load_state_dict(state)
+    def load_hf_weights(self, directory: str | Path) -> dict[str, Tensor]:
+        """Load a Hugging Face BERT checkpoint from `directory` into this encoder (strict).
+
+        Returns:
+            The checkpoint's MLM head under `MLMHead`'s names (empty when it has none), for the caller
+            that holds the head.
+        """
+        encoder, mlm_head = read_hf_bert(directory)
+        load_exact(self, encoder, f"BERT checkpoint in {directory}", hint="set model.text.* to match its config.json")
         log.info("loaded BERT weights from %s", directory)
+        return mlm_head
 
 
 def text_config_from_hf(directory: str | Path) -> TextConfig:
@@ -163,25 +158,54 @@ def text_config_from_hf(directory: str | Path) -> TextConfig:
         raise ModelError(f"{path}: {err}") from None
 
 
-def load_hf_bert_state_dict(directory: str | Path) -> dict[str, Tensor]:
-    """The BERT weights in `directory`, renamed to `TextEncoder`'s keys."""
+def read_hf_bert(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The BERT weights in `directory`: (the encoder's under `TextEncoder`'s keys, the MLM head's under
+    `MLMHead`'s keys, or an empty dict when the checkpoint has no `cls.predictions`).
+
+    Raises:
+        ModelError: No weights file, or an MLM head whose decoder is not the word embeddings.
+    """
     directory = Path(directory)
     for name in _WEIGHT_FILES:
         path = directory / name
         if path.exists():
-            return _rename_bert_keys(read_state_dict(path))
+            return _split_bert_keys(read_state_dict(path), path)
     raise ModelError(f"no BERT weights in {directory}; expected one of {', '.join(_WEIGHT_FILES)}")
 
 
-def _rename_bert_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    renamed: dict[str, Tensor] = {}
+def _split_bert_keys(state: Mapping[str, Tensor], path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    encoder: dict[str, Tensor] = {}
+    head: dict[str, Tensor] = {}
     for key, value in state.items():
         key = key.removeprefix("bert.")
-        if key.startswith(_IGNORED_PREFIXES) or key.endswith(_IGNORED_SUFFIXES):
-            continue
         if key.endswith(".gamma"):
             key = key[: -len("gamma")] + "weight"
         elif key.endswith(".beta"):
             key = key[: -len("beta")] + "bias"
-        renamed[key.replace("encoder.layer.", "layers.", 1)] = value
-    return renamed
+        if key.startswith(_MLM_PREFIX):
+            head[key.removeprefix(_MLM_PREFIX)] = value
+        elif not key.startswith(_IGNORED_PREFIXES) and not key.endswith(_IGNORED_SUFFIXES):
+            encoder[key.replace("encoder.layer.", "layers.", 1)] = value
+    if any(key.startswith("cls.seq_relationship.") for key in state):
+        log.info(
+            "%s: ignoring cls.seq_relationship (BERT's next-sentence head; ViLBERT has its own alignment head)", path
+        )
+    return encoder, _mlm_head_state(head, encoder.get("embeddings.word_embeddings.weight"), path)
+
+
+def _mlm_head_state(head: dict[str, Tensor], word_embeddings: Tensor | None, path: Path) -> dict[str, Tensor]:
+    """`cls.predictions.*` (prefix removed) -> `MLMHead`'s keys: `transform.` dropped, the decoder checked to
+    be the word embeddings (ours is tied to them), and its bias taken as the head's where only it was saved
+    (transformers ties `decoder.bias` to `bias` and may write either)."""
+    decoder = head.pop("decoder.weight", None)
+    if decoder is not None and (word_embeddings is None or not torch.equal(decoder, word_embeddings)):
+        raise ModelError(
+            f"{path}: cls.predictions.decoder.weight is not the word embeddings; ViLBERT's MLM decoder is tied "
+            "to them, so an untied BERT head cannot load"
+        )
+    decoder_bias = head.pop("decoder.bias", None)
+    if decoder_bias is not None:
+        bias = head.setdefault("bias", decoder_bias)
+        if not torch.equal(bias, decoder_bias):
+            raise ModelError(f"{path}: cls.predictions.bias and cls.predictions.decoder.bias differ; they are one bias")
+    return {key.removeprefix("transform."): value for key, value in head.items()}

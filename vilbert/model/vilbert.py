@@ -3,8 +3,9 @@
     input_ids, attention_mask -> TextEncoder.embeddings ─┐
     pixels, image_mask       -> VisionEncoder.embed    ─┤  encoder blocks of both streams, with the
                                                          │  cross layers (config.cross.pattern) either
-                                                         │  after the last block (the thesis) or after
-                                                         │  blocks k, k+1, ... (Lu et al.: k=6)
+                                                         │  after the last block (the thesis) or each
+                                                         │  right before the blocks config.cross names
+                                                         │  (Lu et al.: text and vision 6..11)
                                                          └> ViLBERTOutput(text, vision, pooled_*)
 
 The streams' first tokens as they enter the cross stack (`ViLBERTOutput.unimodal_*`) have seen only
@@ -24,18 +25,27 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from vilbert.config import FREEZABLE_PARTS, ModelConfig, config_from_dict, config_to_dict
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model.attention import init_bert_weights, padding_mask
-from vilbert.model.cross import TEXT_EPS, build_cross_layer
+from vilbert.model.cross import build_cross_layer
 from vilbert.model.heads import AlignmentHead, Classifier, MIMProjection, MLMHead, Pooler
 from vilbert.model.text import TextEncoder
 from vilbert.model.vision import VisionEncoder
-from vilbert.model.weights import read_state_dict
+from vilbert.model.weights import load_exact, read_state_dict
 
-__all__ = ["ViLBERT", "ViLBERTOutput", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = [
+    "ViLBERT",
+    "ViLBERTOutput",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "cross_schedule",
+    "parameter_counts",
+    "without_pretrained_sources",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +107,29 @@ class ViLBERT(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.config = config
         t, v, c = config.text, config.vision, config.cross
         self.text = TextEncoder(t, init_std=config.initializer_range)
-        if t.pretrained is not None:
-            self.text.load_hf_weights(t.pretrained)
+        bert_mlm_head = self.text.load_hf_weights(t.pretrained) if t.pretrained is not None else {}
         self.vision = VisionEncoder(v, init_std=config.initializer_range)
-        self._cross_after = _cross_schedule(config)
+        # The normalization the vision weights carry becomes part of the config, so an export or a
+        # checkpoint of this model normalizes as its weights expect without re-reading their source.
+        normalization = {"image_mean": self.vision.image_mean, "image_std": self.vision.image_std}
+        self.config = dataclasses.replace(config, vision=dataclasses.replace(v, **normalization))
+        self._schedule = cross_schedule(config)
         self.cross = nn.ModuleList(build_cross_layer(kind, c, t.hidden_size, v.hidden_size) for kind in c.pattern)
         self.text_pooler = Pooler(t.hidden_size, c.hidden_size)
         self.vision_pooler = Pooler(v.hidden_size, c.hidden_size)
-        self.mlm_head = MLMHead(t.hidden_size, t.vocab_size, TEXT_EPS)
+        self.mlm_head = MLMHead(t.hidden_size, t.vocab_size, t.layer_norm_eps)
         self.alignment_head = AlignmentHead(c.hidden_size, c.dropout)
         self.mim_head = MIMProjection(v.hidden_size, config.mim_projection_dim)
         self.classifier = Classifier(c.hidden_size, config.num_labels, c.dropout)
         for module in self._new_modules():
             module.apply(functools.partial(init_bert_weights, std=config.initializer_range))
+        if bert_mlm_head:  # BERT's own MLM transform and bias, as the original loads them
+            load_exact(
+                self.mlm_head, bert_mlm_head, f"the MLM head (cls.predictions) of the BERT checkpoint {t.pretrained}"
+            )
+            log.info("loaded BERT's MLM head from %s", t.pretrained)
         self.freeze(config.freeze)
 
     def _new_modules(self) -> Iterable[nn.Module]:
@@ -175,27 +192,42 @@ class ViLBERT(nn.Module):
     def _layers(
         self, text: Tensor, vision: Tensor, mask: Tensor, keep: bool
     ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]]:
-        """Encoder blocks and cross layers in schedule order -> both final streams, (with `keep`) both
-        streams right after each cross layer, and both streams entering the first cross layer."""
-        text_layers, blocks = self.text.layers, self.vision.blocks
+        """Encoder blocks and cross layers in Lu et al.'s `BertEncoder` order -> both final streams, (with
+        `keep`) both streams right after each cross layer, and both streams entering the first cross layer.
+
+        Before cross layer i run the text layers up to `before_text_layer[i]`, then the vision blocks up to
+        `before_vision_layer[i]`; after the last cross layer, the remaining vision blocks, then the
+        remaining text layers.
+        """
         after_cross: list[tuple[Tensor, Tensor]] = []
         unimodal: tuple[Tensor, Tensor] | None = None
-        for j in range(max(len(text_layers), len(blocks))):
-            if j < len(text_layers):
-                text = text_layers[j](text, mask)
-            if j < len(blocks):
-                vision = blocks[j](vision)
-                if j == len(blocks) - 1:
-                    vision = self.vision.norm(vision)  # ViT is pre-LN: its stream ends with a norm
-            for i in self._cross_after.get(j, ()):
-                if i == 0:
-                    unimodal = (text, vision)
-                text, vision = self.cross[i](text, vision, mask)
-                if keep:
-                    after_cross.append((text, vision))
+        done_text = done_vision = 0
+        for i, (before_text, before_vision) in enumerate(self._schedule):
+            text = self._text_layers(text, mask, done_text, before_text)
+            vision = self._vision_blocks(vision, done_vision, before_vision)
+            done_text, done_vision = before_text, before_vision
+            if i == 0:
+                unimodal = (text, vision)
+            text, vision = self.cross[i](text, vision, mask)
+            if keep:
+                after_cross.append((text, vision))
+        vision = self._vision_blocks(vision, done_vision, len(self.vision.blocks))
+        text = self._text_layers(text, mask, done_text, len(self.text.layers))
         if unimodal is None:  # no cross layers: the streams never met
             unimodal = (text, vision)
         return text, vision, after_cross, unimodal
+
+    def _text_layers(self, text: Tensor, mask: Tensor, start: int, stop: int) -> Tensor:
+        for j in range(start, stop):
+            text = self.text.layers[j](text, mask)
+        return text
+
+    def _vision_blocks(self, vision: Tensor, start: int, stop: int) -> Tensor:
+        for j in range(start, stop):
+            vision = self.vision.blocks[j](vision)
+        if start < stop == len(self.vision.blocks):
+            vision = self.vision.norm(vision)  # ViT is pre-LN: its stream ends with a norm
+        return vision
 
     # -------------------------------------------------------------------------------------- heads
 
@@ -294,13 +326,12 @@ class ViLBERT(nn.Module):
         """The model `save_pretrained` wrote; encoder `pretrained` sources are not re-read."""
         directory = Path(directory)
         config = _read_model_config(directory / CONFIG_NAME)
-        offline = dataclasses.replace(
-            config,
-            text=dataclasses.replace(config.text, pretrained=None),
-            vision=dataclasses.replace(config.vision, pretrained=None),
+        model = cls(without_pretrained_sources(config))
+        model.config = dataclasses.replace(  # the sources it names, the normalization it was built with
+            model.config,
+            text=dataclasses.replace(model.config.text, pretrained=config.text.pretrained),
+            vision=dataclasses.replace(model.config.vision, pretrained=config.vision.pretrained),
         )
-        model = cls(offline)
-        model.config = config
         state = read_state_dict(directory / WEIGHTS_NAME)
         dropped = [k for k in state if k.startswith(_DROPPED_HEADS)]
         for key in dropped:
@@ -316,13 +347,29 @@ class ViLBERT(nn.Module):
         return model
 
 
-def _cross_schedule(config: ModelConfig) -> dict[int, tuple[int, ...]]:
-    """Encoder block index -> the cross layers that run right after it (`ModelConfig` has checked
-    that an interleaved stack fits both encoders)."""
-    n, k = len(config.cross.pattern), config.cross.interleave_from
-    if k is None:
-        return {max(config.text.num_layers, config.vision.num_layers) - 1: tuple(range(n))}
-    return {k + i: (i,) for i in range(n)}
+def cross_schedule(config: ModelConfig) -> list[tuple[int, int]]:
+    """For each cross layer, the (text layer, vision block) it runs right before; a stream's `num_layers`
+    means after its last layer (`ModelConfig` has checked `cross.before_*_layer`)."""
+    count, cross = len(config.cross.pattern), config.cross
+    text = cross.before_text_layer or (config.text.num_layers,) * count
+    vision = cross.before_vision_layer or (config.vision.num_layers,) * count
+    return list(zip(text, vision, strict=True))
+
+
+def without_pretrained_sources(config: ModelConfig) -> ModelConfig:
+    """The same shapes with no encoder weights to read (for weights that come from elsewhere)."""
+    return dataclasses.replace(
+        config,
+        text=dataclasses.replace(config.text, pretrained=None),
+        vision=dataclasses.replace(config.vision, pretrained=None),
+    )
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, dict[str, int]]:
+    """`ViLBERT(config).parameter_report()` without weights: built on the meta device and without the
+    encoders' pretrained sources, so it reads, downloads and allocates nothing."""
+    with torch.device("meta"):
+        return ViLBERT(without_pretrained_sources(config)).parameter_report()
 
 
 def _read_model_config(path: Path) -> ModelConfig:

@@ -3,7 +3,10 @@
 `VisionEncoder(config)(pixels)` returns what timm's `forward_features` returns (`(B, 1+P, D)`, [CLS]
 first, after the final norm). ViLBERT drives the same pieces one at a time (`embed`, `blocks`,
 `norm`) so cross layers can run between blocks. Weights come from timm by name (online) or from a
-local safetensors / state-dict file; `image_mean`/`image_std` are what those weights expect.
+local safetensors / state-dict file; `image_mean`/`image_std` are what those weights expect: timm's
+`pretrained_cfg` for a timm name, the metadata vilbert writes into its own files
+(`vilbert.model.weights.normalization_metadata`), or `model.vision.image_mean`/`image_std` for a
+file that carries none (refused without them: a guessed normalization would fail silently).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor, nn
 from vilbert.config import VisionConfig
 from vilbert.errors import ModelError
 from vilbert.model.attention import init_bert_weights
-from vilbert.model.weights import read_state_dict
+from vilbert.model.weights import read_normalization, read_state_dict
 
 __all__ = ["VisionEncoder"]
 
@@ -40,6 +43,10 @@ class VisionEncoder(nn.Module):
             embeddings (`ModelConfig.initializer_range`, as for every other part built from scratch;
             timm's own is 0.02 whatever the width). Unused when weights are loaded.
 
+    Attributes:
+        image_mean: Per-channel pixel mean the weights expect (see the module docstring).
+        image_std: Per-channel pixel std the weights expect.
+
     Raises:
         ModelError: An unknown timm name, weights that cannot be fetched or do not fit.
     """
@@ -55,6 +62,11 @@ class VisionEncoder(nn.Module):
                 f"model.vision.stem={config.stem} takes a local weights file saved with that stem, or no weights"
             )
         self.vit = _create_vit(source if by_name else config.timm_name, config, pretrained=by_name)
+        self.image_mean, self.image_std = _timm_normalization(self.vit)  # timm's default for the name
+        if config.image_mean is not None and config.image_std is not None:
+            self.image_mean, self.image_std = config.image_mean, config.image_std
+        if by_name:
+            self._adopt_normalization(_timm_normalization(self.vit), f"timm's pretrained_cfg of {source!r}")
         if source is None:
             self.vit.blocks.apply(functools.partial(init_bert_weights, std=init_std))
             nn.init.normal_(self.vit.pos_embed, std=init_std)
@@ -67,16 +79,6 @@ class VisionEncoder(nn.Module):
     def num_patches(self) -> int:
         """Patches per image (the sequence has one more token, [CLS])."""
         return self.vit.patch_embed.num_patches
-
-    @property
-    def image_mean(self) -> tuple[float, float, float]:
-        """Per-channel mean the weights expect (timm's `pretrained_cfg`)."""
-        return tuple(self.vit.pretrained_cfg.get("mean", (0.5, 0.5, 0.5)))
-
-    @property
-    def image_std(self) -> tuple[float, float, float]:
-        """Per-channel std the weights expect (timm's `pretrained_cfg`)."""
-        return tuple(self.vit.pretrained_cfg.get("std", (0.5, 0.5, 0.5)))
 
     @property
     def blocks(self) -> nn.Sequential:
@@ -123,13 +125,24 @@ class VisionEncoder(nn.Module):
         return self.norm(x)
 
     def load_weights(self, path: str | Path) -> None:
-        """Load a timm ViT state dict (safetensors or torch file) into `self.vit`; head is dropped."""
+        """Load a timm ViT state dict (safetensors or torch file) into `self.vit`; head is dropped. The
+        normalization becomes the one the file records, or `config.image_mean`/`image_std` for a file
+        that records none (refused without them)."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(
                 f"vision weights file not found: {path}; model.vision.pretrained takes a "
                 "timm model name (needs network) or a local .safetensors/.pth file"
             )
+        recorded = read_normalization(path)
+        if recorded is None and self.config.image_mean is None:
+            raise ModelError(
+                f"{path} does not record the pixel normalization its weights were trained with (vilbert "
+                "records it in the files it writes); set model.vision.image_mean and model.vision.image_std "
+                "to that mean and std (e.g. the pretrained_cfg of the timm model it came from)"
+            )
+        if recorded is not None:
+            self._adopt_normalization(recorded, f"the metadata of {path}")
         state = read_state_dict(path)
         state = {k.removeprefix("module.").removeprefix("vit."): v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("head.") and k != "mask_token"}
@@ -141,6 +154,27 @@ class VisionEncoder(nn.Module):
                 f"vision weights in {path} do not fit model.vision (timm_name={self.config.timm_name!r}): {err}"
             ) from None
         log.info("loaded ViT weights from %s", path)
+
+    def _adopt_normalization(self, carried: tuple[tuple[float, ...], tuple[float, ...]], origin: str) -> None:
+        """Take the normalization the weights carry; a different one in the config is a mistake."""
+        given = self.config.image_mean, self.config.image_std
+        if self.config.image_mean is not None and not _same_normalization(carried, given):
+            raise ModelError(
+                f"model.vision.image_mean={list(given[0])} image_std={list(given[1])} disagree with {origin}: "
+                f"mean={list(carried[0])} std={list(carried[1])}; leave them unset to use the weights' own"
+            )
+        self.image_mean, self.image_std = tuple(carried[0]), tuple(carried[1])
+
+
+def _timm_normalization(vit: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = vit.pretrained_cfg
+    return tuple(cfg.get("mean", (0.5, 0.5, 0.5))), tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+
+
+def _same_normalization(a: tuple[tuple[float, ...], ...], b: tuple[tuple[float, ...] | None, ...]) -> bool:
+    flat_a = [x for values in a for x in values]
+    flat_b = [x for values in b for x in (values or ())]
+    return len(flat_a) == len(flat_b) and all(abs(x - y) < 1e-6 for x, y in zip(flat_a, flat_b, strict=True))
 
 
 class ConvStemEmbed(PatchEmbed):

@@ -24,6 +24,7 @@ from torch import nn
 
 from vilbert.config import VisionConfig
 from vilbert.model.vision import VisionEncoder
+from vilbert.model.weights import normalization_metadata
 from vilbert.train.masking import PixelNormalizer
 from vilbert.train.optim import build_optimizer, build_scheduler
 
@@ -138,6 +139,6 @@ def save_vision_weights(encoder: VisionEncoder, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
+    save_file(state, str(tmp), metadata=normalization_metadata(encoder.image_mean, encoder.image_std))
     os.replace(tmp, path)
     return path
