@@ -14,6 +14,7 @@ from rich.table import Table
 
 from vilbert.cli.console import console
 from vilbert.errors import UsageError
+from vilbert.pipeline.local_files import DEFAULT_MAX_FILE_BYTES
 from vilbert.pipeline.preprocess import REPORT_NAME, PreprocessOptions, PreprocessReport, preprocess
 from vilbert.pipeline.sources import SOURCE_FORMATS, open_source
 from vilbert.pipeline.text import load_tokenizer
@@ -29,6 +30,9 @@ def preprocess_command(
     to_mmap: Path = typer.Option(..., "--to-mmap", help="Output root: one cache per split in OUT/<split>."),
     fmt: str = typer.Option("fetch", "--format", help=f"Source layout: {', '.join(SOURCE_FORMATS)}."),
     listing: Path = typer.Option(None, "--listing", help="--format folder: TSV or JSONL of image, caption[, label]."),
+    max_image_bytes: int = typer.Option(
+        DEFAULT_MAX_FILE_BYTES, "--max-image-bytes", help="hateful-memes / folder: larger image files are skipped."
+    ),
     tokenizer: str = typer.Option(
         DEFAULT_TOKENIZER,
         "--tokenizer",
@@ -51,7 +55,7 @@ def preprocess_command(
     """Decode, normalize and tokenize SOURCE... into caches under OUT (one per split)."""
     if overwrite and resume:
         raise UsageError("--overwrite and --resume exclude each other")
-    source = open_source(sources, fmt, str(listing) if listing is not None else None)
+    source = open_source(sources, fmt, str(listing) if listing is not None else None, max_file_bytes=max_image_bytes)
     options = PreprocessOptions(
         image_size=image_size,
         resize_mode=resize_mode,

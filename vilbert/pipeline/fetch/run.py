@@ -34,10 +34,13 @@ from vilbert.pipeline.fetch.reader import LineSet, count_fetched, done_lines, re
 from vilbert.pipeline.fetch.shards import FailedRow, PartWriter, SavedRow, write_table_atomic
 from vilbert.pipeline.images import RESIZE_MODES
 
-__all__ = ["FetchOptions", "fetch_cc", "fetch_url_table", "fetch_rows"]
+__all__ = ["WEB_MAX_PIXELS", "FetchOptions", "fetch_cc", "fetch_url_table", "fetch_rows"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
+WEB_MAX_PIXELS = 40_000_000
+"""Fetch refuses larger images unread (`too-large`): a 24 MP camera photo fits, and each decode holds
+about 4 bytes per pixel per decode thread (PIL's own limit, 89 MP, costs ~1.2 GB per decode)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,9 +51,7 @@ class FetchOptions:
     mode: str = "center-crop"
     quality: int = 90
     """JPEG quality of the saved 224x224 images (~15 KB each at 90)."""
-    max_pixels: int = 40_000_000
-    """Larger images are refused unread (`too-large`): a 24 MP camera photo fits; each decode holds
-    about 4 bytes per pixel, per decode thread."""
+    max_pixels: int = WEB_MAX_PIXELS
     decode_workers: int = 0
     """Decode processes (or threads); 0: one per core."""
     decode_in: str = "thread"
