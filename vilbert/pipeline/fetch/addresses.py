@@ -8,7 +8,8 @@ lets through on some Python versions but no image host lives on (multicast, depr
 metadata services, one of which (Azure's 168.63.129.16) is a global address.
 
 `host_address` says what a URL's host connects to when it is a literal in any spelling the
-operating system accepts (`127.1`, `0x7f.1`, `2130706433`, `0177.0.0.1`, a trailing dot); yarl has
+operating system accepts (`127.1`, `0x7f.1`, `2130706433`, `0177.0.0.1`, a trailing dot) or a
+`localhost` name (RFC 6761: loopback whatever the resolver says); yarl has
 already folded Unicode forms (full-width digits, ideographic full stops, circled digits) into ASCII
 by then, so the caller passes yarl's host, never the raw text. Names are judged by the resolver on
 every address they resolve to, and every socket is judged again on the address it connects to.
@@ -74,6 +75,8 @@ def host_address(host: str) -> IPAddress | None:
             IPv6 without brackets).
     """
     text = host[:-1] if host.endswith(".") else host
+    if text == "localhost" or text.endswith(".localhost"):  # RFC 6761: always loopback, resolver or not
+        return ipaddress.IPv4Address("127.0.0.1")
     try:
         return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
