@@ -1,32 +1,51 @@
 """The byte budget of response bodies held at once: from the first byte read until decoded.
 
 Caps per response (`max_bytes`) and per run (`max_in_flight`) alone allow `512 * 16 MiB = 8 GiB` of
-bodies at once; the budget bounds their sum. The downloader reserves a body's `Content-Length`
-whole before reading it (a body waiting for room holds nothing meanwhile) or, without one, chunk by
-chunk; the run gives the bytes back once the body is decoded. Waiting for room happens inside the
-request's deadline, so a starved read ends as a `timeout` (transient: a rerun retries it), never a hang.
+bodies at once; the budget bounds their sum. The downloader reserves twice a body's `Content-Length`
+before reading it (its chunks, then for a moment their join; a body waiting for room holds nothing
+meanwhile) or, without one, twice the bytes as they arrive; it keeps one body's worth once the body
+is joined, and the run gives that back once the body is decoded. Not in the budget: aiohttp's read
+buffer of each open connection (up to ~0.5 MiB, times `max_in_flight`) and the allocator's slack.
+Waiting for room happens inside the request's deadline, so a starved read ends as a `timeout`
+(transient: a rerun retries it), never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import deque
+from pathlib import Path
 
 __all__ = ["BodyBudget", "default_body_memory"]
 
 
 def default_body_memory(max_bytes: int) -> int:
-    """A quarter of the memory available now, at most 1 GiB, and room for two bodies of `max_bytes`.
+    """A quarter of the available memory (cgroup limit included), at most 1 GiB, at least one `max_bytes` read.
 
     Web images average ~100 KB, so 1 GiB holds thousands in flight; the cap keeps a run with a
     large `max_bytes` from holding `max_in_flight * max_bytes` (8 GiB by default) at once.
     """
+    return max(min(_available_memory() // 4, 1 << 30), 2 * max_bytes)
+
+
+def _available_memory() -> int:
+    """MemAvailable, or what the cgroup (container, Slurm job) still allows if that is less."""
+    available = 2 << 30  # unknown (not Linux): assume a small machine
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: assume a small machine
-        available = 2 << 30
-    return max(min(available // 4, 1 << 30), 2 * max_bytes)
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            current = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)
 
 
 class BodyBudget:

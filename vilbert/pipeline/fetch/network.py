@@ -316,18 +316,26 @@ class Downloader:
         if length is not None and length > cap:
             raise _Failure("too-many-bytes", f"Content-Length {length} > cap {cap}", status=status)
         state.reading = True
-        if length is not None:  # reserved whole: a body waiting for the budget holds nothing meanwhile
-            await self.budget.take(length)
-            state.held = length
-        body = bytearray()
+        # Twice the body while it is read: its chunks, then for a moment also their join. Reserved
+        # whole when the length is known (a body waiting for the budget holds nothing meanwhile),
+        # else as the bytes arrive.
+        if length is not None:
+            await self.budget.take(2 * length)
+            state.held = 2 * length
+        chunks, size = [], 0
         async for chunk in response.content.iter_any():
-            body += chunk
-            if len(body) > cap:
+            size += len(chunk)
+            if size > cap:
                 raise _Failure("too-many-bytes", f"body exceeds the cap of {cap} bytes", status=status)
-            if len(body) > state.held:  # no (or a wrong) Content-Length: reserve as the bytes arrive
-                await self.budget.take(len(body) - state.held)
-                state.held = len(body)
-        return bytes(body)
+            if 2 * size > state.held:
+                await self.budget.take(2 * size - state.held)
+                state.held = 2 * size
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        self.budget.give(state.held - size)  # the chunks are gone: the body alone is held until release
+        state.held = size
+        return body
 
 
 @dataclass(slots=True)
