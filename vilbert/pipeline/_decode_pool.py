@@ -77,8 +77,10 @@ def decode_chunk(
         try:
             data = image if isinstance(image, bytes) else image.read()  # LocalFile: confined, capped
             rgb = _decode(data, size, mode)  # (H, W, 3) uint8
-        except (ImageDecodeError, LocalFileError) as err:
+        except LocalFileError as err:
             failures[i] = (err.reason, str(err))
+        except ImageDecodeError as err:  # a dataset file's skip names its listing line
+            failures[i] = (err.reason, str(err) if isinstance(image, bytes) else f"{image}: {err}")
         else:
             _store(rgb, out[i], lut)
     return failures

@@ -15,7 +15,8 @@ OUT/preprocess-skips.jsonl    every image skipped by the workers (split, ordinal
 ```
 
 Dirty data is skipped and counted by reason (`malformed-line`, `empty-caption`, `missing-image`,
-`unreadable-image`, `undecodable`, `too-large`), logged, and recorded in the report and in each
+`unreadable-image`, `outside-root`, `not-a-file`, `not-an-image`, `undecodable`, `too-large`), logged,
+and recorded in the report and in each
 cache's manifest (`extra["preprocess"]`). A crash leaves no manifest; `mode="resume"` keeps the
 completed shards and skips the rows they hold. The same inputs and options give byte-identical
 shards whatever the number of workers.
