@@ -49,6 +49,7 @@ def preprocess_command(
     resize_mode: str = typer.Option("center-crop", "--resize-mode", help="center-crop, pad or stretch."),
     train_ratio: float = typer.Option(0.8, "--train-ratio", help="Train share for sources without splits."),
     workers: int = typer.Option(None, "--workers", help="Decoding processes (default: all cores; 0: none)."),
+    shard_mb: float = typer.Option(128, "--shard-mb", help="Approximate shard size, MiB (one writer per split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the caches under OUT."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into OUT."),
 ) -> None:
@@ -64,6 +65,7 @@ def preprocess_command(
         max_len=max_len,
         train_ratio=train_ratio,
         workers=workers,
+        target_shard_bytes=int(shard_mb * (1 << 20)),
         mode="overwrite" if overwrite else "resume" if resume else "create",
     )
     tok = load_tokenizer(tokenizer)

@@ -26,6 +26,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vilbert.cache.format import write_json_atomic
 from vilbert.errors import FetchError, UsageError
 from vilbert.pipeline.fetch.decode import decode_job, init_worker
 from vilbert.pipeline.fetch.inputs import BadLine, UrlRow, read_cc_tsv, read_url_table
@@ -173,9 +174,9 @@ def _check_state(out: Path, options: FetchOptions, source: dict) -> None:
     state_path = out / "fetch-state.json"
     state = {**{k: getattr(options, k) for k in _STATE_KEYS}, **source, "version": 1}
     if not state_path.exists():
-        _write_json(state_path, state)
+        write_json_atomic(state_path, state)
         return
-    old = json.loads(state_path.read_text())
+    old = _read_state(state_path)
     for key in (*_STATE_KEYS, "format", "url_col", "caption_col"):
         if old.get(key) != state.get(key):
             raise UsageError(
@@ -186,10 +187,17 @@ def _check_state(out: Path, options: FetchOptions, source: dict) -> None:
         log.warning("%s was started from %s; resuming from %s (same lines assumed)", out, old["input"], source["input"])
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        return state
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise FetchError(
+            f"{path} is empty or corrupt ({err}); it records the options of the first run into {path.parent}. "
+            "Delete it and rerun with the same options as that run (the saved parts are kept), or use another --out"
+        ) from err
 
 
 def _run_event_loop(main: Coroutine, kind: str) -> None:
@@ -462,5 +470,5 @@ def _finish(out: Path, options: FetchOptions, source: dict, stats: _Stats) -> di
             "retried_by_a_rerun": sum(reasons[r] for r in transient),
         },
     }
-    _write_json(out / "fetch-report.json", report)
+    write_json_atomic(out / "fetch-report.json", report)
     return report
