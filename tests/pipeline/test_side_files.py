@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from vilbert.errors import DataError, FetchError
-from vilbert.pipeline import _preprocess_io
+from vilbert.pipeline._preprocess_io import SkipLog
 from vilbert.pipeline.fetch import fetch_cc
 from vilbert.pipeline.preprocess import SKIPS_NAME, PreprocessOptions, preprocess
 from vilbert.pipeline.sources import FetchSource, assign_splits
@@ -58,7 +58,7 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """Every fsync (by path) and every skip-log append (split, ordinal), in order, from any thread."""
     events: list[tuple[str, ...]] = []
     lock = threading.Lock()
-    real_fsync, real_append = os.fsync, _preprocess_io.SkipLog.append
+    real_fsync, real_append = os.fsync, SkipLog.append
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
@@ -71,7 +71,7 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
             events.append(("append", split, ordinal))
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(_preprocess_io.SkipLog, "append", append)
+    monkeypatch.setattr(SkipLog, "append", append)
     return events
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from vilbert.pipeline.fetch.addresses import (
     host_address,
 )
 from vilbert.pipeline.fetch.network import Downloader
+
+from .fetch_helpers import BackgroundServer
 
 POLICY = AddressPolicy()
 
@@ -185,16 +186,18 @@ def test_the_installed_yarl_folds_unicode_hosts_into_loopback(spelling: str) -> 
 # ------------------------------------------------------------------------- real loopback servers
 
 
-class Servers:
-    """One aiohttp app on 127.0.0.1 and [::1] (the targets) and 127.0.0.2 (a redirector), each
-    counting the requests it receives."""
+class Servers(BackgroundServer):
+    """Targets on 127.0.0.1 and [::1] and a redirector on 127.0.0.2 (to `?u=URL`), each counting the
+    requests it receives."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.target_hits = 0
         self.redirector_hits = 0
-        self.ports: dict[str, int] = {}
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def routes(self) -> list[tuple[str, object]]:
+        hosts = [("127.0.0.1", self._target), ("127.0.0.2", self._redirect)]
+        return hosts + [("::1", self._target)] if IPV6 else hosts
 
     async def _target(self, request: web.Request) -> web.Response:
         self.target_hits += 1
@@ -203,34 +206,6 @@ class Servers:
     async def _redirect(self, request: web.Request) -> web.Response:
         self.redirector_hits += 1
         raise web.HTTPFound(location=request.query["u"])
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        runners = []
-        hosts = [("127.0.0.1", self._target), ("127.0.0.2", self._redirect)]
-        if IPV6:
-            hosts.append(("::1", self._target))
-        for host, handler in hosts:
-            app = web.Application()
-            app.router.add_get("/{tail:.*}", handler)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-            await runner.setup()
-            await web.TCPSite(runner, host, 0).start()
-            self.ports[host] = runner.addresses[0][1]
-            runners.append(runner)
-        self._ready.set()
-        await self._stop.wait()
-        for runner in runners:
-            await runner.cleanup()
-
-    def __enter__(self) -> Servers:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import pytest
 from aiohttp import web
 
 from vilbert.pipeline.fetch.budget import BodyBudget, default_body_memory
+
+from .fetch_helpers import BackgroundServer
 
 MIB = 1 << 20
 
@@ -90,15 +91,18 @@ print(json.dumps({"growth": status("VmHWM:") - baseline, "run": report["run"]}))
 """
 
 
-class BodyServer:
-    """Serves `/N` as `BODY` bytes of zeros with a Content-Length; counts bodies open at once. With
-    `hold_last_byte`, every body waits one byte short until all of them got that far."""
+class BodyServer(BackgroundServer):
+    """Serves `/N` as `BODY` bytes of zeros with a Content-Length on 127.0.0.1; counts bodies open at
+    once. With `hold_last_byte`, every body waits one byte short until all of them got that far."""
 
     def __init__(self, hold_last_byte: bool) -> None:
+        super().__init__()
         self.hold_last_byte = hold_last_byte
         self.open = self.max_open = self.waiting = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._all_waiting = asyncio.Event()
+
+    def routes(self) -> list[tuple[str, object]]:
+        return [("127.0.0.1", self._body)]
 
     async def _body(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Length": str(BODY)})
@@ -117,27 +121,6 @@ class BodyServer:
         await response.write_eof()
         self.open -= 1
         return response
-
-    async def _main(self) -> None:
-        self._loop, self._stop, self._all_waiting = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
-        app = web.Application()
-        app.router.add_get("/{n}", self._body)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self.port = runner.addresses[0][1]
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
-
-    def __enter__(self) -> BodyServer:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
 
 
 @pytest.fixture
