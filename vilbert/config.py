@@ -275,6 +275,9 @@ class DataConfig:
     """ViLBERT's maximum caption length in tokens."""
     train_ratio: float = 0.8
     """The thesis split Conceptual Captions 80/20 into train and test."""
+    verify_cache: bool = False
+    """Check every shard's checksum and values before training starts (a full read of the cache;
+    every batch is range-checked anyway)."""
 
     def __post_init__(self) -> None:
         _positive("data.image_size", self.image_size)

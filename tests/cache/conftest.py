@@ -97,3 +97,26 @@ def cache_f16(tmp_path: Path) -> tuple[Path, dict]:
 def cache_u8(tmp_path: Path) -> tuple[Path, dict]:
     path = tmp_path / "cache-u8"
     return path, build_cache(path, dtype="uint8")
+
+
+def corrupt_in_place(shard: Path, column: str, row: int, value: np.generic) -> None:
+    """Overwrite the first element of `column` at `row` with `value`, in place: same size, so only a
+    checksum or a range check can notice."""
+    import os
+
+    import pyarrow as pa
+
+    with pa.memory_map(str(shard)) as source:
+        whole = source.read_buffer()
+        batch = pa.ipc.open_file(whole).get_batch(0)
+        array = batch.column(column)
+        if isinstance(array, pa.FixedSizeListArray):
+            values, index = array.values, (array.offset + row) * array.type.list_size
+        else:
+            values, index = array, row
+        offset = values.buffers()[1].address - whole.address + (values.offset + index) * value.itemsize
+    fd = os.open(shard, os.O_WRONLY)
+    try:
+        os.pwrite(fd, value.tobytes(), offset)
+    finally:
+        os.close(fd)

@@ -10,10 +10,12 @@ from PIL import Image, ImageOps
 
 from vilbert.errors import DataError
 from vilbert.pipeline.images import (
+    IMAGE_FORMATS,
     RESIZE_MODES,
     ImageDecodeError,
     decode_resize,
     encode_jpeg,
+    image_format,
     jpeg_orientation,
     load_resized,
 )
@@ -131,7 +133,7 @@ def test_png_fast_path_equals_pil(name: str) -> None:
         assert fast is None
         return
     assert fast is not None, "8-bit PNGs take the libspng path"
-    slow = images._decode_pil(data, 224, "center-crop", images.MAX_PIXELS)
+    slow = images._decode_pil(data, "PNG", 224, "center-crop", images.MAX_PIXELS)
     assert fast[0].shape == slow[0].shape and fast[1:] == slow[1:]
     np.testing.assert_array_equal(fast[0], slow[0])
 
@@ -177,7 +179,54 @@ def test_plain_jpeg_has_no_orientation() -> None:
     assert jpeg_orientation(to_bytes(Image.fromarray(photo(32, 32)), "JPEG")) is None
 
 
-@pytest.mark.parametrize("data", [b"", b"<html>not found</html>", b"\xff\xd8\xff\xe0garbage", b"\x89PNG\r\n\x1a\nxx"])
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF", "WEBP", "JPEG", "PNG"])
+def test_the_gate_accepts_each_allowed_format(fmt: str) -> None:
+    data = to_bytes(Image.fromarray(photo(90, 60, seed=2)), fmt)
+    assert image_format(data) == fmt and fmt in IMAGE_FORMATS
+    assert mad(decode_resize(data, size=48), reference(data, 48, "center-crop")) < TOLERANCE
+
+
+def test_an_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.fromarray(photo(64, 64, seed=s)).convert("P") for s in (3, 4)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    first = to_bytes(frames[0], "GIF")
+    assert np.array_equal(decode_resize(buffer.getvalue(), size=64), decode_resize(first, size=64))
+
+
+NOT_IMAGES = {
+    "empty": b"",
+    "html": b"<html>not found</html>",
+    "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+    "eps-binary": b"\xc5\xd0\xd3\xc6" + bytes(28) + b"%!PS-Adobe-3.0 EPSF-3.0\n",
+    "pdf": b"%PDF-1.7\n",
+    "psd": b"8BPS\x00\x01" + bytes(40),
+    "svg": b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+    "ico": b"\x00\x00\x01\x00\x01\x00\x10\x10",
+    "riff-wav": b"RIFF\x24\x00\x00\x00WAVEfmt ",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_IMAGES))
+def test_anything_else_is_not_an_image_before_any_decoder(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("a decoder was reached")
+
+    monkeypatch.setattr(Image, "open", no_decoder)  # PIL (and through it Ghostscript) is never asked
+    with pytest.raises(ImageDecodeError) as info:
+        decode_resize(NOT_IMAGES[name])
+    assert info.value.reason == "not-an-image" and "accepted: JPEG, PNG" in str(info.value)
+
+
+def test_bytes_that_claim_one_format_are_opened_as_that_format_only() -> None:
+    """PIL may not fall back to another plugin: a BMP magic in front of a PNG is not read as PNG."""
+    png = to_bytes(Image.fromarray(photo(20, 20)), "PNG")
+    with pytest.raises(ImageDecodeError) as info:
+        decode_resize(b"BM" + png)
+    assert info.value.reason == "undecodable"
+
+
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff\xe0garbage", b"\x89PNG\r\n\x1a\nxx", b"GIF89a nope"])
 def test_garbage_is_undecodable(data: bytes) -> None:
     with pytest.raises(ImageDecodeError) as info:
         decode_resize(data)

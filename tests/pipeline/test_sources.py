@@ -62,7 +62,8 @@ def test_hateful_memes_keeps_splits_labels_and_reports_bad_lines(memes: Path) ->
         ("8291", 1, "dev_seen"),
         ("1", None, "test_unseen"),
     ]
-    assert samples[0].image == memes / "img/42953.png"
+    image = samples[0].image
+    assert (image.root, image.name, image.where) == (memes.resolve(), "img/42953.png", f"{memes / 'train.jsonl'}:1")
     assert samples[0].caption == "its their character not their color"
     skips = [i for i in items if isinstance(i, Skip)]
     train = memes / "train.jsonl"
@@ -85,9 +86,9 @@ def test_folder_tsv_with_header_and_labels(tmp_path: Path) -> None:
     assert source.split_names() is None and source.has_labels("train")
     items = list(source)
     samples = [i for i in items if isinstance(i, Sample)]
-    assert [(s.key, s.image, s.caption, s.label) for s in samples] == [
-        ("a.jpg", tmp_path / "a.jpg", "a cat", 1),
-        ("sub/b.png", tmp_path / "sub/b.png", "a dog", 0),
+    assert [(s.key, s.image.root / s.image.name, s.caption, s.label) for s in samples] == [
+        ("a.jpg", tmp_path.resolve() / "a.jpg", "a cat", 1),
+        ("sub/b.png", tmp_path.resolve() / "sub/b.png", "a dog", 0),
     ]
     reasons = [(i.key.rsplit(":", 1)[1], i.detail) for i in items if isinstance(i, Skip)]
     assert [r[0] for r in reasons] == ["4", "5", "6"]

@@ -40,6 +40,7 @@ __all__ = [
     "sha256_file",
     "read_manifest",
     "write_json_atomic",
+    "write_bytes_atomic",
     "fsync_dir",
     "CHANNELS",
     "SETTINGS_KEYS",
@@ -353,13 +354,19 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+def write_json_atomic(path: Path, data: Mapping[str, Any], *, ensure_ascii: bool = True) -> None:
     """Write JSON to a temporary name, fsync, rename over `path`, fsync the directory."""
+    text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=ensure_ascii) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary name, fsync, rename over `path`, fsync the directory: after a crash
+    `path` holds the old content or the new, never a torn mix, and the new survives a power loss."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vilbert.cache.checks import first_bad_row
 from vilbert.cache.format import TOKENIZER_NAME, Manifest, Normalization, normalization, read_manifest, sha256_file
 from vilbert.errors import CacheError
 
@@ -97,21 +98,28 @@ class CacheReader:
 
     Opening checks what is cheap: manifest version, tokenizer file fingerprint, and for each shard
     its size, schema (and schema metadata) and row count. Full checksums are `verify_cache`'s job.
+    Every gathered batch is range-checked (see `gather_located`): a shard corrupted in place, same
+    size, raises `CacheError` naming the shard and row before the batch is handed out.
 
     Args:
         path: A cache directory, or a list of them read as one (they must agree on tokenizer,
             pixel dtype, image size, max_len, labels and normalization).
+        num_labels: Labels must lie in `[0, num_labels)` (the classifier's classes); without it,
+            only `>= 0` is checked.
 
     Raises:
         CacheError: not a cache, unknown format version, missing/truncated/foreign shard, or mixed
             caches.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, num_labels: int | None = None
+    ) -> None:
         paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
         if not paths:
             raise CacheError("CacheReader needs at least one cache directory")
         self.paths = tuple(paths)
+        self.num_labels = num_labels
         self.manifests = tuple(read_manifest(p) for p in paths)
         self.manifest = self.manifests[0]
         """The first cache's manifest (all opened caches agree on everything but rows and split)."""
@@ -277,7 +285,13 @@ class CacheReader:
         single_shard: bool | None = None,
     ) -> dict[str, np.ndarray]:
         """`gather` for rows already located with `locate` (the loader locates a whole epoch at
-        once); `single_shard` may be passed when known (all rows in `shard[0]`)."""
+        once); `single_shard` may be passed when known (all rows in `shard[0]`).
+
+        The gathered rows are range-checked (`first_bad_row`) before they are returned.
+
+        Raises:
+            CacheError: a value no valid cache holds, naming the shard and row.
+        """
         n = len(local)
         if out is None:
             out = self.allocate(n)
@@ -291,7 +305,20 @@ class CacheReader:
                 np.take(views[name], local, axis=0, out=buffer, mode="clip")
         else:
             self._gather_mixed(shard, local, out)
+        bad = first_bad_row(out, self.manifest.vocab_size, self.manifest.max_len, self.num_labels)
+        if bad is not None:
+            position, what = bad
+            s = int(shard[0] if single_shard else shard[position])
+            self._refuse(s, int(local[position]), what)
         return out
+
+    def _refuse(self, shard: int, row: int, what: str) -> None:
+        path = self._shards[shard].path
+        key = self._shards[shard].batch.column("key")[row].as_py()
+        raise CacheError(
+            f"shard {path} row {row} (key {key!r}): {what}; the shard is corrupt: `vilbert cache verify "
+            f"{path.parent}` checks every shard, and `vilbert preprocess` rebuilds the cache"
+        )
 
     def _gather_mixed(self, shard: np.ndarray, local: np.ndarray, out: dict[str, np.ndarray]) -> None:
         """Rows spread over several shards, copied once each, straight into `out`.

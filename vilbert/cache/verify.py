@@ -1,8 +1,9 @@
 """Check a cache in full: manifest, tokenizer, and every shard's checksum, schema and contents.
 
-Unlike opening a `CacheReader` (sizes and schemas only), this reads every byte. It reports
-problems rather than raising, so a caller can show all of them; `VerifyReport.raise_if_bad()`
-turns the first into a `CacheError`.
+Unlike opening a `CacheReader` (sizes and schemas only), this reads every byte: checksums, schema,
+the range of every value (`checks.first_bad_row`, as the reader checks each batch) and unique keys.
+It reports problems rather than raising, so a caller can show all of them;
+`VerifyReport.raise_if_bad()` turns the first into a `CacheError`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from vilbert.cache.checks import first_bad_row
 from vilbert.cache.format import MANIFEST_NAME, TOKENIZER_NAME, Manifest, ShardInfo, read_manifest, sha256_file
 from vilbert.errors import CacheError
 
@@ -135,12 +137,13 @@ def _check_contents(batch: pa.RecordBatch, shard: ShardInfo, manifest: Manifest,
     batch.validate(full=True)
     if batch.num_rows == 0:
         return None
-    lengths = batch.column("num_tokens").to_numpy()
-    if lengths.min() < 0 or lengths.max() > manifest.max_len:
-        return f"num_tokens outside [0, {manifest.max_len}]: {lengths.min()}..{lengths.max()}"
-    ids = batch.column("input_ids").values.to_numpy()
-    if ids.min() < 0 or ids.max() >= manifest.vocab_size:
-        return f"input_ids outside [0, vocab_size={manifest.vocab_size}): {ids.min()}..{ids.max()}"
+    n = batch.num_rows
+    columns = {name: batch.column(name).to_numpy() for name in ("num_tokens", "label") if name in batch.schema.names}
+    for name in ("input_ids", "pixels"):
+        columns[name] = batch.column(name).values.to_numpy().reshape(n, -1)
+    bad = first_bad_row(columns, manifest.vocab_size, manifest.max_len)
+    if bad is not None:
+        return f"row {bad[0]}: {bad[1]}"
     shard_keys = batch.column("key").to_pylist()
     duplicates = keys.intersection(shard_keys) or (len(set(shard_keys)) != len(shard_keys))
     if duplicates:

@@ -11,6 +11,9 @@ from vilbert.config import Config, load_config, preset
 PRESET_OPTION = typer.Option("vilbert_base", "--preset", help="Starting point: tiny, vilbert_base, vilbert_original.")
 CONFIG_OPTION = typer.Option(None, "--config", help="A TOML file with config sections, applied after the preset.")
 SET_OPTION = typer.Option(None, "--set", help="Override one key, e.g. --set pretrain.lr=1e-4 (repeatable).")
+VERIFY_CACHE_OPTION = typer.Option(
+    False, "--verify-cache", help="Check every shard's checksum and values before training (data.verify_cache)."
+)
 
 
 def resolve_config(preset_name: str, config_file: Path | None, overrides: list[str] | None) -> Config:

@@ -13,6 +13,7 @@ from vilbert.cli.console import console, err_console
 from vilbert.errors import UsageError
 from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, fetch_cc, fetch_url_table
 from vilbert.pipeline.fetch.network import DEFAULT_USER_AGENT
+from vilbert.pipeline.fetch.run import WEB_MAX_PIXELS
 
 fetch_app = typer.Typer(help="Download image-text URL lists into Arrow image shards.", no_args_is_help=True)
 log = logging.getLogger("vilbert.cli.fetch")
@@ -28,7 +29,13 @@ CONNECT = typer.Option(5.0, "--connect-timeout", help="Connect timeout, s.")
 RETRIES = typer.Option(2, "--retries", help="Retries of transient failures (timeouts, resets, 5xx, 429).")
 MAX_BYTES = typer.Option(16 * 1024 * 1024, "--max-bytes", help="Byte cap per response.")
 USER_AGENT = typer.Option(DEFAULT_USER_AGENT, "--user-agent", help="User-Agent header.")
-PRIVATE = typer.Option(False, "--allow-private-networks", help="Also fetch from loopback/private addresses.")
+PRIVATE = typer.Option(
+    False, "--allow-private-networks", help="Also fetch from non-global addresses: loopback, private, metadata."
+)
+MAX_PIXELS = typer.Option(WEB_MAX_PIXELS, "--max-pixels", help="Larger images are refused unread (too-large).")
+BODY_MEMORY = typer.Option(
+    0, "--max-body-memory", help="Bytes of bodies held at once (0: a quarter of free memory, at most 1 GiB)."
+)
 OPT_OUT = typer.Option("noai,noimageai", "--opt-out-tokens", help="X-Robots-Tag tokens that opt out ('' ignores).")
 RETRY_FAILED = typer.Option(False, "--retry-failed", help="Also retry permanent failures of earlier runs.")
 SHARD_INDEX = typer.Option(0, "--shard-index", help="This machine's share of the list: 0..num-shards-1.")
@@ -40,7 +47,7 @@ ROWS_PER_PART = typer.Option(1000, "--rows-per-part", help="Rows per output part
 
 def _options(size, mode, quality, max_in_flight, per_host, timeout, connect_timeout, retries, max_bytes,
              user_agent, allow_private, opt_out, retry_failed, shard_index, num_shards, workers, decode_in,
-             rows_per_part) -> FetchOptions:  # fmt: skip
+             rows_per_part, max_pixels, max_body_memory) -> FetchOptions:  # fmt: skip
     try:
         network = NetworkOptions(
             max_in_flight=max_in_flight,
@@ -51,6 +58,7 @@ def _options(size, mode, quality, max_in_flight, per_host, timeout, connect_time
             max_bytes=max_bytes,
             user_agent=user_agent,
             allow_private_networks=allow_private,
+            max_body_memory=max_body_memory,
             opt_out_tokens=tuple(t.strip() for t in opt_out.split(",") if t.strip()),
         )
         return FetchOptions(
@@ -63,6 +71,7 @@ def _options(size, mode, quality, max_in_flight, per_host, timeout, connect_time
             decode_workers=workers,
             decode_in=decode_in,
             rows_per_part=rows_per_part,
+            max_pixels=max_pixels,
             network=network,
         )
     except ValueError as err:
@@ -77,12 +86,12 @@ def cc(
     max_bytes: int = MAX_BYTES, user_agent: str = USER_AGENT, allow_private_networks: bool = PRIVATE,
     opt_out_tokens: str = OPT_OUT, retry_failed: bool = RETRY_FAILED, shard_index: int = SHARD_INDEX,
     num_shards: int = NUM_SHARDS, decode_workers: int = WORKERS, decode_in: str = DECODE_IN,
-    rows_per_part: int = ROWS_PER_PART,
+    rows_per_part: int = ROWS_PER_PART, max_pixels: int = MAX_PIXELS, max_body_memory: int = BODY_MEMORY,
 ) -> None:  # fmt: skip
     """Download a Conceptual Captions TSV into Arrow image shards, a failures table and a report."""
     options = _options(size, mode, quality, max_in_flight, per_host, timeout, connect_timeout, retries, max_bytes,
                        user_agent, allow_private_networks, opt_out_tokens, retry_failed, shard_index, num_shards,
-                       decode_workers, decode_in, rows_per_part)  # fmt: skip
+                       decode_workers, decode_in, rows_per_part, max_pixels, max_body_memory)  # fmt: skip
     _run(lambda progress: fetch_cc(tsv, out, options, progress=progress))
 
 
@@ -97,12 +106,12 @@ def urls(
     max_bytes: int = MAX_BYTES, user_agent: str = USER_AGENT, allow_private_networks: bool = PRIVATE,
     opt_out_tokens: str = OPT_OUT, retry_failed: bool = RETRY_FAILED, shard_index: int = SHARD_INDEX,
     num_shards: int = NUM_SHARDS, decode_workers: int = WORKERS, decode_in: str = DECODE_IN,
-    rows_per_part: int = ROWS_PER_PART,
+    rows_per_part: int = ROWS_PER_PART, max_pixels: int = MAX_PIXELS, max_body_memory: int = BODY_MEMORY,
 ) -> None:  # fmt: skip
     """Download a table of URLs (and captions) into Arrow image shards."""
     options = _options(size, mode, quality, max_in_flight, per_host, timeout, connect_timeout, retries, max_bytes,
                        user_agent, allow_private_networks, opt_out_tokens, retry_failed, shard_index, num_shards,
-                       decode_workers, decode_in, rows_per_part)  # fmt: skip
+                       decode_workers, decode_in, rows_per_part, max_pixels, max_body_memory)  # fmt: skip
     _run(lambda progress: fetch_url_table(input_path, out, options, fmt=input_format, url_col=url_col,
                                           caption_col=caption_col or None, progress=progress))  # fmt: skip
 

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, SET_OPTION
+from vilbert.cli._options import CONFIG_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
 from vilbert.cli.console import add_log_file, console
 from vilbert.config import Config, apply_overrides, config_from_dict, load_config, preset
 from vilbert.errors import UsageError
@@ -65,13 +65,15 @@ def finetune_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     max_steps: int = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after this many steps."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the table."),
+    verify_cache: bool = VERIFY_CACHE_OPTION,
 ) -> None:
     """Fine-tune a binary classifier; accuracy and AUROC on train and dev every epoch, test at the end."""
     from vilbert.train.finetune import RESULTS_NAME, FinetuneOptions, finetune
 
     init_path = _init_path(init)
     base = _base_config(preset_name, init_path, run, resume)
-    config = apply_overrides(load_config(config_file, overrides or (), base=base), _freeze_override(freeze))
+    verify = ["data.verify_cache=true"] if verify_cache else []
+    config = apply_overrides(load_config(config_file, overrides or (), base=base), _freeze_override(freeze) + verify)
     options = FinetuneOptions(data=data, run_dir=run, init=init_path, resume=resume, device=device, max_steps=max_steps)
     run.mkdir(parents=True, exist_ok=True)
     handler = add_log_file(run / "train.log")

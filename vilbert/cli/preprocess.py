@@ -14,6 +14,7 @@ from rich.table import Table
 
 from vilbert.cli.console import console
 from vilbert.errors import UsageError
+from vilbert.pipeline.local_files import DEFAULT_MAX_FILE_BYTES
 from vilbert.pipeline.preprocess import REPORT_NAME, PreprocessOptions, PreprocessReport, preprocess
 from vilbert.pipeline.sources import SOURCE_FORMATS, open_source
 from vilbert.pipeline.text import load_tokenizer
@@ -52,6 +53,11 @@ def preprocess_command(
     key_prefix: str = typer.Option(
         "none", "--key-prefix", help="webdataset/parquet: none, or source (keys SHARD/KEY: sources whose keys collide)."
     ),
+    max_image_bytes: int = typer.Option(
+        DEFAULT_MAX_FILE_BYTES,
+        "--max-image-bytes",
+        help="hateful-memes / folder / webdataset: larger image files or tar members are skipped unread.",
+    ),
     tokenizer: str = typer.Option(
         DEFAULT_TOKENIZER,
         "--tokenizer",
@@ -68,6 +74,7 @@ def preprocess_command(
     resize_mode: str = typer.Option("center-crop", "--resize-mode", help="center-crop, pad or stretch."),
     train_ratio: float = typer.Option(0.8, "--train-ratio", help="Train share for sources without splits."),
     workers: int = typer.Option(None, "--workers", help="Decoding processes (default: all cores; 0: none)."),
+    shard_mb: float = typer.Option(128, "--shard-mb", help="Approximate shard size, MiB (one writer per split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the caches under OUT."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into OUT."),
 ) -> None:
@@ -76,7 +83,12 @@ def preprocess_command(
         raise UsageError("--overwrite and --resume exclude each other")
     columns = {"image": image_col, "caption": caption_col, "label": label_col, "key": key_col}
     source = open_source(
-        sources, fmt, str(listing) if listing is not None else None, columns=columns, key_prefix=key_prefix
+        sources,
+        fmt,
+        str(listing) if listing is not None else None,
+        columns=columns,
+        key_prefix=key_prefix,
+        max_file_bytes=max_image_bytes,
     )
     options = PreprocessOptions(
         image_size=image_size,
@@ -86,6 +98,7 @@ def preprocess_command(
         max_len=max_len,
         train_ratio=train_ratio,
         workers=workers,
+        target_shard_bytes=int(shard_mb * (1 << 20)),
         mode="overwrite" if overwrite else "resume" if resume else "create",
     )
     tok = load_tokenizer(tokenizer)

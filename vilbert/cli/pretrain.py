@@ -17,7 +17,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, SET_OPTION, resolve_config
+from vilbert.cli._options import CONFIG_OPTION, SET_OPTION, VERIFY_CACHE_OPTION, resolve_config
 from vilbert.cli.console import add_log_file, console
 from vilbert.config import Config, apply_overrides, load_config
 from vilbert.errors import UsageError
@@ -52,12 +52,13 @@ def pretrain_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     max_steps: int = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after N optimizer steps."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    verify_cache: bool = VERIFY_CACHE_OPTION,
 ) -> None:
     """Pretrain ViLBERT (MLM, alignment prediction, contrastive MIM) on a cache."""
     run_dir = _run_dir(run_arg, run)
     config, data = _config_and_data(run_dir, data, preset_name, config_file, overrides or [], resume)
-    if compile_model:
-        config = apply_overrides(config, ["pretrain.compile=true"])
+    flags = {"pretrain.compile=true": compile_model, "data.verify_cache=true": verify_cache}
+    config = apply_overrides(config, [override for override, given in flags.items() if given])
     from vilbert.train.pretrain import PretrainOptions, pretrain  # torch and the model load only when used
 
     main_rank = int(os.environ.get("RANK", "0")) == 0

@@ -2,7 +2,8 @@
 
 The parent owns one anonymous shared mapping split into slots of `chunk_size` images
 (`[slots, chunk, 3, H, W]`, float16 or uint8). It sends a worker the slot index and the chunk's
-encoded images (bytes or paths: compact); the worker decodes each image with
+encoded images (bytes, or `LocalFile`s: compact, read and checked by the worker, so one file at a
+time per worker is in memory); the worker decodes each image with
 `vilbert.pipeline.images.decode_resize` and writes the normalized pixels straight into the slot, so
 no pixel array is pickled. Results come back in submission order; a slot is reused only after the
 consumer releases it (possibly from another thread, once the rows are written), and at most `slots`
@@ -29,14 +30,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 import simplejpeg
 
 from vilbert.errors import DataError
-from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, jpeg_orientation
+from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, image_format, jpeg_orientation
+from vilbert.pipeline.local_files import LocalFile, LocalFileError
 
 __all__ = ["RESIZE_MODES", "Decoded", "DecodePool", "normalization_lut", "decode_chunk"]
 
@@ -68,20 +69,18 @@ def normalization_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray
 
 
 def decode_chunk(
-    images: Sequence[bytes | Path | str], out: np.ndarray, *, size: int, mode: str, lut: np.ndarray | None
+    images: Sequence[bytes | LocalFile], out: np.ndarray, *, size: int, mode: str, lut: np.ndarray | None
 ) -> Failures:
     """Decode `images` into `out[i]` (`[3, size, size]`, float16 through `lut`, or uint8 if None)."""
     failures: Failures = {}
     for i, image in enumerate(images):
         try:
-            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            data = image if isinstance(image, bytes) else image.read()  # LocalFile: confined, capped
             rgb = _decode(data, size, mode)  # (H, W, 3) uint8
-        except ImageDecodeError as err:
+        except LocalFileError as err:
             failures[i] = (err.reason, str(err))
-        except FileNotFoundError:
-            failures[i] = ("missing-image", f"no such file: {image}")
-        except OSError as err:
-            failures[i] = ("unreadable-image", f"{image}: {err.strerror or err}")
+        except ImageDecodeError as err:  # a dataset file's skip names its listing line
+            failures[i] = (err.reason, str(err) if isinstance(image, bytes) else f"{image}: {err}")
         else:
             _store(rgb, out[i], lut)
     return failures
@@ -93,7 +92,7 @@ def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
     The shortcut is the same libjpeg-turbo decode `decode_resize` does, minus its identity resize:
     the pixels are equal (tested), at a third of the cost.
     """
-    if data[:3] == b"\xff\xd8\xff":
+    if image_format(data) == "JPEG":  # the gate, as in decode_resize
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
             upright = jpeg_orientation(data) in (None, 1)
@@ -127,7 +126,7 @@ def _init_worker(pixels: np.ndarray, size: int, mode: str, lut: np.ndarray | Non
     _WORKER.update(pixels=pixels, size=size, mode=mode, lut=lut)
 
 
-def _worker_chunk(slot: int, images: list[bytes | str]) -> Failures:
+def _worker_chunk(slot: int, images: list[bytes | LocalFile]) -> Failures:
     w = _WORKER
     return decode_chunk(images, w["pixels"][slot], size=w["size"], mode=w["mode"], lut=w["lut"])
 
@@ -213,7 +212,7 @@ class DecodePool:
         self.pixels = None
 
     def map_ordered(
-        self, chunks: Iterable[list[Any]], image: Callable[[Any], bytes | Path], prepare: Callable[[list[Any]], T]
+        self, chunks: Iterable[list[Any]], image: Callable[[Any], bytes | LocalFile], prepare: Callable[[list[Any]], T]
     ) -> Iterator[Decoded[T]]:
         """Decode each chunk's images; yield a `Decoded` per chunk, in order.
 
@@ -255,7 +254,7 @@ class DecodePool:
         """Give `result`'s slot back for reuse (its `pixels` must not be read afterwards)."""
         self._free.put(result.slot)
 
-    def _submit(self, slot: int, images: list[bytes | Path]) -> Future[Failures]:
+    def _submit(self, slot: int, images: list[bytes | LocalFile]) -> Future[Failures]:
         if self._executor is not None:
             return self._executor.submit(_worker_chunk, slot, images)
         future: Future[Failures] = Future()

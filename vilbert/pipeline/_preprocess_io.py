@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vilbert.cache import MANIFEST_NAME, TOKENIZER_NAME
+from vilbert.cache.format import write_bytes_atomic
 from vilbert.errors import DataError, UsageError
 
 __all__ = ["REPORT_NAME", "SKIPS_NAME", "SkipLog", "BackgroundWriter", "remove_stale_caches"]
@@ -26,7 +28,10 @@ class SkipLog:
 
     Resuming needs it: a completed shard holds the first `rows_done` *rows* of a split, and which
     samples became rows depends on which images failed to decode; the log says so without decoding
-    the prefix again.
+    the prefix again. So `sync()` makes every line appended so far durable (fsync) and is called
+    before the rows that follow those skips are handed to the cache writer: a committed shard's skips
+    are always on disk. The header is written atomically; a torn last line (a crash mid-append) is
+    cut off atomically on resume; an empty or corrupt log is one `DataError` naming the file.
     """
 
     def __init__(self, out: Path, run_id: str, mode: str) -> None:
@@ -46,37 +51,54 @@ class SkipLog:
             raise UsageError(f"cannot resume into {out}: {self.path.name} is missing; pass --overwrite")
         else:
             (out / REPORT_NAME).unlink(missing_ok=True)
-            self.path.write_text(json.dumps({"run": run_id}) + "\n", encoding="utf-8")
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            write_bytes_atomic(self.path, (json.dumps({"run": run_id}) + "\n").encode("utf-8"))
+        self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        self._unsynced = False
 
     def _load(self, run_id: str) -> None:
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        complete = lines[:-1]  # the text after the last newline is a torn write
-        header = json.loads(complete[0]) if complete else {}
-        if header.get("run") != run_id:
+        data = self.path.read_bytes()
+        complete, torn = data[: data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1 :]
+        lines = complete.decode("utf-8", errors="replace").split("\n")[:-1]
+        try:
+            header = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or "run" not in header:
+            raise DataError(
+                f"{self.path} is empty or corrupt (no run header), so the completed shards cannot be matched "
+                "to their samples; pass --overwrite to rebuild"
+            )
+        if header["run"] != run_id:
             raise UsageError(
                 f"cannot resume into {self.path.parent}: it was built from other inputs or options; "
                 "pass --overwrite to rebuild it, or the same sources and options"
             )
-        for number, line in enumerate(complete[1:], start=2):
+        for number, line in enumerate(lines[1:], start=2):
             try:
                 entry = json.loads(line)
                 self.skipped[(entry["split"], entry["ordinal"])] = (entry["reason"], entry["detail"])
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DataError(f"{self.path}:{number} is corrupt ({err}); pass --overwrite to rebuild") from err
-        self.path.write_text("\n".join(complete) + "\n", encoding="utf-8")
+        if torn:  # a crash mid-append: the line never described a committed shard
+            write_bytes_atomic(self.path, complete)
 
     def append(self, split: str, ordinal: int, key: str, reason: str, detail: str) -> None:
         if (split, ordinal) in self.skipped:
             return
         self.skipped[(split, ordinal)] = (reason, detail)
         entry = {"split": split, "ordinal": ordinal, "key": key, "reason": reason, "detail": detail}
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._unsynced = True
 
-    def flush(self) -> None:
-        self._file.flush()
+    def sync(self) -> None:
+        """Make every appended line durable (a no-op when nothing was appended since the last call)."""
+        if self._unsynced:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._unsynced = False
 
     def close(self) -> None:
+        self.sync()
         self._file.close()
 
 

@@ -23,6 +23,12 @@ Resize modes (`RESIZE_MODES`): `center-crop` (shorter side to `size`, then the c
 antialiased bicubic (`torch.nn.functional.interpolate(antialias=True)`, PIL's filter with a SIMD
 uint8 kernel: 3-5x faster than PIL's own resize here).
 
+The gate: before any decoder sees bytes, their leading bytes must announce one of `IMAGE_FORMATS`
+(JPEG, PNG, WebP, GIF, BMP, TIFF) and PIL may only open that one format (`Image.open(formats=...)`);
+anything else (HTML, EPS, which PIL would hand to Ghostscript, PSD, ...) raises
+`ImageDecodeError(reason="not-an-image")`. Every source passes through it: fetch bodies, fetch
+shards, dataset files. A GIF gives its first frame.
+
 Decompression bombs: the pixel count is read from the header before any pixel is decoded; more than
 `max_pixels` raises `ImageDecodeError(reason="too-large")`.
 """
@@ -49,6 +55,8 @@ except ImportError:  # pragma: no cover - exercised only where pyspng is missing
 __all__ = [
     "RESIZE_MODES",
     "MAX_PIXELS",
+    "IMAGE_FORMATS",
+    "image_format",
     "ImageDecodeError",
     "ResizedImage",
     "decode_resize",
@@ -60,6 +68,22 @@ __all__ = [
 RESIZE_MODES = ("center-crop", "pad", "stretch")
 MAX_PIXELS = 89_478_485
 """PIL's own default bomb limit (about 0.25 GiB of RGBA); larger sources are refused unread."""
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+"""The formats any decoder is given (PIL's names); everything else is `not-an-image`."""
+
+# Leading bytes -> format. WebP is RIFF + size + "WEBP" (checked apart); TIFF in both byte orders, and BigTIFF.
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
+)
 
 _Decoded = tuple
 """(pixels (H, W, 3) RGB or (H, W, 4) RGBA with straight alpha, upright width, upright height, EXIF
@@ -87,6 +111,25 @@ class ResizedImage:
     orig_height: int
 
 
+def image_format(data: bytes) -> str:
+    """The format `data`'s leading bytes announce, one of `IMAGE_FORMATS`.
+
+    Raises:
+        ImageDecodeError: `reason="not-an-image"`, naming the first bytes.
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    head = bytes(data[:40]).decode("latin-1").encode("unicode_escape").decode()
+    raise ImageDecodeError(
+        "not-an-image",
+        f"not an image of an accepted format ({len(data)} bytes starting {head!r}; accepted: "
+        f"{', '.join(IMAGE_FORMATS)})",
+    )
+
+
 def decode_resize(
     data: bytes, *, size: int = 224, mode: str = "center-crop", max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
@@ -102,7 +145,7 @@ def decode_resize(
         uint8 array of shape (size, size, 3).
 
     Raises:
-        ImageDecodeError: `reason` is `"undecodable"` or `"too-large"`.
+        ImageDecodeError: `reason` is `"not-an-image"`, `"undecodable"` or `"too-large"`.
     """
     return load_resized(data, size=size, mode=mode, max_pixels=max_pixels).pixels
 
@@ -115,13 +158,14 @@ def load_resized(
         raise ValueError(f"mode={mode!r} is invalid; valid: {', '.join(RESIZE_MODES)}")
     if size <= 0:
         raise ValueError(f"size={size!r} is invalid; valid: > 0")
+    fmt = image_format(data)  # the gate: nothing else reaches a decoder
     decoded = None
-    if data[:3] == b"\xff\xd8\xff":
+    if fmt == "JPEG":
         decoded = _decode_jpeg_fast(data, size, mode, max_pixels)
-    elif data[:8] == b"\x89PNG\r\n\x1a\n" and pyspng is not None:
+    elif fmt == "PNG" and pyspng is not None:
         decoded = _decode_png_fast(data, max_pixels)
     if decoded is None:
-        decoded = _decode_pil(data, size, mode, max_pixels)
+        decoded = _decode_pil(data, fmt, size, mode, max_pixels)
     pixels, orig_width, orig_height, orientation = decoded
     out = _resize(pixels, size, mode)
     if orientation in _ORIENT:  # turned after resizing: a square is cheap to transpose, a photo is not
@@ -266,11 +310,11 @@ def _png_has_chunk(data: bytes, kind: bytes) -> bool:
     return False
 
 
-def _decode_pil(data: bytes, size: int, mode: str, max_pixels: int) -> _Decoded:
+def _decode_pil(data: bytes, fmt: str, size: int, mode: str, max_pixels: int) -> _Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter on dirty web images
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=(fmt,))  # only the format the gate saw
             width, height = image.size
             _check_pixels(width, height, max_pixels)
             if image.format == "JPEG":

@@ -15,7 +15,8 @@ OUT/preprocess-skips.jsonl    every image skipped by the workers (split, ordinal
 ```
 
 Dirty data is skipped and counted by reason (`malformed-line`, `empty-caption`, `missing-image`,
-`unreadable-image`, `undecodable`, `too-large`), logged, and recorded in the report and in each
+`unreadable-image`, `outside-root`, `not-a-file`, `not-an-image`, `undecodable`, `too-large`), logged,
+and recorded in the report and in each
 cache's manifest (`extra["preprocess"]`). A crash leaves no manifest; `mode="resume"` keeps the
 completed shards and skips the rows they hold. The same inputs and options give byte-identical
 shards whatever the number of workers.
@@ -41,6 +42,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from vilbert.cache import CacheWriter, Normalization, normalization
+from vilbert.cache.format import write_json_atomic
 from vilbert.errors import DataError, UsageError
 from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
 from vilbert.pipeline._preprocess_io import REPORT_NAME, SKIPS_NAME, BackgroundWriter, SkipLog, remove_stale_caches
@@ -101,6 +103,7 @@ class PreprocessOptions:
             (0.0 < self.train_ratio < 1.0, "train_ratio", self.train_ratio, "0 < ratio < 1"),
             (self.workers is None or self.workers >= 0, "workers", self.workers, ">= 0"),
             (self.chunk_size > 0, "chunk_size", self.chunk_size, "> 0"),
+            (self.target_shard_bytes > 0, "target_shard_bytes", self.target_shard_bytes, "> 0"),
         )
         for ok, name, value, valid in checks:
             if not ok:
@@ -363,7 +366,7 @@ class _RunState:
             ordinal, sample = samples[index]
             self.log.append(sample.split, ordinal, sample.key, reason, detail)
             self.count_skip(Skip(sample.key, reason, detail, sample.split, sample.source, sample.member))
-        self.log.flush()  # before the rows: a completed shard's skips are always in the log
+        self.log.sync()  # durable before the rows are written: a committed shard's skips are on disk
         ids, num_tokens = encoded
         by_split: dict[str, list[int]] = {}
         for index, (_, sample) in enumerate(samples):
@@ -433,7 +436,7 @@ class _RunState:
             seconds=round(seconds, 3),
             options=self.option_record,
         )
-        _write_json(self.out / REPORT_NAME, report.to_dict())
+        write_json_atomic(self.out / REPORT_NAME, report.to_dict(), ensure_ascii=False)
         for reason, count in sorted(total.items()):
             log.info("skipped %d samples: %s", count, reason)
         return report
@@ -471,9 +474,3 @@ def _option_record(options: PreprocessOptions) -> dict[str, Any]:
         "max_len": options.max_len,
         "train_ratio": options.train_ratio,
     }
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

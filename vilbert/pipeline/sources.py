@@ -20,7 +20,11 @@ with a `split` field) say so through `split_names()`; the others are split by ke
   the copies researchers already hold (img2dataset output, Hugging Face image datasets); their
   samples name the shard file and member they came from (`Sample.source`, `Sample.member`).
 
-Malformed lines are skipped, reported as `Skip(key="FILE:LINE", reason="malformed-line")`.
+Malformed lines are skipped, reported as `Skip(key="FILE:LINE", reason="malformed-line")`. An image
+path of a listing becomes a `LocalFile`: read by the decode worker only if it resolves inside the
+dataset directory, is a regular file and is at most `max_file_bytes` (`vilbert.pipeline.local_files`);
+otherwise the sample is skipped as `outside-root`, `not-a-file`, `too-large` (or `missing-image`,
+`unreadable-image`), with the listing's FILE:LINE in the detail.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from vilbert.errors import DataError, UsageError
+from vilbert.pipeline.local_files import DEFAULT_MAX_FILE_BYTES, LocalFile
 
 __all__ = [
     "SOURCE_FORMATS",
@@ -68,8 +73,8 @@ class Sample:
 
     key: str
     """Stable id, unique within its split."""
-    image: bytes | Path
-    """The encoded image (any format PIL reads), or the path of a file holding it."""
+    image: bytes | LocalFile
+    """The encoded image, or the dataset file holding it (read, with its checks, when decoded)."""
     caption: str
     label: int | None = None
     split: str | None = None
@@ -204,8 +209,9 @@ def _looks_like_hateful_memes(directory: Path) -> bool:
 class HatefulMemesSource(Source):
     """The Hateful Memes layout: one split per jsonl file, images under the directory."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.root = Path(directory)
+        self.max_file_bytes = max_file_bytes
         if not self.root.is_dir():
             raise UsageError(f"Hateful Memes directory {self.root} does not exist")
         self.files = {s: self.root / f"{s}.jsonl" for s in HATEFUL_MEMES_SPLITS if (self.root / f"{s}.jsonl").is_file()}
@@ -235,12 +241,13 @@ class HatefulMemesSource(Source):
                 yield _record_sample(
                     record,
                     where,
-                    self.root,
+                    self.root.resolve(),
                     split,
                     self._labelled[split],
                     image_fields=("img",),
                     caption_fields=("text",),
                     key_fields=("id",),
+                    max_file_bytes=self.max_file_bytes,
                 )
 
 
@@ -250,8 +257,15 @@ class HatefulMemesSource(Source):
 class FolderSource(Source):
     """Images under a directory, listed with captions (and labels) in a TSV or JSONL file."""
 
-    def __init__(self, directory: str | os.PathLike[str], listing: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        listing: str | os.PathLike[str],
+        *,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
         self.root, self.listing = Path(directory), Path(listing)
+        self.max_file_bytes = max_file_bytes
         if not self.root.is_dir():
             raise UsageError(f"image folder {self.root} does not exist")
         if not self.listing.is_file():
@@ -270,6 +284,7 @@ class FolderSource(Source):
         return _count_lines(self.listing)
 
     def __iter__(self) -> Iterator[Sample | Skip]:
+        root = self.root.resolve()
         for where, record in self._records():
             if isinstance(record, Skip):
                 yield record
@@ -281,12 +296,13 @@ class FolderSource(Source):
             yield _record_sample(
                 record,
                 where,
-                self.root,
+                root,
                 split,
                 self._labelled,
                 image_fields=_IMAGE_FIELDS,
                 caption_fields=_CAPTION_FIELDS,
                 key_fields=_KEY_FIELDS,
+                max_file_bytes=self.max_file_bytes,
             )
 
     def _records(self) -> Iterator[tuple[str, dict[str, Any] | Skip]]:
@@ -368,7 +384,9 @@ def _record_sample(
     image_fields: Sequence[str],
     caption_fields: Sequence[str],
     key_fields: Sequence[str],
+    max_file_bytes: int,
 ) -> Sample | Skip:
+    """A sample (its image a `LocalFile` confined to `root`, which is resolved) or a malformed-line skip."""
     image = _first(record, image_fields)
     caption = _first(record, caption_fields)
     if not isinstance(image, str) or not image:
@@ -385,7 +403,8 @@ def _record_sample(
             label = integer_label(label)
         except ValueError:
             return Skip(where, "malformed-line", f"label {label!r} is not an integer", split)
-    return Sample(key=key, image=root / image, caption=caption or "", label=label if labelled else None, split=split)
+    image_file = LocalFile(root, image, max_file_bytes, where)
+    return Sample(key=key, image=image_file, caption=caption or "", label=label if labelled else None, split=split)
 
 
 def _first(record: dict[str, Any], names: Sequence[str]) -> Any:
@@ -424,6 +443,7 @@ def open_source(
     *,
     columns: Mapping[str, str | None] | None = None,
     key_prefix: str = "none",
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Source:
     """The source for the CLI's `SOURCE... --format FMT [--listing FILE] [--image-col ...]`.
 
@@ -434,6 +454,8 @@ def open_source(
         columns: `webdataset`/`parquet` only: comma-separated alternatives for `image`, `caption`,
             `label`, `key` (None keeps the format's default).
         key_prefix: `webdataset`/`parquet` only: `none` or `source`.
+        max_file_bytes: image files (`hateful-memes`, `folder`) and tar members (`webdataset`) larger
+            than this are skipped unread.
 
     Raises:
         UsageError: an unknown format, a wrong number of directories, a missing listing, or an
@@ -443,9 +465,11 @@ def open_source(
         raise UsageError(f"unknown source format {fmt!r}; valid: {', '.join(SOURCE_FORMATS)}")
     if listing is not None and fmt != "folder":
         raise UsageError(f"--listing only applies to --format folder, not {fmt!r}")
+    if max_file_bytes < 1:
+        raise UsageError(f"--max-image-bytes {max_file_bytes} is invalid; valid: >= 1")
     chosen = {k: v for k, v in (columns or {}).items() if v is not None}
     if fmt in ("webdataset", "parquet"):
-        return _open_shard_source(paths, fmt, chosen, key_prefix)
+        return _open_shard_source(paths, fmt, chosen, key_prefix, max_file_bytes)
     if chosen or key_prefix != "none":
         given = ", ".join([f"--{k}-col" for k in chosen] + (["--key-prefix"] if key_prefix != "none" else []))
         raise UsageError(f"{given} only apply to --format webdataset or parquet, not {fmt!r}")
@@ -456,14 +480,18 @@ def open_source(
             f"--format {fmt} takes exactly one directory, got {len(paths)}: {', '.join(str(p) for p in paths)}"
         )
     if fmt == "hateful-memes":
-        return HatefulMemesSource(paths[0])
+        return HatefulMemesSource(paths[0], max_file_bytes=max_file_bytes)
     if listing is None:
         raise UsageError("--format folder needs --listing FILE (a TSV or JSONL of image path, caption, label)")
-    return FolderSource(paths[0], listing)
+    return FolderSource(paths[0], listing, max_file_bytes=max_file_bytes)
 
 
 def _open_shard_source(
-    paths: Sequence[str | os.PathLike[str]], fmt: str, columns: Mapping[str, str], key_prefix: str
+    paths: Sequence[str | os.PathLike[str]],
+    fmt: str,
+    columns: Mapping[str, str],
+    key_prefix: str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Source:
     # Imported here: both modules build on this one's Sample, Skip and Source.
     from vilbert.pipeline.parquet import PARQUET_COLUMNS, ParquetSource
@@ -471,7 +499,7 @@ def _open_shard_source(
     from vilbert.pipeline.webdataset import WEBDATASET_COLUMNS, WebDatasetSource
 
     if fmt == "webdataset":
-        return WebDatasetSource(paths, Columns.parse(WEBDATASET_COLUMNS, **columns), key_prefix)
+        return WebDatasetSource(paths, Columns.parse(WEBDATASET_COLUMNS, **columns), key_prefix, max_file_bytes)
     return ParquetSource(paths, Columns.parse(PARQUET_COLUMNS, **columns), key_prefix)
 
 

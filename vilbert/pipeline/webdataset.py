@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vilbert.pipeline.local_files import DEFAULT_MAX_FILE_BYTES
 from vilbert.pipeline.shard_inputs import Columns, describe_shards, expand_shards, key_prefixes
 from vilbert.pipeline.sources import Sample, Skip, Source, integer_label
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 WEBDATASET_COLUMNS = Columns(image=("jpg", "jpeg", "png", "webp"), caption=("txt", "json.caption"))
 """img2dataset writes `txt` when it saves captions, and always a `json` member with the caption."""
-MAX_MEMBER_BYTES = 64 << 20
+MAX_MEMBER_BYTES = DEFAULT_MAX_FILE_BYTES  # the same cap as a listing's image files
 """Four times fetch's 16 MiB response cap: no real photo is larger, and one sample's members are
 held in memory at once."""
 _KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")

@@ -135,9 +135,10 @@ class _Session:
         self.options, self.progress = options, progress
         self.cfg = config.finetune
         self.device = resolve_device(options.device)
-        self.train_reader = _labelled(open_split(options.data, "train"), "train")
-        self.dev_reader = _labelled(open_split(options.data, self.cfg.dev_split), self.cfg.dev_split)
-        self.test_reader = _labelled(open_split(options.data, self.cfg.test_split), self.cfg.test_split)
+        opened = partial(open_split, options.data, verify=config.data.verify_cache, num_labels=config.model.num_labels)
+        self.train_reader = _labelled(opened("train"), "train")
+        self.dev_reader = _labelled(opened(self.cfg.dev_split), self.cfg.dev_split)
+        self.test_reader = _labelled(opened(self.cfg.test_split), self.cfg.test_split)
         readers = [r for r in (self.train_reader, self.dev_reader, self.test_reader) if r is not None]
         _same_tokenizer(readers)
         for name, reader in ((self.cfg.dev_split, self.dev_reader), (self.cfg.test_split, self.test_reader)):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vilbert.cache import BatchLoader, CacheReader, is_cache
+from vilbert.cache import BatchLoader, CacheReader, is_cache, verify_cache
 from vilbert.config import Config, config_from_dict, config_to_dict
 from vilbert.errors import CacheError, CheckpointError
 from vilbert.model import ViLBERT
@@ -90,16 +90,24 @@ def run_config(run_dir: str | Path) -> Config:
     return config_from_dict(state["config"])
 
 
-def open_split(data: Path, split: str) -> CacheReader | None:
-    """`data/split` as a cache, `data` itself for `train` when it is a cache, or None when missing."""
+def open_split(data: Path, split: str, *, verify: bool = False, num_labels: int | None = None) -> CacheReader | None:
+    """`data/split` as a cache, `data` itself for `train` when it is a cache, or None when missing.
+
+    `verify` checks every shard first (`verify_cache`: checksums, values, keys) and refuses a corrupt
+    cache; `num_labels` bounds the labels the reader hands out (it range-checks every batch anyway).
+    """
     data = Path(data)
     if is_cache(data / split):
-        return CacheReader(data / split)
-    if split == "train" and is_cache(data):
-        return CacheReader(data)
-    if split == "train":
+        path = data / split
+    elif split == "train" and is_cache(data):
+        path = data
+    elif split == "train":
         raise CacheError(f"no cache at {data}/train (nor {data} itself); build one with `vilbert preprocess`")
-    return None
+    else:
+        return None
+    if verify:
+        verify_cache(path).raise_if_bad()
+    return CacheReader(path, num_labels=num_labels)
 
 
 def pretrain(config: Config, options: PretrainOptions, progress: Progress | None = None) -> PretrainResult:
@@ -169,10 +177,12 @@ class _Session:
 
     def __init__(self, config: Config, options: PretrainOptions, ctx: DistContext, progress: Progress | None):
         self.options, self.ctx = options, ctx
-        self.train_reader = open_split(options.data, "train")
+        verify = config.data.verify_cache
+        self.train_reader = open_split(options.data, "train", verify=verify)
         self.config = _effective_config(config, self.train_reader)
         self.cfg = self.config.pretrain
-        self.eval_reader = open_split(options.data, self.cfg.eval_split) if self.cfg.eval_split != "train" else None
+        split = self.cfg.eval_split
+        self.eval_reader = open_split(options.data, split, verify=verify) if split != "train" else None
         self._check_eval_reader()
         self.special = SpecialTokens.from_dict(self.train_reader.manifest.special_token_ids)
         self.vocab_size = self.train_reader.manifest.vocab_size

@@ -1,11 +1,14 @@
-"""Helpers for fetch tests: options for a fast loopback run, reading parts back."""
+"""Helpers for fetch tests: options for a fast loopback run, reading parts back, loopback servers."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+from aiohttp import web
 
 from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, read_failures
 from vilbert.pipeline.fetch.shards import list_parts
@@ -54,3 +57,50 @@ def assert_complete(outs: list[Path], saved: set[int], failed: dict[int, str]) -
     assert set(lines) == saved, f"missing {sorted(saved - set(lines))[:10]}, extra {sorted(set(lines) - saved)[:10]}"
     reasons = {f["line"]: f["reason"] for out in outs for f in read_failures(out).to_pylist()}
     assert reasons == failed
+
+
+class BackgroundServer:
+    """aiohttp apps served on loopback from a thread with its own event loop; a context manager.
+
+    Subclasses give `routes()`: (host, handler) pairs, each served at `/{name}` on a free port
+    (`self.ports[host]`). Handlers may wait on `self.stopping` (set when the server stops).
+    """
+
+    def __init__(self) -> None:
+        self.ports: dict[str, int] = {}
+        self.stopping = asyncio.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def routes(self) -> list[tuple[str, object]]:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        """The port on 127.0.0.1."""
+        return self.ports["127.0.0.1"]
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        runners = []
+        for host, handler in self.routes():
+            app = web.Application()
+            app.router.add_get("/{name:.*}", handler)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+            await runner.setup()
+            await web.TCPSite(runner, host, 0).start()
+            self.ports[host] = runner.addresses[0][1]
+            runners.append(runner)
+        self._ready.set()
+        await self.stopping.wait()
+        for runner in runners:
+            await runner.cleanup()
+
+    def __enter__(self):
+        self._thread.start()
+        assert self._ready.wait(10), "the test server did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self.stopping.set)
+        self._thread.join(5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,20 +13,21 @@ from aiohttp import web
 
 from vilbert.pipeline.fetch.network import DEFAULT_USER_AGENT, Download, Downloader, NetworkOptions
 
+from .fetch_helpers import BackgroundServer
+
 JPEG = b"\xff\xd8\xff" + b"x" * 1000
 
 
-class TinyServer:
-    """A few routes with known behaviour, served from a background thread; counts requests."""
+class TinyServer(BackgroundServer):
+    """A few routes with known behaviour on 127.0.0.1; counts requests."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.hits: Counter = Counter()
         self.user_agents: list[str] = []
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def routes(self) -> list[tuple[str, object]]:
+        return [("127.0.0.1", self.handle)]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -57,42 +57,20 @@ class TinyServer:
             response = web.StreamResponse(headers={"Content-Length": "100000"})
             await response.prepare(request)
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await self._stop.wait()
+                await self.stopping.wait()
             return response
         if name == "trickle":  # a body that never ends, one byte at a time
             response = web.StreamResponse()
             await response.prepare(request)
             with contextlib.suppress(ConnectionError):
-                while not self._stop.is_set():
+                while not self.stopping.is_set():
                     await response.write(b"x")
                     await asyncio.sleep(0.05)
             return response
         return web.Response(status=400)
 
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        app = web.Application()
-        app.router.add_get("/{name}", self.handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = runner.addresses[0][1]
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
-
     def url(self, name: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}/{name}"
-
-    def __enter__(self) -> TinyServer:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(5)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,15 @@ Policy:
 - **Retries**: timeouts, connection errors, 5xx, 408 and 429 are transient and retried up to
   `retries` times with exponential backoff and full jitter; 429/503 honour `Retry-After` (up to
   `max_retry_after_s`). 404 and every other answer are permanent and never retried.
-- **Safety**: http and https only; redirects are followed by hand so every hop is checked; unless
-  `allow_private_networks`, a destination that is or resolves to a loopback, private, link-local,
-  multicast, reserved or unspecified address is refused (`private-address`); every address a name
-  resolves to is checked, in the resolver the connector uses, so DNS rebinding cannot slip through.
+- **Safety**: http and https only; redirects are followed by hand so every hop is checked. Unless
+  `allow_private_networks`, only globally routable addresses are connected to (`addresses.py`: the
+  policy, wrapped IPv4 forms and metadata services); anything else is `private-address`, naming the
+  address. The URL is judged as yarl normalised it (what aiohttp connects to, never the raw text): a
+  literal in any spelling before the request, a name in the connector's resolver on every address
+  it resolves to (so DNS rebinding cannot slip through), and every socket again on the address it
+  connects to (the connector's socket factory).
+- **Memory**: the bytes of bodies held at once (read, or waiting to be decoded until the caller's
+  `release`) stay within `max_body_memory` (`BodyBudget`); a read waits for room inside its deadline.
 - **Opt-out**: an `X-Robots-Tag` header naming one of `opt_out_tokens` (default `noai`,
   `noimageai`) means the image is not saved (`opt-out`).
 """
@@ -24,22 +29,33 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import time as wall_time
-from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 import vilbert
+from vilbert.pipeline.fetch.addresses import (
+    AddressPolicy,
+    CheckingResolver,
+    RefusedAddress,
+    checking_socket_factory,
+    host_address,
+)
+from vilbert.pipeline.fetch.budget import BodyBudget, default_body_memory
 
-__all__ = ["NetworkOptions", "Download", "Downloader", "DEFAULT_USER_AGENT", "TRANSIENT_REASONS"]
+__all__ = [
+    "NetworkOptions",
+    "Download",
+    "Downloader",
+    "DEFAULT_USER_AGENT",
+    "TRANSIENT_REASONS",
+]
 
 DEFAULT_USER_AGENT = (
     f"vilbert-fetch/{vilbert.__version__} (image-text dataset download for research; "
@@ -76,8 +92,12 @@ class NetworkOptions:
     opt_out_tokens: tuple[str, ...] = ("noai", "noimageai")
     """X-Robots-Tag directives that mean "do not use for AI"; empty to ignore the header."""
     dns_cache_ttl_s: int = 300
+    max_body_memory: int = 0
+    """Bytes of bodies held at once, being read or waiting to be decoded; 0: `default_body_memory`."""
 
     def __post_init__(self) -> None:
+        if self.max_body_memory < 0:
+            raise ValueError(f"max_body_memory={self.max_body_memory!r} is invalid; valid: >= 0 (0: automatic)")
         for name in ("max_in_flight", "max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; valid: >= 1")
@@ -103,6 +123,8 @@ class Download:
     attempts: int = 0
     seconds: float = 0.0
     """Time spent on the URL: its attempts and the waits between them (not waiting for a busy host)."""
+    held: int = 0
+    """Bytes of the body budget this result holds until `Downloader.release`."""
 
 
 class _Failure(Exception):
@@ -124,69 +146,37 @@ class _Failure(Exception):
         self.retry_after = retry_after
 
 
-def _forbidden_address(address: str) -> str | None:
-    """Why `address` may not be fetched from by default, or None."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
-        if getattr(ip, f"is_{kind}"):
-            return kind.replace("_", "-")
-    return None
-
-
-def _refusal(host: str, address: str, kind: str) -> _Failure:
-    shown = host if host == address else f"{host} ({address})"
+def _refusal(refused: RefusedAddress) -> _Failure:
+    shown = refused.host if refused.host == refused.address else f"{refused.host} ({refused.address})"
     return _Failure(
         "private-address",
-        f"refused {shown}: a {kind} address; pass --allow-private-networks to fetch from private networks",
+        f"refused {shown}: {refused.why}; pass --allow-private-networks to fetch from private networks",
     )
 
 
-class _CheckingResolver(AbstractResolver):
-    """The default resolver, refusing names with any loopback/private/... address."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.DefaultResolver()
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
-        infos = await self._inner.resolve(host, port, family)
-        for info in infos:
-            kind = _forbidden_address(info["host"])
-            if kind is not None:
-                raise _RefusedAddress(_refusal(host, info["host"], kind))
-        return infos
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-class _RefusedAddress(OSError):
-    """An OSError so aiohttp wraps it (in ClientConnectorDNSError) instead of crashing."""
-
-    def __init__(self, failure: _Failure) -> None:
-        super().__init__(str(failure))
-        self.failure = failure
-
-
 class Downloader:
-    """One aiohttp session for a whole run; use as `async with Downloader(options) as d`."""
+    """One aiohttp session for a whole run; use as `async with Downloader(options) as d`.
 
-    def __init__(self, options: NetworkOptions) -> None:
+    Args:
+        options: How to talk to servers.
+        policy: The address policy (default `AddressPolicy()`); unused with `allow_private_networks`.
+    """
+
+    def __init__(self, options: NetworkOptions, policy: AddressPolicy | None = None) -> None:
         self.options = options
+        self.policy = None if options.allow_private_networks else (policy or AddressPolicy())
+        self.budget = BodyBudget(options.max_body_memory or default_body_memory(options.max_bytes))
         self._session: aiohttp.ClientSession | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
     async def __aenter__(self) -> Downloader:
-        opts = self.options
+        opts, policy = self.options, self.policy
         connector = aiohttp.TCPConnector(
             limit=opts.max_in_flight,
             limit_per_host=0,  # per-host waiting happens before the deadline starts (see get)
             ttl_dns_cache=opts.dns_cache_ttl_s,
-            resolver=None if opts.allow_private_networks else _CheckingResolver(),
+            resolver=None if policy is None else CheckingResolver(policy),
+            socket_factory=None if policy is None else checking_socket_factory(policy),
             enable_cleanup_closed=True,
         )
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=opts.connect_timeout_s)
@@ -206,24 +196,33 @@ class Downloader:
             self._session = None
 
     async def get(self, url: str) -> Download:
-        """Fetch `url` with retries; never raises for network or server behaviour."""
+        """Fetch `url` with retries; never raises for network or server behaviour.
+
+        A body holds `result.held` bytes of the budget until `release(result)`.
+        """
         result = Download(url)
         await self._attempts(url, result)
         return result
 
+    def release(self, result: Download) -> None:
+        """Drop `result`'s body and give its bytes back to the budget (call once it is decoded)."""
+        result.body = None
+        self.budget.give(result.held)
+        result.held = 0
+
     async def _attempts(self, url: str, result: Download) -> None:
         for attempt in range(self.options.retries + 1):
             result.attempts = attempt + 1
-            reading = [False]  # set once headers are in: a deadline then means a slow body
+            state = _AttemptState()
             try:
                 async with self._host_slot(url):  # waiting for a busy host does not count as time spent
                     started = time.monotonic()
                     try:
-                        result.body = await _with_deadline(self._attempt(url, reading), self.options.timeout_s)
+                        result.body = await _with_deadline(self._attempt(url, state), self.options.timeout_s)
                     finally:
                         result.seconds += time.monotonic() - started
                 result.reason = result.status = None
-                result.message, result.transient = "", False
+                result.message, result.transient, result.held = "", False, state.held
                 return
             except _Failure as failure:
                 _record(result, failure)
@@ -233,7 +232,11 @@ class Downloader:
                     result,
                     _Failure("timeout", f"no complete answer within {self.options.timeout_s:g} s", transient=True),
                 )
-                retry, retry_after = not reading[0], None
+                retry, retry_after = not state.reading, None
+            except BaseException:
+                self.budget.give(state.held)
+                raise
+            self.budget.give(state.held)
             if not retry or attempt == self.options.retries:
                 break
             delay = self._backoff(attempt, retry_after)
@@ -250,7 +253,10 @@ class Downloader:
     def _host_slot(self, url: str) -> asyncio.Semaphore | _NoLimit:
         if not self.options.per_host:
             return _NO_LIMIT
-        host = urlsplit(url).hostname or ""
+        try:
+            host = URL(url).raw_host or ""
+        except (ValueError, TypeError):
+            host = ""  # a bad URL fails in _attempt
         slot = self._hosts.get(host)
         if slot is None:
             if len(self._hosts) > 100_000:  # forget idle hosts so a huge list cannot grow this forever
@@ -258,39 +264,40 @@ class Downloader:
             slot = self._hosts[host] = asyncio.Semaphore(self.options.per_host)
         return slot
 
-    async def _attempt(self, url: str, reading: list[bool]) -> bytes:
+    async def _attempt(self, url: str, state: _AttemptState) -> bytes:
         """One attempt, following redirects; returns the body or raises `_Failure`."""
         assert self._session is not None, "use Downloader as an async context manager"
-        current = url
+        current = self._checked_url(url)
         for _hop in range(self.options.max_redirects + 1):
-            self._check_url(current)
             try:
                 async with self._session.get(current, allow_redirects=False) as response:
                     if response.status in _REDIRECTS and "Location" in response.headers:
-                        current = urljoin(current, response.headers["Location"])
+                        current = self._checked_url(response.headers["Location"], base=current)
                         continue
-                    return await self._read(response, reading)
+                    return await self._read(response, state)
             except aiohttp.ClientError as err:
                 raise _classify(err) from err
         raise _Failure("too-many-redirects", f"more than {self.options.max_redirects} redirects, last {current}")
 
-    def _check_url(self, url: str) -> None:
+    def _checked_url(self, text: str, base: URL | None = None) -> URL:
+        """The URL as aiohttp will use it (yarl's normalisation), checked; a redirect joins `base`."""
         try:
-            parts = urlsplit(url)
-            host = parts.hostname
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-        except ValueError as err:
-            raise _Failure("bad-url", f"cannot parse URL {url!r}: {err}") from err
-        if parts.scheme not in ("http", "https"):
-            raise _Failure("unsupported-scheme", f"scheme {parts.scheme!r} of {url!r}; only http and https")
+            url = URL(text) if base is None else base.join(URL(text))
+            host, scheme = url.raw_host, url.scheme
+            url.port  # noqa: B018 - raises ValueError for a bad port
+        except (ValueError, TypeError) as err:
+            raise _Failure("bad-url", f"cannot parse URL {text!r}: {err}") from err
+        if scheme not in ("http", "https"):
+            raise _Failure("unsupported-scheme", f"scheme {scheme!r} of {text!r}; only http and https")
         if not host:
-            raise _Failure("bad-url", f"no host in URL {url!r}")
-        if not self.options.allow_private_networks:
-            kind = _forbidden_address(host)
-            if kind is not None:
-                raise _refusal(host, host, kind)
+            raise _Failure("bad-url", f"no host in URL {text!r}")
+        if self.policy is not None and (address := host_address(host)) is not None:
+            why = self.policy.refusal(address)
+            if why is not None:
+                raise _refusal(RefusedAddress(host, str(address), why))
+        return url
 
-    async def _read(self, response: aiohttp.ClientResponse, reading: list[bool]) -> bytes:
+    async def _read(self, response: aiohttp.ClientResponse, state: _AttemptState) -> bytes:
         status = response.status
         if status != 200:
             retry_after = _retry_after(response.headers.get("Retry-After"))
@@ -305,18 +312,38 @@ class Downloader:
         robots = response.headers.getall("X-Robots-Tag", [])
         if self.options.opt_out_tokens and _opts_out(robots, self.options.opt_out_tokens):
             raise _Failure("opt-out", f"X-Robots-Tag: {', '.join(robots)}", status=status)
-        length = response.content_length
-        if length is not None and length > self.options.max_bytes:
-            raise _Failure("too-many-bytes", f"Content-Length {length} > cap {self.options.max_bytes}", status=status)
-        reading[0] = True
-        body = bytearray()
+        cap, length = self.options.max_bytes, response.content_length
+        if length is not None and length > cap:
+            raise _Failure("too-many-bytes", f"Content-Length {length} > cap {cap}", status=status)
+        state.reading = True
+        # Twice the body while it is read: its chunks, then for a moment also their join. Reserved
+        # whole when the length is known (a body waiting for the budget holds nothing meanwhile),
+        # else as the bytes arrive.
+        if length is not None:
+            await self.budget.take(2 * length)
+            state.held = 2 * length
+        chunks, size = [], 0
         async for chunk in response.content.iter_any():
-            body += chunk
-            if len(body) > self.options.max_bytes:
-                raise _Failure(
-                    "too-many-bytes", f"body exceeds the cap of {self.options.max_bytes} bytes", status=status
-                )
-        return bytes(body)
+            size += len(chunk)
+            if size > cap:
+                raise _Failure("too-many-bytes", f"body exceeds the cap of {cap} bytes", status=status)
+            if 2 * size > state.held:
+                await self.budget.take(2 * size - state.held)
+                state.held = 2 * size
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        self.budget.give(state.held - size)  # the chunks are gone: the body alone is held until release
+        state.held = size
+        return body
+
+
+@dataclass(slots=True)
+class _AttemptState:
+    reading: bool = False
+    """Headers are in: a deadline now means a slow body (not retried in the run)."""
+    held: int = 0
+    """Bytes of the body budget this attempt holds."""
 
 
 async def _with_deadline(coro, seconds: float):
@@ -346,9 +373,9 @@ def _record(result: Download, failure: _Failure) -> None:
 
 def _classify(err: aiohttp.ClientError) -> _Failure:
     """Name what aiohttp raised; connection trouble is transient, protocol nonsense is not."""
+    if isinstance(err, aiohttp.ClientConnectorError) and isinstance(err.os_error, RefusedAddress):
+        return _refusal(err.os_error)  # by the resolver (a name) or the socket factory (any socket)
     if isinstance(err, aiohttp.ClientConnectorDNSError):
-        if isinstance(err.os_error, _RefusedAddress):
-            return err.os_error.failure
         return _Failure("dns-error", f"cannot resolve {err.host}: {err.os_error}", transient=True)
     if isinstance(err, aiohttp.ClientPayloadError):
         return _Failure("truncated", f"incomplete body: {err}", transient=True)

@@ -26,18 +26,22 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vilbert.cache.format import write_json_atomic
 from vilbert.errors import FetchError, UsageError
 from vilbert.pipeline.fetch.decode import decode_job, init_worker
 from vilbert.pipeline.fetch.inputs import BadLine, UrlRow, read_cc_tsv, read_url_table
 from vilbert.pipeline.fetch.network import TRANSIENT_REASONS, Downloader, NetworkOptions
 from vilbert.pipeline.fetch.reader import LineSet, count_fetched, done_lines, read_failures
 from vilbert.pipeline.fetch.shards import FailedRow, PartWriter, SavedRow, write_table_atomic
-from vilbert.pipeline.images import MAX_PIXELS, RESIZE_MODES
+from vilbert.pipeline.images import RESIZE_MODES
 
-__all__ = ["FetchOptions", "fetch_cc", "fetch_url_table", "fetch_rows"]
+__all__ = ["WEB_MAX_PIXELS", "FetchOptions", "fetch_cc", "fetch_url_table", "fetch_rows"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
+WEB_MAX_PIXELS = 40_000_000
+"""Fetch refuses larger images unread (`too-large`): a 24 MP camera photo fits, and each decode holds
+about 4 bytes per pixel per decode thread (PIL's own limit, 89 MP, costs ~1.2 GB per decode)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +52,7 @@ class FetchOptions:
     mode: str = "center-crop"
     quality: int = 90
     """JPEG quality of the saved 224x224 images (~15 KB each at 90)."""
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = WEB_MAX_PIXELS
     decode_workers: int = 0
     """Decode processes (or threads); 0: one per core."""
     decode_in: str = "thread"
@@ -80,6 +84,7 @@ class FetchOptions:
             "rows_per_part": self.rows_per_part >= 1,
             "decode_workers": self.decode_workers >= 0,
             "seconds_per_part": self.seconds_per_part > 0,
+            "max_pixels": self.max_pixels >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -169,9 +174,9 @@ def _check_state(out: Path, options: FetchOptions, source: dict) -> None:
     state_path = out / "fetch-state.json"
     state = {**{k: getattr(options, k) for k in _STATE_KEYS}, **source, "version": 1}
     if not state_path.exists():
-        _write_json(state_path, state)
+        write_json_atomic(state_path, state)
         return
-    old = json.loads(state_path.read_text())
+    old = _read_state(state_path)
     for key in (*_STATE_KEYS, "format", "url_col", "caption_col"):
         if old.get(key) != state.get(key):
             raise UsageError(
@@ -182,10 +187,17 @@ def _check_state(out: Path, options: FetchOptions, source: dict) -> None:
         log.warning("%s was started from %s; resuming from %s (same lines assumed)", out, old["input"], source["input"])
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        return state
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise FetchError(
+            f"{path} is empty or corrupt ({err}); it records the options of the first run into {path.parent}. "
+            "Delete it and rerun with the same options as that run (the saved parts are kept), or use another --out"
+        ) from err
 
 
 def _run_event_loop(main: Coroutine, kind: str) -> None:
@@ -264,6 +276,8 @@ class _Stats:
     in_flight: int = 0
     bytes_downloaded: int = 0
     bytes_saved: int = 0
+    body_budget: int = 0
+    body_peak: int = 0
     by_reason: Counter = field(default_factory=Counter)
     by_status: Counter = field(default_factory=Counter)
     malformed: list = field(default_factory=list)
@@ -303,9 +317,11 @@ class _Run:
         ticker = asyncio.create_task(self._tick())
         try:
             async with Downloader(self.options.network) as downloader:
+                self.stats.body_budget = downloader.budget.limit
                 workers = [asyncio.create_task(self._worker(queue, downloader)) for _ in range(n_workers)]
                 await self._produce(rows, done, queue, n_workers)
                 await asyncio.gather(*workers)
+                self.stats.body_peak = downloader.budget.peak
         finally:
             ticker.cancel()
             self._flush()
@@ -338,6 +354,7 @@ class _Run:
         opts = self.options
         while (row := await queue.get()) is not None:
             self.stats.in_flight += 1
+            got = None
             try:
                 got = await downloader.get(row.url)
                 if got.body is None:
@@ -352,12 +369,15 @@ class _Run:
                     )
                 except Exception as err:  # a decoder crash must cost one image, not the run
                     result = ("fail", "decode-error", f"{type(err).__name__}: {err}")
+                downloader.release(got)  # the body is decoded: its bytes go back to the budget
                 if result[0] == "ok":
                     self._save(row, result, got.attempts)
                 else:
                     self._fail(row.line, row.url, result[1], 200, result[2], False, got.attempts, got.seconds)
             finally:
                 self.stats.in_flight -= 1
+                if got is not None and got.held:
+                    downloader.release(got)  # cancelled while decoding
 
     def _save(self, row: UrlRow, result: tuple, attempts: int) -> None:
         _, jpeg, width, height, orig_width, orig_height = result
@@ -437,6 +457,8 @@ def _finish(out: Path, options: FetchOptions, source: dict, stats: _Stats) -> di
             "malformed_lines": stats.malformed[:1000],
             "bytes_downloaded": stats.bytes_downloaded,
             "bytes_saved": stats.bytes_saved,
+            "body_memory_budget": stats.body_budget,
+            "body_memory_peak": stats.body_peak,
             "duration_s": round(elapsed, 3),
             "images_per_s": round(stats.saved / elapsed, 2) if elapsed > 0 else 0.0,
             "urls_per_s": round((stats.saved + stats.failed) / elapsed, 2) if elapsed > 0 else 0.0,
@@ -448,5 +470,5 @@ def _finish(out: Path, options: FetchOptions, source: dict, stats: _Stats) -> di
             "retried_by_a_rerun": sum(reasons[r] for r in transient),
         },
     }
-    _write_json(out / "fetch-report.json", report)
+    write_json_atomic(out / "fetch-report.json", report)
     return report

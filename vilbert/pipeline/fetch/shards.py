@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from vilbert.cache.format import fsync_dir
+
 __all__ = [
     "IMAGE_SCHEMA",
     "FAILURE_SCHEMA",
@@ -114,15 +116,7 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 class PartWriter:
