@@ -103,8 +103,12 @@ def ablate_command(
     settings: str = typer.Option(
         "none,all,all+itc,mlm+ap,ap", "--settings", help="Comma-separated: none, all, all+itc, mlm+ap, ap."
     ),
-    corpus: Path = typer.Option(None, "--corpus", help="Pretraining cache root (train/, test/); default: synthetic."),
-    memes: Path = typer.Option(None, "--memes", help="Fine-tuning cache root (train/, dev_seen/, test_seen/)."),
+    corpus: Path = typer.Option(
+        None, "--corpus", exists=True, help="Pretraining cache root (train/, test/); default: synthetic."
+    ),
+    memes: Path = typer.Option(
+        None, "--memes", exists=True, help="Fine-tuning cache root (train/, dev_seen/, test_seen/)."
+    ),
     out: Path = typer.Option(None, "--out", help="Runs and ablation.json (default: runs/ablate[-quick])."),
     preset_name: str = typer.Option("tiny", "--preset", help="Model and training preset."),
     config_file: Path = CONFIG_OPTION,

@@ -15,8 +15,12 @@ __all__ = ["analyse_command", "register"]
 
 
 def analyse_command(
-    checkpoint: Path = typer.Argument(..., help="A run directory, a step-*.pt checkpoint, or an exported model dir."),
-    data: Path = typer.Option(..., "--data", help="One cache split of caption/image pairs, e.g. caches/cc/test."),
+    checkpoint: Path = typer.Argument(
+        ..., exists=True, help="A run directory, a step-*.pt checkpoint, or an exported model dir."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", exists=True, help="One cache split of caption/image pairs, e.g. caches/cc/test."
+    ),
     pairs: int = typer.Option(1000, "--pairs", help="Pairs for the similarity analysis (a seeded sample)."),
     retrieval_pairs: int = typer.Option(
         None, "--retrieval-pairs", help="Pairs for retrieval, M^2 forward passes (default: 1000 on CUDA, 200 on CPU)."

@@ -14,12 +14,13 @@ import pkgutil
 import sys
 
 import typer
+import typer.core
 
 import vilbert
 from vilbert.cli.console import print_error, setup_logging
 from vilbert.errors import VilbertError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "cli_command", "main"]
 
 app = typer.Typer(
     name="vilbert",
@@ -62,10 +63,36 @@ def _register_command_groups() -> None:
 _register_command_groups()
 
 
+def cli_command() -> typer.core.TyperGroup:
+    """The command tree behind `vilbert`, its help free of type noise: no `<bool>` after a flag, and
+    arguments shown by their names (`SOURCES...`) rather than as `{sources}...`."""
+    command = typer.main.get_command(app)
+    _tidy_help(command)
+    return command
+
+
+def _tidy_help(command: typer.core.TyperCommand | typer.core.TyperGroup) -> None:
+    help_option = command.get_help_option(typer.Context(command))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if param.param_type_name == "option" and getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper()
+            param.get_usage_pieces = _usage_piece(param)
+    for sub in getattr(command, "commands", {}).values():
+        _tidy_help(sub)
+
+
+def _usage_piece(argument: typer.core.TyperArgument):
+    name = argument.metavar.strip("[]") + ("..." if argument.nargs != 1 else "")
+    piece = name if argument.required else f"[{name}]"
+    return lambda ctx: [piece]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `vilbert` console script."""
     try:
-        app(args=argv, prog_name="vilbert", standalone_mode=True)
+        cli_command().main(args=argv, prog_name="vilbert", standalone_mode=True)
     except VilbertError as err:
         if _state["verbose"]:
             import traceback

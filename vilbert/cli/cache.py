@@ -14,7 +14,7 @@ from vilbert.cli.console import console, err_console
 
 cache_app = typer.Typer(help="Inspect and verify tensor caches.", no_args_is_help=True)
 
-DIR_ARGUMENT = typer.Argument(..., help=f"A cache directory (holding {MANIFEST_NAME}).")
+DIR_ARGUMENT = typer.Argument(..., exists=True, file_okay=False, help=f"A cache directory (holding {MANIFEST_NAME}).")
 
 
 def _size(n: float) -> str:

@@ -16,8 +16,10 @@ __all__ = ["evaluate_command", "register"]
 
 
 def evaluate_command(
-    checkpoint: Path = typer.Argument(..., help="A run directory, a step-*.pt checkpoint, or an exported model dir."),
-    data: Path = typer.Option(..., "--data", help="One cache split, e.g. caches/memes/dev_seen."),
+    checkpoint: Path = typer.Argument(
+        ..., exists=True, help="A run directory, a step-*.pt checkpoint, or an exported model dir."
+    ),
+    data: Path = typer.Option(..., "--data", exists=True, help="One cache split, e.g. caches/memes/dev_seen."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     max_batches: int = typer.Option(None, "--max-batches", help="Evaluate only this many batches."),

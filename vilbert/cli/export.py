@@ -10,7 +10,7 @@ from vilbert.cli.console import console
 
 
 def export_command(
-    run: Path = typer.Argument(..., help="A run directory (its newest checkpoint) or a checkpoint file."),
+    run: Path = typer.Argument(..., exists=True, help="A run directory (its newest checkpoint) or a checkpoint file."),
     out: Path = typer.Option(..., "--out", help="Directory for model.safetensors and config.json."),
 ) -> None:
     """Export the model weights of RUN to OUT (loadable with ViLBERT.from_pretrained(OUT))."""

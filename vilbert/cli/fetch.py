@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vilbert.cli.console import console, err_console
+from vilbert.cli.console import ProgressDisplay, console
 from vilbert.errors import UsageError
 from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, fetch_cc, fetch_url_table
 from vilbert.pipeline.fetch.network import DEFAULT_USER_AGENT
 from vilbert.pipeline.fetch.run import WEB_MAX_PIXELS
 
 fetch_app = typer.Typer(help="Download image-text URL lists into Arrow image shards.", no_args_is_help=True)
-log = logging.getLogger("vilbert.cli.fetch")
 
+TSV = typer.Option(
+    ..., "--tsv", exists=True, dir_okay=False, help="Conceptual Captions TSV: caption<TAB>url, no header."
+)
+URL_TABLE = typer.Option(
+    ..., "--input", exists=True, dir_okay=False, help="A TSV/CSV/JSONL/Parquet list (.gz for text ones)."
+)
 OUT = typer.Option(..., "--out", help="Output directory; rerun the same command to resume.")
-SIZE = typer.Option(224, "--size", help="Side of the saved square images.")
-MODE = typer.Option("center-crop", "--mode", help="Resize mode: center-crop, pad, stretch.")
+SIZE = typer.Option(224, "--image-size", help="Side of the saved square images.")
+MODE = typer.Option("center-crop", "--resize-mode", help="center-crop, pad or stretch.")
 QUALITY = typer.Option(90, "--quality", help="JPEG quality of the saved images (1-100).")
 IN_FLIGHT = typer.Option(512, "--max-in-flight", help="Requests open at once.")
 PER_HOST = typer.Option(32, "--per-host", help="Requests open at once to one host (0: no limit).")
@@ -40,7 +43,7 @@ OPT_OUT = typer.Option("noai,noimageai", "--opt-out-tokens", help="X-Robots-Tag 
 RETRY_FAILED = typer.Option(False, "--retry-failed", help="Also retry permanent failures of earlier runs.")
 SHARD_INDEX = typer.Option(0, "--shard-index", help="This machine's share of the list: 0..num-shards-1.")
 NUM_SHARDS = typer.Option(1, "--num-shards", help="Machines sharing the list (line % N == index).")
-WORKERS = typer.Option(0, "--decode-workers", help="Decode threads/processes (0: one per core).")
+WORKERS = typer.Option(0, "--workers", help="Decode threads/processes (0: one per core).")
 DECODE_IN = typer.Option("thread", "--decode-in", help="Decode in 'thread's or 'process'es.")
 ROWS_PER_PART = typer.Option(1000, "--rows-per-part", help="Rows per output part (a crash loses at most one).")
 
@@ -80,7 +83,7 @@ def _options(size, mode, quality, max_in_flight, per_host, timeout, connect_time
 
 @fetch_app.command("cc")
 def cc(
-    tsv: Path = typer.Option(..., "--tsv", help="Conceptual Captions TSV: caption<TAB>url, no header."),
+    tsv: Path = TSV,
     out: Path = OUT, size: int = SIZE, mode: str = MODE, quality: int = QUALITY, max_in_flight: int = IN_FLIGHT,
     per_host: int = PER_HOST, timeout: float = TIMEOUT, connect_timeout: float = CONNECT, retries: int = RETRIES,
     max_bytes: int = MAX_BYTES, user_agent: str = USER_AGENT, allow_private_networks: bool = PRIVATE,
@@ -97,7 +100,7 @@ def cc(
 
 @fetch_app.command("urls")
 def urls(
-    input_path: Path = typer.Option(..., "--input", help="A TSV/CSV/JSONL/Parquet list (.gz for text ones)."),
+    input_path: Path = URL_TABLE,
     url_col: str = typer.Option("url", "--url-col", help="Column with the URL."),
     caption_col: str = typer.Option("caption", "--caption-col", help="Column with the caption ('' for none)."),
     input_format: str = typer.Option("auto", "--format", help="auto, tsv, csv, jsonl or parquet."),
@@ -117,26 +120,14 @@ def urls(
 
 
 def _run(job) -> None:
-    if err_console.is_terminal:
-        with Progress(TextColumn("[bold]fetch"), BarColumn(), TextColumn("{task.description}"),
-                      TimeElapsedColumn(), console=err_console, transient=True) as bar:  # fmt: skip
-            task = bar.add_task("starting", total=None)
-            report = job(lambda p: bar.update(task, description=_describe(p)))
-    else:
-        last = [0.0]
-
-        def log_line(progress: dict) -> None:
-            if progress["elapsed_s"] - last[0] >= 10.0:
-                last[0] = progress["elapsed_s"]
-                log.info("%s", _describe(progress))
-
-        report = job(log_line)
+    with ProgressDisplay("fetch", unit="urls") as display:
+        report = job(lambda p: display.update(p["done"], info=_describe(p)))
     _summary(report)
 
 
 def _describe(p: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(p["by_reason"].items(), key=lambda kv: -kv[1])[:5])
-    return (f"{p['saved']} saved, {p['failed']} failed ({p['success_rate']:.0%} ok), {p['images_per_s']:.0f} img/s, "
+    return (f"{p['saved']} saved, {p['failed']} failed ({p['success_rate']:.0%} ok), {p['images_per_s']:.0f} images/s, "
             f"{p['in_flight']} in flight" + (f" | {reasons}" if reasons else ""))  # fmt: skip
 
 

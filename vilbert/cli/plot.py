@@ -10,7 +10,9 @@ from vilbert.cli.console import console
 
 
 def plot_command(
-    runs: list[Path] = typer.Argument(..., help="Run directories (each with metrics.jsonl) to draw together."),
+    runs: list[Path] = typer.Argument(
+        ..., exists=True, file_okay=False, help="Run directories (each with metrics.jsonl) to draw together."
+    ),
     out: Path = typer.Option(None, "--out", help="Output directory (default: RUN/plots of the first run)."),
     smooth: int = typer.Option(5, "--smooth", help="Moving-average window over train records (1: none)."),
 ) -> None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from vilbert.cli.console import console
+from vilbert.cli.console import ProgressDisplay, console
 from vilbert.errors import UsageError
 from vilbert.pipeline.local_files import DEFAULT_MAX_FILE_BYTES
 from vilbert.pipeline.preprocess import REPORT_NAME, PreprocessOptions, PreprocessReport, preprocess
@@ -29,9 +27,11 @@ def preprocess_command(
         help="Fetch output directories; one directory for --format hateful-memes / folder; tar shards or "
         "parquet files, directories of them or quoted glob patterns for --format webdataset / parquet.",
     ),
-    to_mmap: Path = typer.Option(..., "--to-mmap", help="Output root: one cache per split in OUT/<split>."),
+    out: Path = typer.Option(..., "--out", "--to-mmap", help="Output root: one cache per split in OUT/<split>."),
     fmt: str = typer.Option("fetch", "--format", help=f"Source layout: {', '.join(SOURCE_FORMATS)}."),
-    listing: Path = typer.Option(None, "--listing", help="--format folder: TSV or JSONL of image, caption[, label]."),
+    listing: Path = typer.Option(
+        None, "--listing", exists=True, dir_okay=False, help="--format folder: TSV or JSONL of image, caption[, label]."
+    ),
     image_col: str = typer.Option(
         None,
         "--image-col",
@@ -103,43 +103,13 @@ def preprocess_command(
     )
     tok = load_tokenizer(tokenizer)
     command = "vilbert " + shlex.join(sys.argv[1:])
-    with _ProgressBar(source.size_hint()) as bar:
-        report = preprocess(source, to_mmap, tok, options, command=command, progress=bar.update)
+    with ProgressDisplay("preprocess", total=source.size_hint(), unit="items") as display:
+        report = preprocess(source, out, tok, options, command=command, progress=lambda state: _show(display, state))
     _print_summary(report)
 
 
-class _ProgressBar:
-    """A rich bar refreshed from the progress callback (no refresh thread: the pool forks)."""
-
-    def __init__(self, total: int | None) -> None:
-        self.progress = Progress(
-            TextColumn("preprocess"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            auto_refresh=False,
-        )
-        self.task = self.progress.add_task("preprocess", total=total, info="")
-        self._last = 0.0
-
-    def __enter__(self) -> _ProgressBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def update(self, state: dict[str, Any]) -> None:
-        now = time.monotonic()
-        info = f"{state['rows']:,} rows, {state['skipped']:,} skipped"
-        self.progress.update(self.task, completed=state["done"], total=state["total"], info=info)
-        if now - self._last > 0.2:
-            self._last = now
-            self.progress.refresh()
+def _show(display: ProgressDisplay, state: dict[str, Any]) -> None:
+    display.update(state["done"], state["total"], info=f"{state['rows']:,} rows, {state['skipped']:,} skipped")
 
 
 def _print_summary(report: PreprocessReport) -> None:

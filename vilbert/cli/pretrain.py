@@ -37,7 +37,9 @@ _METRIC_ORDER = (
 
 def pretrain_command(
     run_arg: Path = typer.Argument(None, metavar="[RUN]", help="The run directory (same as --run)."),
-    data: Path = typer.Option(None, "--data", help="Cache root with train/ and test/ (from vilbert preprocess)."),
+    data: Path = typer.Option(
+        None, "--data", exists=True, help="Cache root with train/ and test/ (from vilbert preprocess)."
+    ),
     run: Path = typer.Option(
         None,
         "--run",

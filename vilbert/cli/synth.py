@@ -53,7 +53,7 @@ def memes(
 
 @synth_app.command("serve")
 def serve(
-    corpus_dir: Path = typer.Argument(..., help="A corpus made by `vilbert synth corpus`."),
+    corpus_dir: Path = typer.Argument(..., exists=True, help="A corpus made by `vilbert synth corpus`."),
     port: int = typer.Option(8765, "--port", help="Port on 127.0.0.1 (0: any free port)."),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="Delay before every response."),
     jitter_ms: float = typer.Option(0.0, "--jitter-ms", help="Extra random delay, up to this."),
