@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -154,18 +155,35 @@ def test_load_tokenizer_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         load_tokenizer(no_cls)
 
 
-def test_hub_name_offline_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_name_offline_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UsageError, match="local tokenizer.json or vocab.txt"):
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE is set; pass a local tokenizer.json or vocab.txt"):
         load_tokenizer("bert-base-uncased")
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 6761)
+    with pytest.raises(UsageError, match=r"the hub is unreachable \(hub.invalid does not resolve"):
+        load_tokenizer("bert-base-uncased")
+    monkeypatch.delenv("HF_ENDPOINT")
 
     def unreachable(name: str) -> Tokenizer:
         raise Exception(f"Failed to connect while fetching {name}")
 
+    monkeypatch.setattr(text, "_why_offline", lambda: None)  # as if the name resolved: the download fails later
     monkeypatch.setattr(text.Tokenizer, "from_pretrained", staticmethod(unreachable))
     with pytest.raises(UsageError, match="cannot load tokenizer 'org/model'.*local tokenizer.json"):
         load_tokenizer("org/model")
+
+
+def test_hub_name_offline_uses_the_hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    snapshot = tmp_path / "models--org--model" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--org--model" / "refs").mkdir()
+    (tmp_path / "models--org--model" / "refs" / "main").write_text("0123abc")
+    train_wordpiece(_captions(200), 80).save(str(snapshot / "tokenizer.json"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_tokenizer("org/model").get_vocab_size() == 80
 
 
 def test_special_ids_and_training_errors(tmp_path: Path) -> None:

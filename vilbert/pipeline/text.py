@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -101,12 +103,38 @@ def _load_file(path: Path) -> Tokenizer:
 
 def _from_hub(name: str) -> Tokenizer:
     hint = "pass a local tokenizer.json or vocab.txt with --tokenizer, or train one with `vilbert tokenizer train`"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UsageError(f"tokenizer {name!r} is not a local file and HF_HUB_OFFLINE is set; {hint}")
+    offline = _why_offline()
+    if offline is not None:
+        cached = _hub_cache_file(name)
+        if cached is not None:
+            return Tokenizer.from_file(cached)
+        raise UsageError(f"tokenizer {name!r} is not a local file nor in the hub cache, and {offline}; {hint}")
     try:
         return Tokenizer.from_pretrained(name)
     except Exception as err:  # no network, unknown repo, no tokenizer.json in it
         raise UsageError(f"cannot load tokenizer {name!r} from the Hugging Face hub ({err}); {hint}") from err
+
+
+def _why_offline() -> str | None:
+    """Why the hub cannot be reached, decided before the download client's minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urllib.parse.urlsplit(endpoint).hostname or endpoint
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except OSError as err:
+        return f"the hub is unreachable ({host} does not resolve: {err.strerror or err})"
+    return None
+
+
+def _hub_cache_file(name: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # tokenizers without the hub client: nothing cached to find
+        return None
+    found = try_to_load_from_cache(name, "tokenizer.json")
+    return found if isinstance(found, str) else None
 
 
 def bert_wordpiece_from_vocab(vocab_path: str | os.PathLike[str]) -> Tokenizer:
