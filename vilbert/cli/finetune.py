@@ -10,10 +10,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
+from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
 from vilbert.cli.console import add_log_file, console
-from vilbert.config import Config, apply_overrides, config_from_dict, load_config, preset
+from vilbert.config import Config, preset
 from vilbert.errors import UsageError
+from vilbert.overrides import apply_overrides, config_from_dict, load_config
+from vilbert.recipes import apply_recipe
 
 __all__ = ["finetune_command", "metrics_table", "register"]
 
@@ -21,7 +23,7 @@ __all__ = ["finetune_command", "metrics_table", "register"]
 def _base_config(preset_name: str | None, init: Path | None, run: Path, resume: bool) -> Config:
     """`--preset` when given; else the config of the run being resumed, or of the `--init` run."""
     from vilbert.train.checkpoint import load_checkpoint
-    from vilbert.train.evaluate import load_model
+    from vilbert.train.loading import load_model
 
     if preset_name is not None:
         return preset(preset_name)
@@ -58,6 +60,7 @@ def finetune_command(
     init: str = typer.Option(..., "--init", help="Pretraining run dir or checkpoint, exported model dir, or 'none'."),
     run: Path = typer.Option(..., "--run", help="Run directory (runs/NAME) for checkpoints, metrics, results."),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base, vilbert_original (default: --init's)."),
+    recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     freeze: str = typer.Option(None, "--freeze", help="Parts kept frozen: e.g. text,vision or none."),
@@ -71,7 +74,7 @@ def finetune_command(
     from vilbert.train.finetune import RESULTS_NAME, FinetuneOptions, finetune
 
     init_path = _init_path(init)
-    base = _base_config(preset_name, init_path, run, resume)
+    base = apply_recipe(_base_config(preset_name, init_path, run, resume), recipe_name)
     verify = ["data.verify_cache=true"] if verify_cache else []
     config = apply_overrides(load_config(config_file, overrides or (), base=base), _freeze_override(freeze) + verify)
     options = FinetuneOptions(data=data, run_dir=run, init=init_path, resume=resume, device=device, max_steps=max_steps)
