@@ -1,8 +1,13 @@
-"""`vilbert finetune`: binary classification (Hateful Memes) from a pretraining run or from scratch."""
+"""`vilbert finetune`: binary classification (Hateful Memes) from a pretraining run or from scratch.
+
+vilbert finetune --data data/memes --init runs/tiny --run runs/ft --preset tiny
+torchrun --nproc-per-node 2 -m vilbert finetune --data data/memes --init none --run-dir runs/ft-ddp
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +63,13 @@ def _freeze_override(freeze: str | None) -> list[str]:
 def finetune_command(
     data: Path = typer.Option(..., "--data", help="Cache root with train/, dev_seen/, test_seen/ (labelled)."),
     init: str = typer.Option(..., "--init", help="Pretraining run dir or checkpoint, exported model dir, or 'none'."),
-    run: Path = typer.Option(..., "--run", help="Run directory (runs/NAME) for checkpoints, metrics, results."),
+    run: Path = typer.Option(
+        ...,
+        "--run",
+        "--run-dir",
+        help="Run directory (runs/NAME) for checkpoints, metrics, results; under torchrun give --run-dir "
+        "(torchrun's parser takes --run for its --run-path).",
+    ),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base, vilbert_original (default: --init's)."),
     recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
@@ -78,13 +89,19 @@ def finetune_command(
     verify = ["data.verify_cache=true"] if verify_cache else []
     config = apply_overrides(load_config(config_file, overrides or (), base=base), _freeze_override(freeze) + verify)
     options = FinetuneOptions(data=data, run_dir=run, init=init_path, resume=resume, device=device, max_steps=max_steps)
-    run.mkdir(parents=True, exist_ok=True)
-    handler = add_log_file(run / "train.log")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and prints
+    handler = None
+    if main_rank:
+        run.mkdir(parents=True, exist_ok=True)
+        handler = add_log_file(run / "train.log")
     try:
-        with _Display() as display:
+        with _Display(enabled=main_rank) as display:
             result = finetune(config, options, progress=display.update)
     finally:
-        handler.close()
+        if handler is not None:
+            handler.close()
+    if not main_rank:
+        return
     if result.stopped != "completed":
         console.print(
             f"stopped ({result.stopped}) at step {result.step}; checkpoint {result.checkpoint}; "
@@ -128,7 +145,8 @@ def results_table(results: dict[str, Any], title: str = "") -> Table:
 class _Display:
     """A progress bar over optimizer steps; a line per epoch with the train and dev metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.bar = Progress(
             TextColumn("finetune"),
             BarColumn(),
@@ -142,13 +160,17 @@ class _Display:
         self.task = self.bar.add_task("finetune", total=None, info="")
 
     def __enter__(self) -> _Display:
-        self.bar.start()
+        if self.enabled:
+            self.bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.enabled:
+            self.bar.stop()
 
     def update(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         kind = record.get("kind")
         if kind == "start":
             self.bar.update(self.task, total=record["total_steps"], completed=record["step"])
