@@ -37,8 +37,9 @@ import torch
 from vilbert.cache import BatchLoader, CacheReader, CacheSpec, CacheWriter
 from vilbert.config import Config, preset
 from vilbert.model import ViLBERT
-from vilbert.train.masking import PixelNormalizer, SpecialTokens
+from vilbert.train.masking import SpecialTokens
 from vilbert.train.optim import build_optimizer, build_scheduler
+from vilbert.train.pixels import PixelNormalizer
 from vilbert.train.tasks import PretrainObjective, build_task_batch
 
 PEAK_BF16_TFLOPS = {

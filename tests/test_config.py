@@ -6,17 +6,9 @@ import dataclasses
 
 import pytest
 
-from vilbert.config import (
-    Config,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    preset,
-    tiny,
-    vilbert_base,
-)
+from vilbert.config import Config, preset, tiny, vilbert_base
 from vilbert.errors import ConfigError
+from vilbert.overrides import apply_overrides, config_from_dict, config_to_dict, load_config
 
 
 def test_thesis_defaults():
@@ -127,8 +119,20 @@ def test_itc_needs_a_sub_batch_of_two_rows():
     assert apply_overrides(tiny(), ["pretrain.itc_batch_size=1"]).pretrain.itc_batch_size == 1  # itc is off
 
 
-def test_a_removed_key_loads_from_a_saved_config_but_not_from_set() -> None:
-    saved = config_from_dict({"model": {"itc_projection_dim": 256, "num_labels": 3}})
-    assert saved.model.num_labels == 3  # the rest of the saved config still applies
-    with pytest.raises(ConfigError, match="model.itc_projection_dim no longer exists: ITC now compares"):
+def test_a_removed_key_is_an_unknown_key_in_saved_configs_and_in_set() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.itc_projection_dim'; valid keys in model"):
+        config_from_dict({"model": {"itc_projection_dim": 256, "num_labels": 3}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.itc_projection_dim'"):
         apply_overrides(tiny(), ["model.itc_projection_dim=128"])
+
+
+def test_recipes_are_named_and_listed() -> None:
+    from vilbert.recipes import RECIPES, apply_recipe, cpu, recipe
+
+    assert "cpu" in RECIPES
+    config = cpu(tiny())
+    assert config == apply_recipe(tiny(), "cpu") == apply_overrides(tiny(), list(recipe("cpu").overrides))
+    assert config.pretrain.tasks == ("mlm", "ap", "mim", "itc") and config.model.text.dropout == 0
+    assert apply_recipe(tiny(), None) == tiny()
+    with pytest.raises(ConfigError, match="unknown recipe 'gpu'; valid: cpu"):
+        recipe("gpu")

@@ -1,37 +1,19 @@
 """Configuration: frozen, keyword-only dataclasses with the thesis's defaults.
 
 A run is described by one `Config` with sections (`model`, `data`, `pretrain`, `finetune`). Presets
-are functions that return a whole `Config` (`tiny()`, `vilbert_base()`, `vilbert_original()`). A TOML
-file and repeated `--set section.key=value` overrides map onto the same dataclasses; an unknown key or
-a value outside its range raises `ConfigError` naming the key and the valid choices.
-
-    [pretrain]
-    lr = 1e-4
-    [model.cross]
-    pattern = ["co", "self", "co", "self"]
+are functions that return a whole `Config` (`tiny()`, `vilbert_base()`, `vilbert_original()`); a value
+outside its range raises `ConfigError` naming the field and the valid choices. TOML files and `--set`
+overrides are read by `vilbert.overrides`, named recipes (`cpu`) live in `vilbert.recipes`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import logging
-import sys
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from vilbert.errors import ConfigError
-
-log = logging.getLogger(__name__)
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 __all__ = [
     "TextConfig",
@@ -47,10 +29,6 @@ __all__ = [
     "tiny",
     "vilbert_base",
     "vilbert_original",
-    "load_config",
-    "apply_overrides",
-    "config_to_dict",
-    "config_from_dict",
 ]
 
 
@@ -405,6 +383,8 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the batch per step is batch_size x grad_accum x ranks)."""
     seed: int = 0
     schedule: str = "linear"
     """Warmup, then linear decay to 0 at the last step (BERT's fine-tuning schedule)."""
@@ -422,9 +402,11 @@ class FinetuneConfig:
     reinit_classifier: bool = True
     """Draw the classifier head from `seed` even when starting from a checkpoint (its head is untrained),
     so seeds differ in the head as they do from scratch."""
+    compile: bool = False
+    """torch.compile the model (checkpoints keep the uncompiled parameter names)."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr", "eval_batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "lr", "grad_accum", "eval_batch_size", "log_every"):
             _positive(f"finetune.{name}", getattr(self, name))
         _check(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, ">= 0")
         _check(self.warmup_steps >= 0, "finetune.warmup_steps", self.warmup_steps, ">= 0")
@@ -500,41 +482,6 @@ def tiny() -> Config:
     )
 
 
-CPU_RECIPE: tuple[str, ...] = (
-    "pretrain.tasks=[mlm,ap,mim,itc]",
-    "model.initializer_range=0.07",
-    "data.max_len=32",
-    "pretrain.batch_size=32",
-    "pretrain.lr=1e-3",
-    "pretrain.ap_batch_size=24",
-    "pretrain.mim_batch_size=8",
-    "pretrain.itc_temperature=0.05",
-    "pretrain.mlm_probability=0.3",
-    "finetune.batch_size=32",
-    "finetune.lr=1e-4",
-    "model.text.dropout=0",
-    "model.text.attention_dropout=0",
-    "model.cross.dropout=0",
-    "model.cross.attention_dropout=0",
-)
-"""`--set` overrides that tune `tiny` for a from-scratch run of minutes on a CPU (the demo, `vilbert
-ablate --quick` and the learning test use them). Each measured on 4,000 synthetic scenes, ~1,000 steps:
-- the image-text contrastive task added to ViLBERT's three: without it AP stays at chance (0.49-0.53 in
-  the full ablation; MLM + AP without MIM do leave chance, 0.77-0.80, and transfer as well on dev);
-- init std 0.07 (BERT's 0.02 scaled to width 64): at 0.02 the text [CLS] varies by 0.5% of its norm
-  across captions, and ITC never starts; the ViT's blocks take it too (the learning test's AP 0.770 ->
-  0.865 against timm's 0.02 there);
-- ITC temperature 0.05 (0.1: held-out AP 0.76 instead of 0.80 with AP on 8 rows);
-- AP on 24 of the 32 rows (8: 0.80 with MIM on the same rows; 16: 0.76; 24: 0.84), MIM on the last 8 (its second forward
-  pass is the costly part);
-- lr 1e-3: at 2e-3 contrastive MIM collapsed after ~150 steps;
-- fine-tuning lr 1e-4: at 1e-3 fine-tuning wiped out what pretraining gave the memes' `presence` family
-  (its dev / test AUROC 0.63 / 0.53 after 4 epochs, where the alignment head alone scores 1.0 / 0.98
-  zero-shot); at 1e-4 it kept it (1.0 / 0.89), and from scratch both lrs stay at chance;
-- captions up to 32 ids, 30% MLM targets instead of BERT's 15%, and no dropout, which slows a tiny model
-  down more than it regularizes it on a few thousand scenes."""
-
-
 PRESETS = {"vilbert_base": vilbert_base, "vilbert_original": vilbert_original, "tiny": tiny}
 
 
@@ -543,186 +490,3 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
     return PRESETS[name]()
-
-
-# ------------------------------------------------------------------------------ TOML and overrides
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A plain, JSON- and TOML-friendly dict of a config (tuples become lists)."""
-    return _plain(dataclasses.asdict(config))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def config_from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
-    """`base` (default: `Config()`) with every key of a nested dict applied; strict about keys."""
-    base = base if base is not None else Config()
-    return _merge(base, _upgrade_interleave_from(data, base), prefix="")
-
-
-def _upgrade_interleave_from(data: Mapping[str, Any], base: Config) -> Mapping[str, Any]:
-    """Configs of earlier versions placed an interleaved stack with `model.cross.interleave_from = k`:
-    cross layer i right after block k+i of both streams, i.e. right before block k+1+i. The same
-    placement in today's keys, so those runs and exports load with the forward they were trained with."""
-    model = data.get("model")
-    cross = model.get("cross") if isinstance(model, Mapping) else None
-    if not isinstance(cross, Mapping) or "interleave_from" not in cross:
-        return data
-    cross = dict(cross)
-    k = cross.pop("interleave_from")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
-        raise ConfigError(f"config key 'model.cross.interleave_from' expects an int or none, got {k!r}")
-    if k is not None:
-        count = len(cross.get("pattern", base.model.cross.pattern))
-        before = [int(k) + 1 + i for i in range(count)]
-        cross.setdefault("before_text_layer", before)
-        cross.setdefault("before_vision_layer", before)
-    log.info("config key 'model.cross.interleave_from'=%s read as the before_text_layer/before_vision_layer lists", k)
-    return {**data, "model": {**model, "cross": cross}}
-
-
-_REMOVED_KEYS = {
-    "model.itc_projection_dim": "ITC now compares the streams through the poolers, at the cross width",
-    "model.cross.interleave_from": "the stack's place is model.cross.before_text_layer / before_vision_layer "
-    "(cross layer i runs right before those layers; vilbert_original: 6..11 in both streams)",
-}
-"""Keys that configs written by earlier versions may carry: ignored with a log line when a saved config
-is read, so those runs and exports still load; refused with the reason when given to `--set`."""
-
-
-def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    changes: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if dotted in _REMOVED_KEYS and key not in fields:
-            log.info("ignoring config key %r: %s", dotted, _REMOVED_KEYS[dotted])
-            continue
-        if key not in fields:
-            section = prefix.rstrip(".") or "top level"
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys in {section}: {', '.join(fields)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config key {dotted!r} is a section; set its keys, e.g. {dotted}.<key>")
-            changes[key] = _merge(current, value, prefix=f"{dotted}.")
-        else:
-            changes[key] = _coerce(value, _field_type(type(obj), key), dotted)
-    try:
-        return dataclasses.replace(obj, **changes)
-    except ValueError as err:
-        where = prefix.rstrip(".")
-        raise ConfigError(f"bad config value{' in ' + where if where else ''}: {err}") from None
-
-
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, dotted)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
-    if origin is tuple:
-        items = _split_list(value) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ConfigError(f"config key {dotted!r} expects a list, got {value!r}")
-        return tuple(_coerce(item, args[0], dotted) for item in items)
-    return _coerce_scalar(value, annotation, dotted)
-
-
-def _split_list(text: str) -> list[str]:
-    text = text.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    return [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
-
-
-def _coerce_scalar(value: Any, kind: Any, dotted: str) -> Any:
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except ValueError:
-        raise ConfigError(f"config key {dotted!r} expects {kind.__name__}, got {value!r}") from None
-    raise AssertionError(f"unsupported config field type {kind!r} for {dotted}")
-
-
-def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """Apply `section.key=value` strings (as given to `--set`) together; a key given twice takes its last value.
-
-    The whole set is validated once, so keys that constrain each other can be given in any order
-    (`pretrain.batch_size=16` before `pretrain.ap_batch_size=12`).
-    """
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r} is not of the form section.key=value")
-        key = key.strip()
-        if key in _REMOVED_KEYS:  # saved configs may carry it; a user setting it is told
-            raise ConfigError(f"--set {key} no longer exists: {_REMOVED_KEYS[key]}")
-        node = nested
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is also set as a value")
-        if isinstance(node.get(parts[-1]), dict):
-            raise ConfigError(f"--set {key}: also given as a section ({key}.<key>=...)")
-        node[parts[-1]] = raw.strip()
-    return config_from_dict(nested, base=config) if nested else config
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
-    """`base` (default: the `vilbert_base` preset), then a TOML file, then `--set` overrides.
-
-    A TOML file may name a preset at top level (`preset = "tiny"`) to start from.
-    """
-    config = base if base is not None else vilbert_base()
-    if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        if "preset" in data:
-            config = preset(str(data.pop("preset")))
-        config = config_from_dict(data, base=config)
-    return apply_overrides(config, overrides)

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vilbert.config import CPU_RECIPE, Config, apply_overrides, tiny
+from vilbert.config import Config, tiny
 from vilbert.errors import UsageError
+from vilbert.overrides import apply_overrides
 from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, fetch_cc
 from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
 from vilbert.pipeline.sources import iter_captions, open_source
-from vilbert.pipeline.synthetic import ServerOptions, generate_corpus, generate_memes, serve_in_background, write_cc_tsv
+from vilbert.pipeline.synthetic import ServerOptions, serve_in_background, write_cc_tsv
+from vilbert.pipeline.synthetic.caches import generate_synthetic
 from vilbert.pipeline.text import train_wordpiece
+from vilbert.recipes import apply_recipe
 from vilbert.train.analyse import analyse, plot_analysis
 from vilbert.train.finetune import FinetuneOptions, finetune
 from vilbert.train.metrics import read_metrics
@@ -55,6 +58,7 @@ class DemoOptions:
         failure_rate: Fraction of URLs the server fails in one of its ways.
         device: `auto`, `cpu` or `cuda`.
         seed: Seeds the corpus, the server's plan and training.
+        recipe: The named recipe applied to the `tiny` preset (`vilbert.recipes`).
     """
 
     out: Path
@@ -66,6 +70,7 @@ class DemoOptions:
     failure_rate: float = 0.2
     device: str = "auto"
     seed: int = 0
+    recipe: str = "cpu"
 
     @classmethod
     def quick(cls, *, out: Path, **overrides: Any) -> DemoOptions:
@@ -95,9 +100,8 @@ class DemoReport:
 
 def _config(options: DemoOptions) -> Config:
     return apply_overrides(
-        tiny(),
+        apply_recipe(tiny(), options.recipe),
         [
-            *CPU_RECIPE,
             f"pretrain.epochs={options.pretrain_epochs}",
             f"pretrain.seed={options.seed}",
             f"finetune.epochs={options.finetune_epochs}",
@@ -139,14 +143,15 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def _synthesize(options: DemoOptions, out: Path, report: DemoReport, say: Progress) -> tuple[Path, Path]:
     say("synthesize", {"images": options.images, "memes": options.memes})
-    corpus, seconds = _timed(lambda: generate_corpus(out / "corpus", options.images, seed=options.seed))
-    memes, memes_seconds = _timed(lambda: generate_memes(out / "memes", options.memes, seed=options.seed))
+    (corpus, memes), seconds = _timed(
+        lambda: generate_synthetic(out, corpus=options.images, memes=options.memes, seed=options.seed)
+    )
     report.stages.append(
         StageResult(
             stage="synth",
             did=f"{options.images} captioned images, {options.memes} memes",
-            seconds=seconds + memes_seconds,
-            speed=f"{(options.images + options.memes) / (seconds + memes_seconds):.0f} images/s",
+            seconds=seconds,
+            speed=f"{(options.images + options.memes) / seconds:.0f} images/s",
             result="JPEG/PNG, 200-1200 px, grayscale/CMYK/RGBA/EXIF-rotated among them",
         )
     )

@@ -38,10 +38,6 @@ def config() -> ModelConfig:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one intra-op thread is as fast, and far steadier on a shared 2-core box
-    # (two threads per process oversubscribe the cores when other jobs run). Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _on_one_thread(one_thread):
+    # These models are tiny: one intra-op thread is as fast, and far steadier on a shared 2-core box.
     yield
-    torch.set_num_threads(before)

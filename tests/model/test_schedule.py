@@ -15,18 +15,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from vilbert.config import (
-    CrossConfig,
-    ModelConfig,
-    TextConfig,
-    VisionConfig,
-    apply_overrides,
-    config_from_dict,
-    vilbert_original,
-)
+from vilbert.config import CrossConfig, ModelConfig, TextConfig, VisionConfig, vilbert_original
 from vilbert.errors import ConfigError
 from vilbert.model import ViLBERT, cross_schedule
 from vilbert.model.attention import padding_mask
+from vilbert.overrides import apply_overrides, config_from_dict
 
 from .conftest import make_batch, tiny_model_config
 
@@ -170,7 +163,7 @@ def test_thesis_schedule_is_after_both_encoders():
         ("model.cross.before_vision_layer=[7,6,8,9,10,11]", "6 non-decreasing layer indices >= 0"),
         ("model.cross.before_text_layer=[6,7]", "one per cross.pattern item"),
         ("model.cross.before_vision_layer=[-1,0,1,2,3,4]", "non-decreasing layer indices >= 0"),
-        ("model.cross.interleave_from=6", "model.cross.before_text_layer / before_vision_layer"),
+        ("model.cross.interleave_from=6", "unknown config key 'model.cross.interleave_from'"),
     ],
 )
 def test_bad_schedules_name_the_valid_values(override, message):
@@ -184,9 +177,7 @@ def test_a_schedule_is_set_per_stream():
     assert config.model.cross.before_text_layer == tuple(range(6, 12))
 
 
-@pytest.mark.parametrize(("k", "before"), [(6, (7, 8, 9, 10, 11, 12)), (None, ())])
-def test_saved_configs_with_interleave_from_keep_their_placement(k, before):
-    # Earlier versions ran cross layer i right after block k+i: right before block k+1+i.
-    saved = {"model": {"cross": {"pattern": ["co"] * 6, "interleave_from": k}}}
-    cross = config_from_dict(saved).model.cross
-    assert cross.before_text_layer == cross.before_vision_layer == before
+def test_saved_configs_with_the_removed_interleave_from_are_refused():
+    saved = {"model": {"cross": {"pattern": ["co"] * 6, "interleave_from": 6}}}
+    with pytest.raises(ConfigError, match="unknown config key 'model.cross.interleave_from'"):
+        config_from_dict(saved)

@@ -9,9 +9,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vilbert.config import VisionConfig, apply_overrides, tiny
+from vilbert.config import VisionConfig, tiny
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model import ViLBERT, VisionEncoder, normalization_metadata
+from vilbert.overrides import apply_overrides
 
 CONFIG = VisionConfig(
     timm_name="vit_tiny_patch16_224", image_size=32, patch_size=8, hidden_size=48, num_layers=2, num_heads=3

@@ -49,6 +49,8 @@ def test_options_are_validated(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- the whole chain
 
+SYNTHETIC_OVERRIDES = ("pretrain.log_every=20", "pretrain.checkpoint_every=0")
+"""What `vilbert ablate` adds to the `cpu` recipe on synthetic data."""
 CHAIN_OVERRIDES = ("pretrain.epochs=13", "finetune.epochs=4")
 """About 1,000 pretraining steps on the 2,400 training images: AP needs about that many to leave chance."""
 CHAIN_MEMES = 4000
@@ -59,15 +61,17 @@ CHAIN_MEMES = 4000
 def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Synthetic corpus and memes through the real pipeline, a tiny pretraining run on the corpus, and
     two fine-tuning runs on the memes with the same budget: from that run and from scratch."""
-    from vilbert.cli.ablate import RECIPE, prepare_synthetic
-    from vilbert.config import apply_overrides, tiny
+    from vilbert.config import tiny
+    from vilbert.overrides import apply_overrides
+    from vilbert.pipeline.synthetic.caches import prepare_synthetic
+    from vilbert.recipes import cpu
     from vilbert.train.analyse import analyse
     from vilbert.train.finetune import FinetuneOptions, finetune
     from vilbert.train.pretrain import PretrainOptions, pretrain
 
     root = tmp_path_factory.mktemp("chain")
     corpus, memes = prepare_synthetic(root / "data", corpus=3000, memes=CHAIN_MEMES, workers=2)
-    config = apply_overrides(tiny(), [*RECIPE, *CHAIN_OVERRIDES])
+    config = apply_overrides(cpu(tiny()), [*SYNTHETIC_OVERRIDES, *CHAIN_OVERRIDES])
     pre = pretrain(config, PretrainOptions(data=corpus, run_dir=root / "pre", device="cpu"))
     runs = {}
     for name, init in (("pretrained", root / "pre"), ("scratch", None)):

@@ -16,7 +16,7 @@ from vilbert.cache import CacheReader
 from vilbert.config import tiny
 from vilbert.model import ViLBERT
 from vilbert.train.analyse import analyse_model, fixed_derangement, layer_similarity, load_pairs
-from vilbert.train.evaluate import pixel_normalizer
+from vilbert.train.pixels import pixel_normalizer
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 257])

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from vilbert.cache import CacheReader
-from vilbert.config import apply_overrides, tiny
+from vilbert.config import tiny
 from vilbert.errors import CacheError
+from vilbert.overrides import apply_overrides
 from vilbert.train.pretrain import PretrainOptions, pretrain
 
 from ..cache.conftest import corrupt_in_place
-from .conftest import REPO
+from ..conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

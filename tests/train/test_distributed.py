@@ -1,4 +1,5 @@
-"""Real `torchrun --nproc-per-node 2` (gloo, CPU): ranks read disjoint samples, and the run resumes."""
+"""Real `torchrun --nproc-per-node 2` (gloo, CPU): ranks read disjoint samples, a pretraining run
+resumes, and fine-tuning on two ranks matches one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ SETTINGS = [
 ]
 
 
-def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], env: dict[str, str], command: str = "pretrain") -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -40,7 +41,7 @@ def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
         "2",
         "-m",
         "vilbert",
-        "pretrain",
+        command,
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -79,3 +80,45 @@ def test_two_ranks_disjoint_samples_and_resume(small_cache: Path, tmp_path: Path
 
 def torch_equal_rng(a: dict, b: dict) -> bool:
     return bool((a["generators"]["masking"] == b["generators"]["masking"]).all())
+
+
+FINETUNE = [
+    "--init",
+    "none",
+    "--preset",
+    "tiny",
+    "--recipe",
+    "cpu",  # no dropout: the two runs draw no random numbers after the initial weights
+    "--device",
+    "cpu",
+    "--set",
+    "finetune.epochs=2",
+    "--set",
+    "finetune.log_every=1",
+]
+
+
+@pytest.mark.slow
+def test_finetune_on_two_ranks_matches_one_process_with_the_same_global_batch(tmp_path: Path, cli_env: dict) -> None:
+    from vilbert.pipeline.synthetic.caches import scene_caches
+
+    data = scene_caches(tmp_path / "data", {"train": 32, "dev_seen": 16, "test_seen": 8}, labelled=True)
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = [sys.executable, "-m", "vilbert", "finetune", "--data", str(data), "--run", str(one), *FINETUNE]
+    proc = subprocess.run([*single, "--set", "finetune.batch_size=16"], capture_output=True, text=True, env=cli_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--data", str(data), "--run-dir", str(two), *FINETUNE, "--set", "finetune.batch_size=8"]
+    proc = _torchrun(args, cli_env, command="finetune")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    a, b = load_checkpoint(one), load_checkpoint(two)
+    assert a["step"] == b["step"] == 4 and b["world_size"] == 2 and len(b["rng"]) == 2
+    diff = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in a["model"])
+    print(f"\nfinetune, 2 ranks x 8 vs 1 process x 16: max parameter difference {diff:.2e}")
+    assert diff < 1e-4
+    results = [json.loads((run / "results.json").read_text()) for run in (one, two)]
+    for x, y in zip(results[0]["epochs"], results[1]["epochs"], strict=True):
+        assert x["train"]["n"] == y["train"]["n"] == 32  # every rank's training predictions are counted
+        assert abs(x["train"]["loss"] - y["train"]["loss"]) < 1e-4 and abs(x["dev"]["loss"] - y["dev"]["loss"]) < 1e-4
+    losses = [[r["loss"] for r in read_metrics(run) if r["kind"] == "train"] for run in (one, two)]
+    assert len(losses[0]) == len(losses[1]) == 4 and max(abs(x - y) for x, y in zip(*losses, strict=True)) < 1e-4

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from vilbert.cache import CacheReader
-from vilbert.config import apply_overrides, tiny
+from vilbert.config import tiny
 from vilbert.errors import CacheError, CheckpointError
-from vilbert.train.evaluate import evaluate, load_model, predict
+from vilbert.overrides import apply_overrides
+from vilbert.pipeline.synthetic.caches import scene_caches
+from vilbert.train.evaluate import evaluate, predict
 from vilbert.train.finetune import FinetuneOptions, finetune
+from vilbert.train.loading import load_model
 from vilbert.train.pretrain import PretrainOptions, pretrain
 from vilbert.train.scoring import auroc
-
-from .downstream_data import build_labelled_cache
 
 CONFIG = apply_overrides(
     tiny(),
@@ -35,7 +36,9 @@ CONFIG = apply_overrides(
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_labelled_cache(tmp_path_factory.mktemp("labelled"), {"train": 32, "dev_seen": 24, "test_seen": 16})
+    return scene_caches(
+        tmp_path_factory.mktemp("labelled"), {"train": 32, "dev_seen": 24, "test_seen": 16}, labelled=True
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vilbert.config import apply_overrides, tiny
+from vilbert.config import tiny
 from vilbert.errors import CacheError, CheckpointError
+from vilbert.overrides import apply_overrides
+from vilbert.pipeline.synthetic.caches import scene_caches
 from vilbert.train.checkpoint import load_checkpoint
-from vilbert.train.evaluate import load_model
 from vilbert.train.finetune import FinetuneOptions, finetune
+from vilbert.train.loading import load_model
 from vilbert.train.metrics import read_metrics
 from vilbert.train.pretrain import PretrainOptions, pretrain
-
-from .downstream_data import build_labelled_cache
 
 CONFIG = apply_overrides(
     tiny(),
@@ -36,7 +36,9 @@ CONFIG = apply_overrides(
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 train rows: 3 steps per epoch of 16, the last one partial."""
-    return build_labelled_cache(tmp_path_factory.mktemp("labelled"), {"train": 40, "dev_seen": 24, "test_seen": 16})
+    return scene_caches(
+        tmp_path_factory.mktemp("labelled"), {"train": 40, "dev_seen": 24, "test_seen": 16}, labelled=True
+    )
 
 
 def test_writes_results_metrics_and_plots(labelled: Path, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ alignment head on whole captions (`ap_whole_acc`, half of them another sample's)
   preset has no such weights offline, so the test makes them: a ViT with a conv stem trained on labelled one-object
   scenes that are not in the corpus (`train_vision_backbone`), then frozen. Alignment accuracy reaches 0.9, and
   colour and shape words are read off the image.
-- **From scratch** (`CPU_RECIPE`, the demo's): colour words are read off the image and alignment prediction leaves
+- **From scratch** (the `cpu` recipe, the demo's): colour words are read off the image and alignment prediction leaves
   chance, but the vision stream does not learn shapes from pretraining in this budget, so shape words stay near
   chance: a strict xfail, which fails loudly once a recipe makes it pass.
 """
@@ -23,11 +23,14 @@ import pytest
 import torch
 
 from vilbert.cache import CacheReader
-from vilbert.config import CPU_RECIPE, apply_overrides, tiny
+from vilbert.config import tiny
 from vilbert.model import ViLBERT
+from vilbert.overrides import apply_overrides
+from vilbert.pipeline.synthetic.caches import scene_caches
+from vilbert.recipes import CPU
 from vilbert.train.backbone import save_vision_weights, train_on_synthetic_objects
 from vilbert.train.checkpoint import load_checkpoint
-from vilbert.train.masking import PixelNormalizer
+from vilbert.train.pixels import PixelNormalizer
 from vilbert.train.plot import plot_runs
 from vilbert.train.pretrain import PretrainOptions, pretrain, run_config
 
@@ -36,7 +39,7 @@ SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 CHANCE = 1 / 6
 
 SAMPLES = 4000
-OVERRIDES = [*CPU_RECIPE, "pretrain.epochs=10", "pretrain.log_every=10"]
+OVERRIDES = [*CPU.overrides, "pretrain.epochs=10", "pretrain.log_every=10"]
 PRETRAINED_VISION = [
     "model.vision.stem=conv",  # the tiny ViT alone reaches only 0.26-0.37 on shape labels in 800-2,000 steps
     "model.freeze=[vision]",  # trainable, pretraining overwrites the shape features (README, "What learns on a CPU")
@@ -108,17 +111,15 @@ def report(name: str, seconds: float, result, figures: dict[str, float]) -> None
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The 4,000 synthetic scenes both runs train on, and how long the cache took."""
-    from .conftest import build_synthetic_cache
-
     root = tmp_path_factory.mktemp("learning")
     start = time.monotonic()
-    cache = build_synthetic_cache(root / "cache", SAMPLES, seed=1)
+    cache = scene_caches(root / "cache", SAMPLES, seed=1)
     return {"root": root, "cache": cache, "seconds": time.monotonic() - start}
 
 
 @pytest.fixture(scope="module")
 def learned(scenes: dict) -> dict:
-    """One tiny pretraining run from scratch (`CPU_RECIPE`), and its held-out figures."""
+    """One tiny pretraining run from scratch (the `cpu` recipe), and its held-out figures."""
     start = time.monotonic()
     run = scenes["root"] / "run-from-scratch"
     options = PretrainOptions(data=scenes["cache"], run_dir=run, device="cpu")

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from vilbert.cache import CacheReader
-from vilbert.config import Config, apply_overrides, config_from_dict, tiny
+from vilbert.config import Config, tiny
 from vilbert.errors import CacheError, CheckpointError
 from vilbert.model import ViLBERT
+from vilbert.overrides import apply_overrides, config_from_dict
 from vilbert.train.checkpoint import load_checkpoint
+from vilbert.train.loading import load_model
 from vilbert.train.metrics import read_metrics
 from vilbert.train.pretrain import PretrainOptions, pretrain, run_config
 
@@ -93,6 +95,19 @@ def test_fresh_run_refuses_an_existing_run_and_resume_needs_one(tiny_cache: Path
         _run(tiny_cache, tmp_path / "other", config, max_steps=2, resume=True)
     with pytest.raises(CheckpointError, match="another model config"):
         _run(tiny_cache, tmp_path / "run", _config("pretrain.tasks=ap", "model.cross.num_heads=4"), 2, resume=True)
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_clearly(tiny_cache: Path, tmp_path: Path) -> None:
+    config = _config("pretrain.tasks=ap")
+    result = _run(tiny_cache, tmp_path / "run", config, max_steps=1)
+    state = torch.load(result.checkpoint, weights_only=True)
+    torch.save({**state, "format": "vilbert-pretrain/1"}, result.checkpoint)
+    with pytest.raises(
+        CheckpointError, match=r"vilbert-pretrain/1 checkpoint of an earlier vilbert.*reads vilbert-pretrain/2"
+    ):
+        _run(tiny_cache, tmp_path / "run", config, max_steps=2, resume=True)
+    with pytest.raises(CheckpointError, match="earlier vilbert"):
+        load_model(tmp_path / "run")
 
 
 def test_refuses_float16_cache_with_other_normalization(tmp_path: Path, cache_builder) -> None:

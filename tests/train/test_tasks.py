@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vilbert.config import PretrainConfig, apply_overrides, tiny
+from vilbert.config import PretrainConfig, tiny
 from vilbert.errors import ConfigError
 from vilbert.model import ViLBERT
-from vilbert.train.masking import IGNORE_INDEX, PixelNormalizer, SpecialTokens, mismatch_captions, num_masked_patches
+from vilbert.overrides import apply_overrides
+from vilbert.train.masking import IGNORE_INDEX, SpecialTokens, mismatch_captions, num_masked_patches
+from vilbert.train.pixels import PixelNormalizer
 from vilbert.train.tasks import (
     PretrainObjective,
     build_task_batch,

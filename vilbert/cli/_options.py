@@ -6,16 +6,23 @@ from pathlib import Path
 
 import typer
 
-from vilbert.config import Config, load_config, preset
+from vilbert.config import Config, preset
+from vilbert.overrides import load_config
+from vilbert.recipes import apply_recipe
 
 PRESET_OPTION = typer.Option("vilbert_base", "--preset", help="Starting point: tiny, vilbert_base, vilbert_original.")
 CONFIG_OPTION = typer.Option(None, "--config", help="A TOML file with config sections, applied after the preset.")
+RECIPE_OPTION = typer.Option(
+    None, "--recipe", help="A named recipe applied to the preset, e.g. cpu (see `vilbert config recipes`)."
+)
 SET_OPTION = typer.Option(None, "--set", help="Override one key, e.g. --set pretrain.lr=1e-4 (repeatable).")
 VERIFY_CACHE_OPTION = typer.Option(
     False, "--verify-cache", help="Check every shard's checksum and values before training (data.verify_cache)."
 )
 
 
-def resolve_config(preset_name: str, config_file: Path | None, overrides: list[str] | None) -> Config:
-    """The preset, then the TOML file, then the `--set` overrides."""
-    return load_config(config_file, overrides or (), base=preset(preset_name))
+def resolve_config(
+    preset_name: str, config_file: Path | None, overrides: list[str] | None, recipe_name: str | None = None
+) -> Config:
+    """The preset, then the recipe, then the TOML file, then the `--set` overrides."""
+    return load_config(config_file, overrides or (), base=apply_recipe(preset(preset_name), recipe_name))

@@ -1,10 +1,9 @@
 """`vilbert ablate`: pretrain with none / all / MLM+AP / AP only, fine-tune each, several seeds.
 
 Without `--corpus`/`--memes` it first builds the synthetic setting under OUT/data with the real
-pipeline: `generate_corpus` and `generate_memes` (the same scene generator, so pretraining can
-transfer), one WordPiece tokenizer trained on the corpus captions and the memes' train texts, and
-`preprocess` into 64 px caches (`OUT/data/caches/{corpus,memes}/<split>`). Every step is skipped when
-its output already exists, so a second run reuses the data and continues the grid.
+pipeline (`pipeline.synthetic.caches.prepare_synthetic`: corpus and memes from the same scene
+generator, so pretraining can transfer, one WordPiece tokenizer, 64 px caches) and applies the `cpu`
+recipe. Every step is skipped when its output already exists, so a second run reuses the data.
 """
 
 from __future__ import annotations
@@ -17,17 +16,18 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, SET_OPTION
+from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION
 from vilbert.cli.console import console
-from vilbert.config import CPU_RECIPE, apply_overrides, load_config, preset
+from vilbert.config import preset
 from vilbert.errors import UsageError
+from vilbert.overrides import apply_overrides, load_config
+from vilbert.recipes import apply_recipe
 
 __all__ = [
     "SyntheticScale",
-    "RECIPE",
+    "SYNTHETIC_OVERRIDES",
     "QUICK",
     "FULL",
-    "prepare_synthetic",
     "ablate_command",
     "summary_table",
     "register",
@@ -44,57 +44,15 @@ class SyntheticScale:
     """`--set` overrides applied to the tiny preset before the user's own."""
 
 
-RECIPE = (*CPU_RECIPE, "pretrain.log_every=20", "pretrain.checkpoint_every=0")
-"""`CPU_RECIPE`, logging every 20 steps and checkpointing only at epoch ends."""
-QUICK = SyntheticScale(corpus=800, memes=600, overrides=(*RECIPE, "pretrain.epochs=3", "finetune.epochs=3"))
-FULL = SyntheticScale(corpus=3000, memes=4000, overrides=(*RECIPE, "pretrain.epochs=13", "finetune.epochs=4"))
+SYNTHETIC_OVERRIDES = ("pretrain.log_every=20", "pretrain.checkpoint_every=0")
+"""On top of the recipe (`cpu` by default): logging every 20 steps and checkpointing only at epoch ends."""
+QUICK = SyntheticScale(
+    corpus=800, memes=600, overrides=(*SYNTHETIC_OVERRIDES, "pretrain.epochs=3", "finetune.epochs=3")
+)
+FULL = SyntheticScale(
+    corpus=3000, memes=4000, overrides=(*SYNTHETIC_OVERRIDES, "pretrain.epochs=13", "finetune.epochs=4")
+)
 """The chain test's scale: ~1,000 pretraining steps (AP needs about that many to leave chance), 200 dev memes."""
-TOKENIZER_VOCAB = 512
-"""Enough for every word of the synthetic captions and claims, with room for sub-words."""
-
-
-def prepare_synthetic(
-    work: Path,
-    *,
-    corpus: int,
-    memes: int,
-    seed: int = 0,
-    image_size: int = 64,
-    max_len: int = 32,
-    workers: int | None = None,
-) -> tuple[Path, Path]:
-    """Generate (or reuse) the synthetic corpus and memes under `work` and cache them.
-
-    Returns:
-        The corpus cache root (`train/`, `test/`) and the memes cache root (`train/`, `dev_seen/`, `test_seen/`).
-    """
-    from vilbert.cache import is_cache
-    from vilbert.pipeline.preprocess import PreprocessOptions, preprocess
-    from vilbert.pipeline.sources import FolderSource, HatefulMemesSource, iter_captions
-    from vilbert.pipeline.synthetic import generate_corpus, generate_memes
-    from vilbert.pipeline.text import load_tokenizer, train_wordpiece
-
-    corpus_dir, memes_dir, caches = work / "corpus", work / "memes", work / "caches"
-    if not (corpus_dir / "corpus.jsonl").is_file():
-        generate_corpus(corpus_dir, corpus, seed, overwrite=True)
-    if not (memes_dir / "synth.jsonl").is_file():
-        generate_memes(memes_dir, memes, seed, overwrite=True)
-    tokenizer_path = work / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        captions = iter_captions([corpus_dir / "corpus.jsonl", memes_dir])
-        train_wordpiece(captions, TOKENIZER_VOCAB, min_frequency=1).save(str(tokenizer_path))
-    tokenizer = load_tokenizer(tokenizer_path)
-    options = PreprocessOptions(
-        image_size=image_size, pixel_dtype="uint8", max_len=max_len, workers=workers, mode="overwrite"
-    )
-    sources = {
-        "corpus": (lambda: FolderSource(corpus_dir / "images", corpus_dir / "corpus.jsonl"), "train"),
-        "memes": (lambda: HatefulMemesSource(memes_dir), "train"),
-    }
-    for name, (source, split) in sources.items():
-        if not is_cache(caches / name / split):
-            preprocess(source(), caches / name, tokenizer, options, command=f"vilbert ablate ({name})")
-    return caches / "corpus", caches / "memes"
 
 
 def ablate_command(
@@ -111,12 +69,14 @@ def ablate_command(
     ),
     out: Path = typer.Option(None, "--out", help="Runs and ablation.json (default: runs/ablate[-quick])."),
     preset_name: str = typer.Option("tiny", "--preset", help="Model and training preset."),
+    recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print ablation.json instead of the table."),
 ) -> None:
     """The thesis's task-combination experiment, ending in a mean +- std table of downstream accuracy and AUROC."""
+    from vilbert.pipeline.synthetic.caches import prepare_synthetic
     from vilbert.train.ablate import AblationOptions, run_ablation
 
     if (corpus is None) != (memes is None):
@@ -125,7 +85,7 @@ def ablate_command(
     scale = QUICK if quick else FULL
     base = preset(preset_name)
     if corpus is None:
-        base = apply_overrides(base, scale.overrides)
+        base = apply_overrides(apply_recipe(base, recipe_name or "cpu"), scale.overrides)
         console.print(f"synthetic data: {scale.corpus} corpus images, {scale.memes} memes under {out / 'data'}")
         corpus, memes = prepare_synthetic(
             out / "data",
@@ -134,6 +94,8 @@ def ablate_command(
             image_size=base.data.image_size,
             max_len=base.data.max_len,
         )
+    else:
+        base = apply_recipe(base, recipe_name)
     config = load_config(config_file, overrides or (), base=base)
     options = AblationOptions(
         corpus=corpus, memes=memes, out=out, settings=tuple(_names(settings)), seeds=seeds, device=device

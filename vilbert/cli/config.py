@@ -1,4 +1,4 @@
-"""`vilbert config`: show the configuration a preset, file and overrides resolve to."""
+"""`vilbert config`: show the configuration a preset, recipe, file and overrides resolve to; list recipes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from vilbert.cli._options import CONFIG_OPTION, PRESET_OPTION, SET_OPTION, resolve_config
+from vilbert.cli._options import CONFIG_OPTION, PRESET_OPTION, RECIPE_OPTION, SET_OPTION, resolve_config
 from vilbert.cli.console import console
-from vilbert.config import config_to_dict
+from vilbert.overrides import config_to_dict
 
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
 
@@ -17,12 +17,23 @@ config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=Tru
 @config_app.command("show")
 def show(
     preset_name: str = PRESET_OPTION,
+    recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
 ) -> None:
     """Print the resolved configuration as JSON."""
-    config = resolve_config(preset_name, config_file, overrides)
+    config = resolve_config(preset_name, config_file, overrides, recipe_name)
     console.print_json(json.dumps(config_to_dict(config)))
+
+
+@config_app.command("recipes")
+def recipes() -> None:
+    """List the named recipes `--recipe` takes, and their overrides."""
+    from vilbert.recipes import RECIPES
+
+    for item in RECIPES.values():
+        console.print(f"[bold]{item.name}[/]: {item.purpose}", highlight=False, soft_wrap=True)
+        console.print("  " + " ".join(f"--set {o}" for o in item.overrides), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ def demo_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo in --out."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seeds the corpus, the server's failure plan and training."),
+    recipe_name: str = typer.Option("cpu", "--recipe", help="The named recipe applied to the tiny preset."),
 ) -> None:
     """Generate, serve, fetch, preprocess, pretrain, fine-tune and analyse; write OUT/report.md."""
     from vilbert.demo import LOG_NAME, DemoOptions, remove_previous_demo, run_demo
@@ -24,7 +25,7 @@ def demo_command(
     if overwrite:
         remove_previous_demo(out)
     sizes = DemoOptions.quick if quick else DemoOptions
-    options = sizes(out=out, device=device, seed=seed)
+    options = sizes(out=out, device=device, seed=seed, recipe=recipe_name)
     out.mkdir(parents=True, exist_ok=True)
     add_log_file(out / LOG_NAME)
     with console.status("vilbert demo") as status:

@@ -1,8 +1,13 @@
-"""`vilbert finetune`: binary classification (Hateful Memes) from a pretraining run or from scratch."""
+"""`vilbert finetune`: binary classification (Hateful Memes) from a pretraining run or from scratch.
+
+vilbert finetune --data data/memes --init runs/tiny --run runs/ft --preset tiny
+torchrun --nproc-per-node 2 -m vilbert finetune --data data/memes --init none --run-dir runs/ft-ddp
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +15,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
+from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
 from vilbert.cli.console import add_log_file, console
-from vilbert.config import Config, apply_overrides, config_from_dict, load_config, preset
+from vilbert.config import Config, preset
 from vilbert.errors import UsageError
+from vilbert.overrides import apply_overrides, config_from_dict, load_config
+from vilbert.recipes import apply_recipe
 
 __all__ = ["finetune_command", "metrics_table", "register"]
 
@@ -21,7 +28,7 @@ __all__ = ["finetune_command", "metrics_table", "register"]
 def _base_config(preset_name: str | None, init: Path | None, run: Path, resume: bool) -> Config:
     """`--preset` when given; else the config of the run being resumed, or of the `--init` run."""
     from vilbert.train.checkpoint import load_checkpoint
-    from vilbert.train.evaluate import load_model
+    from vilbert.train.loading import load_model
 
     if preset_name is not None:
         return preset(preset_name)
@@ -58,8 +65,15 @@ def finetune_command(
         ..., "--data", exists=True, help="Cache root with train/, dev_seen/, test_seen/ (labelled)."
     ),
     init: str = typer.Option(..., "--init", help="Pretraining run dir or checkpoint, exported model dir, or 'none'."),
-    run: Path = typer.Option(..., "--run", help="Run directory (runs/NAME) for checkpoints, metrics, results."),
+    run: Path = typer.Option(
+        ...,
+        "--run",
+        "--run-dir",
+        help="Run directory (runs/NAME) for checkpoints, metrics, results; under torchrun give --run-dir "
+        "(torchrun's parser takes --run for its --run-path).",
+    ),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base, vilbert_original (default: --init's)."),
+    recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     freeze: str = typer.Option(None, "--freeze", help="Parts kept frozen: e.g. text,vision or none."),
@@ -73,17 +87,23 @@ def finetune_command(
     from vilbert.train.finetune import RESULTS_NAME, FinetuneOptions, finetune
 
     init_path = _init_path(init)
-    base = _base_config(preset_name, init_path, run, resume)
+    base = apply_recipe(_base_config(preset_name, init_path, run, resume), recipe_name)
     verify = ["data.verify_cache=true"] if verify_cache else []
     config = apply_overrides(load_config(config_file, overrides or (), base=base), _freeze_override(freeze) + verify)
     options = FinetuneOptions(data=data, run_dir=run, init=init_path, resume=resume, device=device, max_steps=max_steps)
-    run.mkdir(parents=True, exist_ok=True)
-    handler = add_log_file(run / "train.log")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and prints
+    handler = None
+    if main_rank:
+        run.mkdir(parents=True, exist_ok=True)
+        handler = add_log_file(run / "train.log")
     try:
-        with _Display() as display:
+        with _Display(enabled=main_rank) as display:
             result = finetune(config, options, progress=display.update)
     finally:
-        handler.close()
+        if handler is not None:
+            handler.close()
+    if not main_rank:
+        return
     if result.stopped != "completed":
         console.print(
             f"stopped ({result.stopped}) at step {result.step}; checkpoint {result.checkpoint}; "
@@ -127,7 +147,8 @@ def results_table(results: dict[str, Any], title: str = "") -> Table:
 class _Display:
     """A progress bar over optimizer steps; a line per epoch with the train and dev metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.bar = Progress(
             TextColumn("finetune"),
             BarColumn(),
@@ -141,13 +162,17 @@ class _Display:
         self.task = self.bar.add_task("finetune", total=None, info="")
 
     def __enter__(self) -> _Display:
-        self.bar.start()
+        if self.enabled:
+            self.bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.enabled:
+            self.bar.stop()
 
     def update(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         kind = record.get("kind")
         if kind == "start":
             self.bar.update(self.task, total=record["total_steps"], completed=record["step"])

@@ -17,13 +17,14 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, SET_OPTION, VERIFY_CACHE_OPTION, resolve_config
+from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION, resolve_config
 from vilbert.cli.console import add_log_file, console
-from vilbert.config import Config, apply_overrides, load_config
+from vilbert.config import Config
 from vilbert.errors import UsageError
+from vilbert.overrides import apply_overrides, load_config
 
 if TYPE_CHECKING:
-    from vilbert.train.pretrain import PretrainResult
+    from vilbert.train.trainer import TrainResult
 
 records_log = logging.getLogger("vilbert.cli.pretrain.records")
 """Metric records go to train.log only (the terminal shows them as a table or plain lines)."""
@@ -48,6 +49,7 @@ def pretrain_command(
         "give it as RUN or --run-dir: torchrun's own parser takes --run for its --run-path.",
     ),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base (default) or vilbert_original."),
+    recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its newest checkpoint, exactly."),
@@ -58,7 +60,7 @@ def pretrain_command(
 ) -> None:
     """Pretrain ViLBERT (MLM, alignment prediction, contrastive MIM) on a cache."""
     run_dir = _run_dir(run_arg, run)
-    config, data = _config_and_data(run_dir, data, preset_name, config_file, overrides or [], resume)
+    config, data = _config_and_data(run_dir, data, preset_name, recipe_name, config_file, overrides or [], resume)
     flags = {"pretrain.compile=true": compile_model, "data.verify_cache=true": verify_cache}
     config = apply_overrides(config, [override for override, given in flags.items() if given])
     from vilbert.train.pretrain import PretrainOptions, pretrain  # torch and the model load only when used
@@ -97,6 +99,7 @@ def _config_and_data(
     run_dir: Path,
     data: Path | None,
     preset_name: str | None,
+    recipe_name: str | None,
     config_file: Path | None,
     overrides: list[str],
     resume: bool,
@@ -105,9 +108,11 @@ def _config_and_data(
     if not resume:
         if data is None:
             raise UsageError("--data is required for a new run (a cache root with train/ and test/)")
-        return resolve_config(preset_name or "vilbert_base", config_file, overrides), data
-    if preset_name is not None:
-        raise UsageError("--preset does not apply to --resume: the run keeps its config (use --set to change keys)")
+        return resolve_config(preset_name or "vilbert_base", config_file, overrides, recipe_name), data
+    if preset_name is not None or recipe_name is not None:
+        raise UsageError(
+            "--preset and --recipe do not apply to --resume: the run keeps its config (use --set to change keys)"
+        )
     from vilbert.train.checkpoint import load_checkpoint
     from vilbert.train.pretrain import run_config
 
@@ -117,7 +122,7 @@ def _config_and_data(
     return config, data
 
 
-def _finish(result: PretrainResult, run_dir: Path, main_rank: bool) -> None:
+def _finish(result: TrainResult, run_dir: Path, main_rank: bool) -> None:
     if not main_rank:
         return
     where = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint"

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vilbert.config import FREEZABLE_PARTS, ModelConfig, config_from_dict, config_to_dict
+from vilbert.config import FREEZABLE_PARTS, ModelConfig
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model.attention import init_bert_weights, padding_mask
 from vilbert.model.cross import build_cross_layer
@@ -36,6 +36,7 @@ from vilbert.model.heads import AlignmentHead, Classifier, MIMProjection, MLMHea
 from vilbert.model.text import TextEncoder
 from vilbert.model.vision import VisionEncoder
 from vilbert.model.weights import load_exact, read_state_dict
+from vilbert.overrides import config_from_dict, config_to_dict
 
 __all__ = [
     "ViLBERT",

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vilbert.config import Config, apply_overrides
+from vilbert.config import Config
 from vilbert.errors import UsageError
+from vilbert.overrides import apply_overrides
 from vilbert.train.checkpoint import CheckpointManager
 from vilbert.train.finetune import RESULTS_NAME, FinetuneOptions, finetune
 from vilbert.train.pretrain import PretrainOptions, pretrain

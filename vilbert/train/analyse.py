@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from vilbert.cache import CacheReader
 from vilbert.model import ViLBERT
 from vilbert.train.distributed import resolve_device
-from vilbert.train.evaluate import load_model, open_cache, pixel_normalizer
-from vilbert.train.masking import PixelNormalizer
+from vilbert.train.loading import load_model
+from vilbert.train.pixels import PixelNormalizer, pixel_normalizer
 from vilbert.train.scoring import binary_scores, retrieval_recall
+from vilbert.train.splits import open_cache
 
 __all__ = [
     "LayerSimilarity",

@@ -25,8 +25,8 @@ from torch import nn
 from vilbert.config import VisionConfig
 from vilbert.model.vision import VisionEncoder
 from vilbert.model.weights import normalization_metadata
-from vilbert.train.masking import PixelNormalizer
 from vilbert.train.optim import build_optimizer, build_scheduler
+from vilbert.train.pixels import PixelNormalizer
 
 __all__ = ["BackboneResult", "save_vision_weights", "train_on_synthetic_objects", "train_vision_backbone"]
 

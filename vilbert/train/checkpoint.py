@@ -25,6 +25,9 @@ from torch import nn
 from vilbert.errors import CheckpointError
 
 __all__ = [
+    "PRETRAIN_FORMAT",
+    "FINETUNE_FORMAT",
+    "checkpoint_kind",
     "CheckpointManager",
     "load_checkpoint",
     "find_checkpoint",
@@ -38,6 +41,31 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
+
+PRETRAIN_FORMAT = "vilbert-pretrain/2"
+FINETUNE_FORMAT = "vilbert-finetune/2"
+"""A checkpoint's `format`; the version changes whenever what a checkpoint holds does. Files of
+another version are refused (no upgrade shims in 0.x)."""
+_KINDS = {PRETRAIN_FORMAT: "pretrain", FINETUNE_FORMAT: "finetune"}
+
+
+def checkpoint_kind(state: dict[str, Any], expected: str | None = None) -> str:
+    """`pretrain` or `finetune` for a loaded checkpoint of this version (of format `expected` if given).
+
+    Raises:
+        CheckpointError: Naming the file, its format and the format(s) read here.
+    """
+    fmt = state.get("format")
+    valid = [expected] if expected is not None else list(_KINDS)
+    if fmt in valid:
+        return _KINDS[fmt]
+    family = str(fmt).rpartition("/")[0]
+    if family in {f.rpartition("/")[0] for f in valid}:
+        raise CheckpointError(
+            f"{state.get('path')} is a {fmt} checkpoint of an earlier vilbert; this version reads "
+            f"{', '.join(valid)} only: retrain, or export the model with the version that wrote it"
+        )
+    raise CheckpointError(f"{state.get('path')} has format {fmt!r}; valid: {', '.join(valid)}")
 
 
 class CheckpointManager:
@@ -208,8 +236,8 @@ def model_from_checkpoint(state: dict[str, Any]) -> nn.Module:
     """
     import dataclasses
 
-    from vilbert.config import config_from_dict
     from vilbert.model import ViLBERT
+    from vilbert.overrides import config_from_dict
 
     if "model" not in state or "model" not in state.get("config", {}):
         raise CheckpointError(f"{state.get('path', 'the checkpoint')} holds no model weights and model config")

@@ -32,7 +32,6 @@ __all__ = [
     "all_reduce_sums",
     "any_rank",
     "all_gather_objects",
-    "broadcast_object",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,15 +139,6 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any, ctx: DistContext) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _collective_device(ctx: DistContext) -> torch.device:

@@ -11,18 +11,15 @@ any run, which is what makes a resumed run exact (the generator's state is check
   receives its own caption. Label 1 = aligned, 0 = not aligned.
 - **MIM** (contrastive masked image modelling): exactly `round(ratio * P)` of an image's P patches
   are masked, chosen uniformly per image.
-- **Augmentation** (optional): random resized crop, horizontal flip and colour jitter (brightness,
-  contrast, saturation; no hue, which would change the colour words of a caption), per sample and
-  vectorized, on images in [0, 1].
+
+Augmentation and pixel normalization live in `pixels.py`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "ALIGNED",
@@ -33,8 +30,6 @@ __all__ = [
     "mismatch_captions",
     "mask_patches",
     "num_masked_patches",
-    "augment_images",
-    "PixelNormalizer",
 ]
 
 ALIGNED = 1
@@ -163,86 +158,3 @@ def mask_patches(
     chosen = noise.argsort(dim=1)[:, :k]  # (B, k) the k smallest draws: a uniform k-subset
     mask = torch.zeros((batch_size, num_patches), dtype=torch.bool, device=device)
     return mask.scatter_(1, chosen, True)
-
-
-def augment_images(
-    images: torch.Tensor,
-    *,
-    generator: torch.Generator,
-    crop_scale: float = 0.5,
-    flip_probability: float = 0.0,
-    jitter: float = 0.4,
-) -> torch.Tensor:
-    """Random resized crop, flip and colour jitter of a batch, each sample its own draw.
-
-    Args:
-        images: `(B, 3, H, W)` float in [0, 1].
-        generator: On the device of `images`.
-        crop_scale: Smallest crop area as a fraction of the image (torchvision's `scale=(s, 1)`);
-            aspect ratio log-uniform in [3/4, 4/3]; the crop is resized back to H x W (bilinear).
-        flip_probability: Horizontal flip probability. 0 by default: captions say "left of".
-        jitter: Brightness, contrast and saturation factors are drawn from [1 - jitter, 1 + jitter].
-
-    Returns:
-        The augmented batch, same shape and dtype, clamped to [0, 1].
-    """
-    b = images.shape[0]
-    dev = images.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(b, generator=generator, device=dev)
-
-    area = uniform(crop_scale, 1.0)
-    aspect = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
-    width = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the image side
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (1 - width) * uniform(-1.0, 1.0)  # centre in [-1, 1] grid units, crop stays inside
-    cy = (1 - height) * uniform(-1.0, 1.0)
-    flip = torch.where(uniform(0.0, 1.0) < flip_probability, -1.0, 1.0)
-    theta = torch.zeros((b, 2, 3), device=dev, dtype=images.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = width * flip, cx
-    theta[:, 1, 1], theta[:, 1, 2] = height, cy
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if jitter > 0:
-        out = _colour_jitter(out, uniform, jitter)
-    return out
-
-
-def _colour_jitter(images: torch.Tensor, uniform, jitter: float) -> torch.Tensor:
-    shape = (-1, 1, 1, 1)
-    out = images * uniform(1 - jitter, 1 + jitter).view(shape)  # brightness
-    gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)  # (B, 1, H, W)
-    mean = gray.mean(dim=(2, 3), keepdim=True)
-    out = (out - mean) * uniform(1 - jitter, 1 + jitter).view(shape) + mean  # contrast
-    gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
-    out = (out - gray) * uniform(1 - jitter, 1 + jitter).view(shape) + gray  # saturation
-    return out.clamp(0.0, 1.0)
-
-
-class PixelNormalizer:
-    """Turns stored pixels into model input on the device.
-
-    A `uint8` cache stores raw pixels: the device divides by 255 and normalizes with the cache's
-    mean/std. A `float16` cache is stored normalized already and only changes dtype.
-    """
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-
-    def unit(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Stored pixels as float images in [0, 1] (for augmentation)."""
-        if pixels.dtype == torch.uint8:
-            return pixels.float() / 255.0
-        return (pixels.float() * self.std + self.mean).clamp(0.0, 1.0)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images as model input."""
-        return (images - self.mean) / self.std
-
-    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Stored pixels as normalized float32 model input."""
-        if pixels.dtype == torch.uint8:
-            return self.normalize(pixels.float() / 255.0)
-        return pixels.float()

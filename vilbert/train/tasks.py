@@ -45,15 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vilbert.config import PretrainConfig
-from vilbert.train.masking import (
-    IGNORE_INDEX,
-    PixelNormalizer,
-    SpecialTokens,
-    augment_images,
-    mask_patches,
-    mask_tokens,
-    mismatch_captions,
-)
+from vilbert.train.masking import IGNORE_INDEX, SpecialTokens, mask_patches, mask_tokens, mismatch_captions
+from vilbert.train.pixels import PixelNormalizer, augment_images
 
 __all__ = [
     "TaskBatch",
