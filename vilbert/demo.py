@@ -118,7 +118,9 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> DemoRepo
     """
     out = Path(options.out)
     if out.exists() and any(p.name != LOG_NAME for p in out.iterdir()):
-        raise UsageError(f"--out {out} is not empty; choose a new directory, or pass --overwrite to replace an earlier demo")
+        raise UsageError(
+            f"--out {out} is not empty; choose a new directory, or pass --overwrite to replace an earlier demo"
+        )
     out.mkdir(parents=True, exist_ok=True)
     report = DemoReport(out=out)
     config = _config(options)

@@ -1,6 +1,6 @@
-"""Config <-> plain dicts, TOML files and `--set section.key=value` overrides.
+"""Config <-> plain dicts, TOML and JSON files, and `--set section.key=value` overrides.
 
-All three map onto the same frozen dataclasses of `vilbert.config`, strictly: an unknown key raises
+All of them map onto the same frozen dataclasses of `vilbert.config`, strictly: an unknown key raises
 `ConfigError` listing the valid keys of its section, and a bad value names the key and its valid range.
 
     [pretrain]
@@ -12,6 +12,8 @@ All three map onto the same frozen dataclasses of `vilbert.config`, strictly: an
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import sys
 import types
 import typing
@@ -27,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["config_to_dict", "config_from_dict", "apply_overrides", "load_config"]
+__all__ = ["config_to_dict", "config_to_toml", "config_from_dict", "apply_overrides", "load_config"]
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -41,6 +43,43 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def config_to_toml(config: Any) -> str:
+    """The whole config as a TOML file `load_config` reads back to the same config.
+
+    TOML has no null: an unset optional key is written as the string "none", which the loader reads
+    as unset (as `--set key=none` does).
+    """
+    lines: list[str] = []
+    _toml_table(config_to_dict(config), [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+    if path and scalars:
+        lines += ["", f"[{'.'.join(path)}]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in scalars.items()]
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            _toml_table(value, [*path, key], lines)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise AssertionError(f"no TOML form for config value {value!r}")
 
 
 def config_from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
@@ -156,20 +195,36 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
-    """`base` (default: the `vilbert_base` preset), then a TOML file, then `--set` overrides.
+    """`base` (default: the `vilbert_base` preset), then a TOML or JSON file, then `--set` overrides.
 
-    A TOML file may name a preset at top level (`preset = "tiny"`) to start from.
+    The file may be one `vilbert config show` printed (TOML, or `--json`) or a run's `config.json`;
+    at top level it may name a preset (`preset = "tiny"`) to start from.
     """
     config = base if base is not None else vilbert_base()
     if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        data = _read_config_file(Path(path))
         if "preset" in data:
             config = preset(str(data.pop("preset")))
         config = config_from_dict(data, base=config)
     return apply_overrides(config, overrides)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object of sections")
+        return data
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None

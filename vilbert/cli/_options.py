@@ -11,7 +11,9 @@ from vilbert.overrides import load_config
 from vilbert.recipes import apply_recipe
 
 PRESET_OPTION = typer.Option("vilbert_base", "--preset", help="Starting point: tiny, vilbert_base, vilbert_original.")
-CONFIG_OPTION = typer.Option(None, "--config", help="A TOML file with config sections, applied after the preset.")
+CONFIG_OPTION = typer.Option(
+    None, "--config", help="A TOML or JSON config (`vilbert config show`, a run's config.json), after the preset."
+)
 RECIPE_OPTION = typer.Option(
     None, "--recipe", help="A named recipe applied to the preset, e.g. cpu (see `vilbert config recipes`)."
 )

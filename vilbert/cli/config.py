@@ -9,7 +9,7 @@ import typer
 
 from vilbert.cli._options import CONFIG_OPTION, PRESET_OPTION, RECIPE_OPTION, SET_OPTION, resolve_config
 from vilbert.cli.console import console
-from vilbert.overrides import config_to_dict
+from vilbert.overrides import config_to_dict, config_to_toml
 
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
 
@@ -20,10 +20,14 @@ def show(
     recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML."),
 ) -> None:
-    """Print the resolved configuration as JSON."""
+    """Print the resolved configuration as TOML (or JSON); `--config` reads either back."""
     config = resolve_config(preset_name, config_file, overrides, recipe_name)
-    console.print_json(json.dumps(config_to_dict(config)))
+    if as_json:
+        typer.echo(json.dumps(config_to_dict(config), indent=2))
+    else:
+        typer.echo(config_to_toml(config), nl=False)
 
 
 @config_app.command("recipes")
