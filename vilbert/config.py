@@ -236,7 +236,11 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     cross: CrossConfig = field(default_factory=CrossConfig)
     freeze: tuple[str, ...] = ("text", "vision")
-    """The thesis froze both pretrained encoders and trained only the cross layers and heads."""
+    """The thesis froze both pretrained encoders and trained only the cross layers and heads. A run that
+    would freeze an encoder without pretrained weights (`text.pretrained` / `vision.pretrained` unset) is
+    refused at its start, unless `allow_random_frozen`."""
+    allow_random_frozen: bool = False
+    """Let a run freeze an encoder that has no pretrained weights, i.e. keep it random (for tests)."""
     mim_projection_dim: int = 256
     num_labels: int = 2
     initializer_range: float = 0.02

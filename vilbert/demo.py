@@ -241,7 +241,8 @@ def _pretrain(config: Config, options: DemoOptions, cache: Path, out: Path, repo
     report.stages.append(
         StageResult(
             stage="pretrain",
-            did=f"tiny preset, MLM + AP + MIM, {config.pretrain.epochs} epochs, {result.step} steps",
+            did=f"tiny preset, {' + '.join(t.upper() for t in config.pretrain.tasks)}, "
+            f"{config.pretrain.epochs} epochs, {result.step} steps",
             seconds=seconds,
             speed=f"{result.step * config.pretrain.batch_size / seconds:.0f} samples/s",
             result=f"held-out {shown}",

@@ -7,6 +7,8 @@ import math
 import pytest
 from torch import nn
 
+from vilbert.config import tiny
+from vilbert.model import ViLBERT
 from vilbert.train.optim import build_optimizer, build_scheduler, lr_multiplier
 
 
@@ -28,6 +30,25 @@ def test_no_decay_on_biases_and_norms_and_frozen_skipped() -> None:
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
     assert ids(decayed) == {id(net.linear.weight), id(net.embed.weight)}
     assert ids(exempt) == {id(net.linear.bias), id(net.norm.weight), id(net.norm.bias)}
+
+
+def test_vilbert_tokens_and_position_tables_do_not_decay() -> None:
+    model = ViLBERT(tiny().model)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed, exempt = ({names[id(p)] for p in group["params"]} for group in opt.param_groups)
+    for name in (
+        "vision.mask_token",
+        "vision.vit.cls_token",
+        "vision.vit.pos_embed",
+        "text.embeddings.position_embeddings.weight",
+        "text.embeddings.token_type_embeddings.weight",
+        "text.embeddings.LayerNorm.weight",
+    ):
+        assert name in exempt, name
+    assert "text.embeddings.word_embeddings.weight" in decayed  # BERT decays it: it is the MLM decoder too
+    assert "cross.0.text.attention.self.query.weight" in decayed
+    assert all(p.ndim >= 2 for name, p in model.named_parameters() if name in decayed)
 
 
 def test_everything_frozen_is_an_error() -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from vilbert.cache import BatchLoader, CacheReader
 from vilbert.config import Config, config_from_dict, config_to_dict
 from vilbert.errors import CacheError, CheckpointError, UsageError
-from vilbert.model import ViLBERT
+from vilbert.model import ViLBERT, check_frozen_parts
 from vilbert.model.attention import init_bert_weights
 from vilbert.train.checkpoint import CheckpointManager, capture_rng, load_checkpoint, model_from_checkpoint, restore_rng
 from vilbert.train.distributed import resolve_device
@@ -162,7 +162,9 @@ class _Session:
             self.init_path, self.init_kind = state.get("init"), state.get("init_kind", "scratch")
         elif self.options.init is None:
             self.config = _effective_config(config, self.train_reader)
+            check_frozen_parts(self.config.model)
             self.model = ViLBERT(self.config.model)
+            self.config = dataclasses.replace(self.config, model=self.model.config)  # + the weights' normalization
         else:
             loaded = self._initial_model()
             model_config = dataclasses.replace(loaded.model.config, freeze=config.model.freeze)

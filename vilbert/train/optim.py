@@ -1,4 +1,4 @@
-"""AdamW with BERT's decay exemptions, and warmup-then-decay learning-rate schedules.
+"""AdamW with BERT's and timm's decay exemptions, and warmup-then-decay learning-rate schedules.
 
 Generic: pretraining and fine-tuning build their optimizer and schedule here.
 """
@@ -10,21 +10,43 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["SCHEDULES", "build_optimizer", "build_scheduler", "lr_multiplier", "decay_groups"]
+__all__ = [
+    "SCHEDULES",
+    "TOKEN_PARAMETERS",
+    "EMBEDDING_TABLES",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_multiplier",
+    "decay_groups",
+    "is_decay_exempt",
+]
 
 SCHEDULES = ("linear", "cosine", "constant")
 
 
+TOKEN_PARAMETERS = ("cls_token", "mask_token", "reg_token", "dist_token", "pos_embed")
+"""Learned tokens and position tables (timm's `no_weight_decay` set, our MIM mask token): decaying them
+pulls a token that is added to or stands in for an input towards zero, which is no regularizer."""
+EMBEDDING_TABLES = ("position_embeddings.weight", "token_type_embeddings.weight")
+"""BERT's position and segment tables: the same kind of parameter. The word embeddings do decay, as in
+BERT: they double as the MLM decoder, a weight matrix."""
+
+
+def is_decay_exempt(name: str, param: nn.Parameter) -> bool:
+    """True for a parameter that does not weight-decay: biases and norm weights (fewer than 2 dimensions,
+    or a name ending in `bias`), learned tokens and position tables (`TOKEN_PARAMETERS`), BERT's position
+    and segment embeddings (`EMBEDDING_TABLES`)."""
+    last = name.rsplit(".", 1)[-1]
+    return param.ndim < 2 or name.endswith("bias") or last in TOKEN_PARAMETERS or name.endswith(EMBEDDING_TABLES)
+
+
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: decayed, and exempt (biases, LayerNorm weights, embeddings'
-    1-d parameters such as mask tokens), as in BERT: a parameter with fewer than 2 dimensions or
-    whose name ends in `bias` does not decay.
-    """
+    """Trainable parameters in two groups: decayed, and exempt (`is_decay_exempt`); frozen ones are left out."""
     decay, exempt = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (exempt if param.ndim < 2 or name.endswith("bias") else decay).append(param)
+        (exempt if is_decay_exempt(name, param) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": exempt, "weight_decay": 0.0},
@@ -40,7 +62,7 @@ def build_optimizer(
     eps: float = 1e-8,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on biases and norm weights.
+    """AdamW over the trainable parameters; no decay on biases, norm weights, tokens and position tables.
 
     Args:
         model: Its parameters with `requires_grad` are optimized (frozen parts are skipped).

@@ -28,7 +28,7 @@ import torch
 from vilbert.cache import BatchLoader, CacheReader, is_cache, verify_cache
 from vilbert.config import Config, config_from_dict, config_to_dict
 from vilbert.errors import CacheError, CheckpointError
-from vilbert.model import ViLBERT
+from vilbert.model import ViLBERT, check_frozen_parts
 from vilbert.train.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from vilbert.train.distributed import (
     DistContext,
@@ -201,7 +201,10 @@ class _Session:
     def _build(self) -> None:
         ctx, cfg = self.ctx, self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        check_frozen_parts(self.config.model)
         self.model = ViLBERT(self.config.model).to(ctx.device)
+        self._requested_model = config_to_dict(self.config)["model"]
+        self.config = dataclasses.replace(self.config, model=self.model.config)  # + the weights' normalization
         self.normalizer = _normalizer(self.train_reader, self.model, ctx.device)
         self.objective = PretrainObjective(self.model, cfg)
         if cfg.compile:
@@ -253,7 +256,7 @@ class _Session:
         state = load_checkpoint(self.run_dir)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{state['path']} is not a pretraining checkpoint ({state.get('format')!r})")
-        if state["config"]["model"] != config_to_dict(self.config)["model"]:
+        if state["config"]["model"] not in (config_to_dict(self.config)["model"], self._requested_model):
             raise CheckpointError(
                 f"{state['path']} was written with another model config; resume with the "
                 "run's own config (only pretrain.* keys may change)"
