@@ -290,6 +290,7 @@ class DataConfig:
 
 
 PRETRAIN_TASKS = ("mlm", "ap", "mim", "itc")
+MIM_NEGATIVES = ("image", "batch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,6 +315,10 @@ class PretrainConfig:
     mim_temperature: float = 0.1
     mim_positions: str = "masked"
     """InfoNCE at masked patches (ConMIM/iBOT); the thesis used `unmasked`; `all` also works."""
+    mim_negatives: str = "image"
+    """InfoNCE negatives of a patch: `image`, the same image's other patches (the thesis); `batch`, also every
+    patch of the other MIM rows' images (Lu et al.'s NCE variant draws most from other images). With
+    `image` the target view's position embeddings alone can tell the positive (see `mim_content_top1`)."""
     mim_stop_grad: bool = True
     """No gradient through the unmasked (target) view, like ConMIM's and iBOT's teacher view."""
     itc_temperature: float = 0.1
@@ -397,6 +402,7 @@ class PretrainConfig:
         _check(0 < self.mlm_probability < 1, "pretrain.mlm_probability", self.mlm_probability, "0 < p < 1")
         _check(0 < self.mim_mask_ratio < 1, "pretrain.mim_mask_ratio", self.mim_mask_ratio, "0 < r < 1")
         _choice("pretrain.mim_positions", self.mim_positions, ("masked", "unmasked", "all"))
+        _choice("pretrain.mim_negatives", self.mim_negatives, MIM_NEGATIVES)
 
 
 @dataclass(frozen=True, kw_only=True)
