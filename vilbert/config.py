@@ -226,6 +226,7 @@ def _check_schedule(name: str, before: tuple[int, ...], count: int) -> None:
 
 
 FREEZABLE_PARTS = ("text", "vision", "cross", "heads")
+ITC_PROJECTIONS = ("poolers", "heads")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,6 +243,12 @@ class ModelConfig:
     allow_random_frozen: bool = False
     """Let a run freeze an encoder that has no pretrained weights, i.e. keep it random (for tests)."""
     mim_projection_dim: int = 256
+    itc_projection: str = "poolers"
+    """What maps the unimodal first tokens into the space the image-text contrastive task (ITC) compares.
+    `poolers`: the poolers' Linear maps, so ITC aligns the space the alignment head multiplies in (what the
+    CPU recipe measured best); `heads`: separate Linear maps (ALBEF's projections), so the poolers stay
+    ViLBERT's, trained by AP alone, and `vilbert analyse` does not read ITC's own map. Configs written
+    before this key existed used `poolers`."""
     num_labels: int = 2
     initializer_range: float = 0.02
     """Std of the normal init of every linear and embedding weight built from scratch (BERT's 0.02),
@@ -254,6 +261,7 @@ class ModelConfig:
         for part in self.freeze:
             _choice("model.freeze item", part, FREEZABLE_PARTS)
         _positive("model.mim_projection_dim", self.mim_projection_dim)
+        _choice("model.itc_projection", self.itc_projection, ITC_PROJECTIONS)
         _positive("model.initializer_range", self.initializer_range)
         _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
         for stream in ("text", "vision"):
@@ -599,7 +607,7 @@ def _upgrade_interleave_from(data: Mapping[str, Any], base: Config) -> Mapping[s
 
 
 _REMOVED_KEYS = {
-    "model.itc_projection_dim": "ITC now compares the streams through the poolers, at the cross width",
+    "model.itc_projection_dim": "ITC's projections map to the cross width; model.itc_projection picks poolers or heads",
     "model.cross.interleave_from": "the stack's place is model.cross.before_text_layer / before_vision_layer "
     "(cross layer i runs right before those layers; vilbert_original: 6..11 in both streams)",
 }

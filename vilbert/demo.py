@@ -308,6 +308,8 @@ def _analyse(options: DemoOptions, run_dir: Path, cache: Path, out: Path, report
     plot_analysis(analysis, out / "analysis.png")
     (out / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=2))
     gaps = ", ".join(f"L{layer.layer} {layer.gap:+.3f}" for layer in analysis.layers)
+    if analysis.before is not None:
+        gaps = f"before {analysis.before.gap:+.3f}, {gaps}"
     recall = analysis.retrieval
     report.figures["analyse"] = analysis.to_dict()
     report.stages.append(

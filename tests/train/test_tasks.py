@@ -320,3 +320,22 @@ def test_mim_content_top1_compares_the_same_position_across_images() -> None:
 def test_mim_negatives_is_validated() -> None:
     with pytest.raises(ConfigError, match="mim_negatives"):
         apply_overrides(tiny(), ["pretrain.mim_negatives=everything"])
+
+
+def test_itc_through_separate_heads_leaves_the_poolers_to_ap(tmp_path) -> None:
+    base = apply_overrides(tiny(), ["pretrain.batch_size=8", "pretrain.tasks=itc", "model.itc_projection=heads"])
+    model_config = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = ViLBERT(model_config).eval()
+    tasks, _ = _build(base.pretrain, rows=8)
+    PretrainObjective(model, base.pretrain)(tasks).loss.backward()
+    for head in (model.itc_text_head, model.itc_vision_head):
+        assert head.dense.weight.grad is not None and head.dense.weight.grad.abs().sum() > 0
+    for pooler in (model.text_pooler, model.vision_pooler):
+        assert pooler.dense.weight.grad is None
+    out = model(tasks.input_ids, tasks.attention_mask, tasks.pixels)
+    text, _ = model.contrastive_embeddings(out)
+    torch.testing.assert_close(text, F.normalize(model.itc_text_head.dense(out.unimodal_text), dim=-1))
+    loaded = ViLBERT.from_pretrained(model.save_pretrained(tmp_path / "export"))  # the heads travel with it
+    torch.testing.assert_close(loaded.itc_text_head.dense.weight, model.itc_text_head.dense.weight)
+    assert not hasattr(ViLBERT(tiny().model), "itc_text_head")  # poolers: no extra parameters
