@@ -130,5 +130,5 @@ def test_itc_needs_a_sub_batch_of_two_rows():
 def test_a_removed_key_loads_from_a_saved_config_but_not_from_set() -> None:
     saved = config_from_dict({"model": {"itc_projection_dim": 256, "num_labels": 3}})
     assert saved.model.num_labels == 3  # the rest of the saved config still applies
-    with pytest.raises(ConfigError, match="model.itc_projection_dim no longer exists: ITC now compares"):
+    with pytest.raises(ConfigError, match="model.itc_projection_dim no longer exists: ITC.s projections map"):
         apply_overrides(tiny(), ["model.itc_projection_dim=128"])

@@ -53,7 +53,9 @@ def _build(config: PretrainConfig, rows: int = 12, seed: int = 0):
 
 
 def test_sub_batches_and_aligned_only() -> None:
-    config = PretrainConfig(batch_size=12, ap_batch_size=8, mlm_batch_size=10, mim_batch_size=4, mlm_probability=0.5)
+    config = PretrainConfig(
+        batch_size=12, ap_batch_size=8, mlm_batch_size=10, mim_batch_size=4, mlm_probability=0.5, augment=False
+    )
     tasks, (pixels, ids, lengths) = _build(config)
     assert tasks.ap_labels.shape == (8,) and (tasks.ap_labels == 0).sum() == 4
     assert tasks.aligned[8:].all() and torch.equal(tasks.aligned[:8], tasks.ap_labels.bool())

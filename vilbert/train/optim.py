@@ -6,9 +6,13 @@ Generic: pretraining and fine-tuning build their optimizer and schedule here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from vilbert.config import ModelConfig
+from vilbert.model import ViLBERT
 
 __all__ = [
     "SCHEDULES",
@@ -19,6 +23,8 @@ __all__ = [
     "lr_multiplier",
     "decay_groups",
     "is_decay_exempt",
+    "pretrained_encoder_scale",
+    "warmup_steps_of",
 ]
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -40,16 +46,22 @@ def is_decay_exempt(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith("bias") or last in TOKEN_PARAMETERS or name.endswith(EMBEDDING_TABLES)
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: decayed, and exempt (`is_decay_exempt`); frozen ones are left out."""
-    decay, exempt = [], []
+def decay_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """Trainable parameters in groups: decayed and exempt (`is_decay_exempt`), for each learning-rate factor
+    `lr_scale(name)` gives (a group's `lr_scale`; all 1.0 without it); frozen ones are left out. Groups
+    come in a fixed order (by factor, descending; decayed before exempt), so a checkpoint's optimizer
+    state fits the same model and config again."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (exempt if is_decay_exempt(name, param) else decay).append(param)
+        scale = 1.0 if lr_scale is None else float(lr_scale(name))
+        groups.setdefault((scale, is_decay_exempt(name, param)), []).append(param)
+    scales = sorted({scale for scale, _ in groups} | {1.0}, reverse=True)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": exempt, "weight_decay": 0.0},
+        {"params": groups.get((scale, exempt), []), "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale}
+        for scale in scales
+        for exempt in (False, True)
     ]
 
 
@@ -58,6 +70,7 @@ def build_optimizer(
     *,
     lr: float,
     weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
@@ -68,16 +81,31 @@ def build_optimizer(
         model: Its parameters with `requires_grad` are optimized (frozen parts are skipped).
         lr: Peak learning rate (the schedule multiplies it).
         weight_decay: Decoupled weight decay of the decayed group.
+        lr_scale: A parameter name -> factor on `lr` (e.g. 0.1 for pretrained encoders); None: 1 for all.
         betas: Adam's moment coefficients.
         eps: Adam's epsilon.
         fused: Use the fused CUDA kernel; None picks it when every parameter is on CUDA.
     """
-    groups = [g for g in decay_groups(model, weight_decay) if g["params"]]
+    groups = [g for g in decay_groups(model, weight_decay, lr_scale) if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale")
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def pretrained_encoder_scale(model_config: ModelConfig, factor: float) -> Callable[[str], float]:
+    """`lr_scale` for `build_optimizer`: `factor` for the parameters of the encoders that load pretrained
+    weights (`model.text.pretrained` / `model.vision.pretrained` set), 1 for everything else."""
+    loaded = {part for part in ("text", "vision") if getattr(model_config, part).pretrained is not None}
+    return lambda name: factor if ViLBERT.part_of(name) in loaded else 1.0
+
+
+def warmup_steps_of(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
+    """`warmup_steps` when set, else `warmup_ratio` of the run's `total_steps` (rounded)."""
+    return warmup_steps or round(warmup_ratio * total_steps)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:

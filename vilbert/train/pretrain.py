@@ -41,7 +41,7 @@ from vilbert.train.distributed import (
 )
 from vilbert.train.masking import PixelNormalizer, SpecialTokens
 from vilbert.train.metrics import Accumulator, MetricsWriter, StepClock, peak_memory_mb
-from vilbert.train.optim import build_optimizer, build_scheduler
+from vilbert.train.optim import build_optimizer, build_scheduler, pretrained_encoder_scale, warmup_steps_of
 from vilbert.train.preemption import StopRequest
 from vilbert.train.tasks import PretrainObjective, build_task_batch, summarize, whole_caption_alignment
 
@@ -227,9 +227,15 @@ class _Session:
             )
         self.steps_per_epoch = -(-len(self.loader) // cfg.grad_accum)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            lr_scale=pretrained_encoder_scale(self.config.model, cfg.pretrained_lr_scale),
+        )
+        warmup = warmup_steps_of(cfg.warmup_steps, cfg.warmup_ratio, self.total_steps)
         self.scheduler = build_scheduler(
-            self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps, schedule=cfg.schedule
+            self.optimizer, warmup_steps=warmup, total_steps=self.total_steps, schedule=cfg.schedule
         )
         self.generator = torch.Generator(device=ctx.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + ctx.rank)
