@@ -204,6 +204,7 @@ def _check_schedule(name: str, before: tuple[int, ...], count: int) -> None:
 
 
 FREEZABLE_PARTS = ("text", "vision", "cross", "heads")
+ITC_PROJECTIONS = ("poolers", "heads")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,8 +215,18 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     cross: CrossConfig = field(default_factory=CrossConfig)
     freeze: tuple[str, ...] = ("text", "vision")
-    """The thesis froze both pretrained encoders and trained only the cross layers and heads."""
+    """The thesis froze both pretrained encoders and trained only the cross layers and heads. A run that
+    would freeze an encoder without pretrained weights (`text.pretrained` / `vision.pretrained` unset) is
+    refused at its start, unless `allow_random_frozen`."""
+    allow_random_frozen: bool = False
+    """Let a run freeze an encoder that has no pretrained weights, i.e. keep it random (for tests)."""
     mim_projection_dim: int = 256
+    itc_projection: str = "poolers"
+    """What maps the unimodal first tokens into the space the image-text contrastive task (ITC) compares.
+    `poolers`: the poolers' Linear maps, so ITC aligns the space the alignment head multiplies in (what the
+    CPU recipe measured best); `heads`: separate Linear maps (ALBEF's projections), so the poolers stay
+    ViLBERT's, trained by AP alone, and `vilbert analyse` does not read ITC's own map. Configs written
+    before this key existed used `poolers`."""
     num_labels: int = 2
     initializer_range: float = 0.02
     """Std of the normal init of every linear and embedding weight built from scratch (BERT's 0.02),
@@ -228,6 +239,7 @@ class ModelConfig:
         for part in self.freeze:
             _choice("model.freeze item", part, FREEZABLE_PARTS)
         _positive("model.mim_projection_dim", self.mim_projection_dim)
+        _choice("model.itc_projection", self.itc_projection, ITC_PROJECTIONS)
         _positive("model.initializer_range", self.initializer_range)
         _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
         for stream in ("text", "vision"):
@@ -264,6 +276,7 @@ class DataConfig:
 
 
 PRETRAIN_TASKS = ("mlm", "ap", "mim", "itc")
+MIM_NEGATIVES = ("image", "batch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,6 +291,12 @@ class PretrainConfig:
     lr: float = 3e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's optimizer steps (BERT's and Lu et al.'s `warmup_proportion`),
+    used when `warmup_steps` is 0."""
+    pretrained_lr_scale: float = 1.0
+    """Factor on `lr` for the encoders loaded from `model.text.pretrained` / `model.vision.pretrained`
+    (Lu et al. train BERT's weights at 0.1 x the rate of the new ones)."""
     schedule: str = "linear"
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -286,10 +305,16 @@ class PretrainConfig:
     """BERT: 15% of real tokens are selected; of those 80% [MASK], 10% random, 10% unchanged."""
     mim_mask_ratio: float = 0.4
     mim_temperature: float = 0.1
-    mim_positions: str = "masked"
-    """InfoNCE at masked patches (ConMIM/iBOT); the thesis used `unmasked`; `all` also works."""
-    mim_stop_grad: bool = True
-    """No gradient through the unmasked (target) view, like ConMIM's and iBOT's teacher view."""
+    mim_positions: str = "unmasked"
+    """Where the InfoNCE queries are: `unmasked` patches (the thesis: "compute infoNCE ... ONLY FOR UNMASKED
+    tokens"), `masked` ones (ConMIM/iBOT, Lu et al.'s masked-region loss), or `all`."""
+    mim_negatives: str = "image"
+    """InfoNCE negatives of a patch: `image`, the same image's other patches (the thesis); `batch`, also every
+    patch of the other MIM rows' images (Lu et al.'s NCE variant draws most from other images). With
+    `image` the target view's position embeddings alone can tell the positive (see `mim_content_top1`)."""
+    mim_stop_grad: bool = False
+    """No gradient through the unmasked (target) view, like ConMIM's and iBOT's teacher view (and Lu et
+    al.'s detector targets). The thesis: "gradient stopping - not used"."""
     itc_temperature: float = 0.1
     """Temperature of the image-text contrastive InfoNCE (`itc`)."""
     itc_token_weight: float = 0.0
@@ -311,9 +336,12 @@ class PretrainConfig:
     MIM batch saves most of its second (target-view) forward pass (the thesis TODO "different
     batchsizes for tasks")."""
     align_only_for_mlm_mim: bool = True
-    """MLM and MIM only on aligned pairs: a masked colour word cannot be recovered from another image."""
-    augment: bool = False
-    """On-device random resized crop + colour jitter of the images (both MIM views share it)."""
+    """MLM and MIM only on aligned pairs: a masked colour word cannot be recovered from another image. The
+    thesis gave each sample one task, and only AP's samples were mismatched; Lu et al. compute both
+    masked losses on mismatched pairs too (`False`)."""
+    augment: bool = True
+    """On-device random resized crop + colour jitter of the images (both MIM views share it); the thesis
+    lists its augmentation pipeline as done."""
     augment_crop_scale: float = 0.6
     """Smallest crop area, as a fraction of the image."""
     augment_flip: float = 0.0
@@ -366,11 +394,14 @@ class PretrainConfig:
         _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
         _check(self.itc_token_weight >= 0, "pretrain.itc_token_weight", self.itc_token_weight, ">= 0 (0: off)")
         _check(self.warmup_steps >= 0, "pretrain.warmup_steps", self.warmup_steps, ">= 0")
+        _probability("pretrain.warmup_ratio", self.warmup_ratio)
+        _positive("pretrain.pretrained_lr_scale", self.pretrained_lr_scale)
         _check(self.grad_clip >= 0, "pretrain.grad_clip", self.grad_clip, ">= 0 (0 disables)")
         _choice("pretrain.schedule", self.schedule, ("linear", "cosine", "constant"))
         _check(0 < self.mlm_probability < 1, "pretrain.mlm_probability", self.mlm_probability, "0 < p < 1")
         _check(0 < self.mim_mask_ratio < 1, "pretrain.mim_mask_ratio", self.mim_mask_ratio, "0 < r < 1")
         _choice("pretrain.mim_positions", self.mim_positions, ("masked", "unmasked", "all"))
+        _choice("pretrain.mim_negatives", self.mim_negatives, MIM_NEGATIVES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -438,19 +469,30 @@ class Config:
 
 
 def vilbert_base() -> Config:
-    """The thesis model: BERT-base and ViT-B/16, frozen, then co, self, co, self."""
+    """The thesis: BERT-base and ViT-B/16, both frozen, then co, self, co, self; its task settings.
+
+    Every field default is the thesis's; where the thesis did not say, the default says what it follows.
+    `docs/fidelity.md` lists each choice against the thesis and Lu et al.
+    """
     return Config()
 
 
 def vilbert_original() -> Config:
-    """Lu et al. 2019: co-attention interleaved with the upper six layers of both streams.
+    """Lu et al. 2019: co-attention interleaved with the upper six layers of both streams, and their
+    pretraining settings (`bert_base_6layer_6conect`, `train_concap.py`), as far as a ViT stands in for
+    their detector's region features.
 
-    As in their released config (`bert_base_6layer_6conect`), co-layer i runs right before text layer
-    6+i (`t_biattention_id` 6..11), so BERT's layer 11 runs after the last one, at a width of 1024 with
-    8 heads (`bi_hidden_size`, `bi_num_attention_heads`), and nothing is frozen. Their 6-layer vision
-    stream sits on a detector and every one of its layers follows a co-layer (`v_biattention_id`
-    0..5); a 12-block ViT is its own feature extractor, so its upper six blocks play that part:
-    co-layer i runs right before block 6+i, and block 11 after the last co-layer.
+    As in their released config, co-layer i runs right before text layer 6+i (`t_biattention_id` 6..11),
+    so BERT's layer 11 runs after the last one, at a width of 1024 with 8 heads (`bi_hidden_size`,
+    `bi_num_attention_heads`), and nothing is frozen. Their 6-layer vision stream sits on a detector and
+    every one of its layers follows a co-layer (`v_biattention_id` 0..5); a 12-block ViT is its own
+    feature extractor, so its upper six blocks play that part: co-layer i runs right before block 6+i,
+    and block 11 after the last co-layer. The vision stream gets their `v_hidden_dropout_prob` and
+    `v_attention_probs_dropout_prob` (0.1). Pretraining: lr 1e-4 with BERT's weights at 0.1 x, batch
+    512, 10 epochs, 10% warmup then linear decay, masked losses on mismatched pairs too, 15% of the
+    image masked; their masked-region target (a detector's class distribution) has no ViT counterpart,
+    so MIM stays contrastive, at the masked patches, against the target view without gradient (their
+    targets are fixed), with other images' patches as negatives (their NCE variant).
     """
     upper_six = tuple(range(6, 12))
     cross = CrossConfig(
@@ -460,11 +502,27 @@ def vilbert_original() -> Config:
         hidden_size=1024,
         num_heads=8,
     )
-    return Config(model=ModelConfig(cross=cross, freeze=()))
+    vision = VisionConfig(dropout=0.1, attention_dropout=0.1)
+    pretrain = PretrainConfig(
+        lr=1e-4,
+        pretrained_lr_scale=0.1,
+        batch_size=512,
+        epochs=10,
+        warmup_ratio=0.1,
+        align_only_for_mlm_mim=False,
+        mim_mask_ratio=0.15,
+        mim_positions="masked",
+        mim_negatives="batch",
+        mim_stop_grad=True,
+        augment=False,
+    )
+    return Config(model=ModelConfig(vision=vision, cross=cross, freeze=()), pretrain=pretrain)
 
 
 def tiny() -> Config:
-    """A few-hundred-thousand-parameter model for CPU tests and the demo."""
+    """A few-hundred-thousand-parameter model for CPU tests and the demo: `vilbert_base`'s layout and task
+    settings at tiny sizes, trainable, with a faster lr. What makes it learn in minutes on a CPU is
+    the `cpu` recipe (`vilbert.recipes`)."""
     model = ModelConfig(
         text=TextConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
         vision=VisionConfig(

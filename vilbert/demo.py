@@ -248,7 +248,8 @@ def _pretrain(config: Config, options: DemoOptions, cache: Path, out: Path, repo
     report.stages.append(
         StageResult(
             stage="pretrain",
-            did=f"tiny preset, MLM + AP + MIM, {config.pretrain.epochs} epochs, {result.step} steps",
+            did=f"tiny preset, {' + '.join(t.upper() for t in config.pretrain.tasks)}, "
+            f"{config.pretrain.epochs} epochs, {result.step} steps",
             seconds=seconds,
             speed=f"{result.step * config.pretrain.batch_size / seconds:.0f} samples/s",
             result=f"held-out {shown}",
@@ -314,6 +315,8 @@ def _analyse(options: DemoOptions, run_dir: Path, cache: Path, out: Path, report
     plot_analysis(analysis, out / "analysis.png")
     (out / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=2))
     gaps = ", ".join(f"L{layer.layer} {layer.gap:+.3f}" for layer in analysis.layers)
+    if analysis.before is not None:
+        gaps = f"before {analysis.before.gap:+.3f}, {gaps}"
     recall = analysis.retrieval
     report.figures["analyse"] = analysis.to_dict()
     report.stages.append(

@@ -62,7 +62,11 @@ def test_a_runs_saved_config_is_accepted_by_config(run_cli, tiny_cache: Path, tm
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
-    [("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not an object"), ('{"pretrain": {"lrr": 1}}', "'pretrain.lrr'")],
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ('{"pretrain": {"lrr": 1}}', "'pretrain.lrr'"),
+    ],
 )
 def test_a_bad_config_file_is_one_line_exit_2(run_cli, tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "bad.json"

@@ -47,6 +47,7 @@ def test_every_stage_runs_and_reports(demo) -> None:
     assert fetch["saved"] > 0 and fetch["saved"] + sum(fetch["failed_by_reason"].values()) == fetch["lines_read"]
     assert figures["preprocess_cc"]["rows"] == fetch["saved"] - sum(figures["preprocess_cc"]["skipped"].values())
     assert figures["pretrain"]["step"] > 0 and "mlm_loss" in figures["pretrain"]["eval"]
+    assert "tiny preset, MLM + AP + MIM + ITC, 1 epochs" in text  # the tasks the run's config trained
     for run in ("finetune", "scratch"):
         assert 0.0 <= figures[run]["final"]["dev"]["auroc"] <= 1.0
     assert "## Reading it" in text and "pretraining losses" in text

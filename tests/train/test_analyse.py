@@ -44,7 +44,8 @@ def test_random_model_gap_is_about_zero(small_cache: Path, seed: int) -> None:
     model = _random_model(reader, seed)
     report = analyse_model(model, reader, pairs=96, retrieval_pairs=24, seed=seed, batch_size=48)
     assert [s.kind for s in report.layers] == list(model.config.cross.pattern)
-    for layer in report.layers:
+    assert report.before is not None and report.before.kind == "before" and report.before.layer == -1
+    for layer in [report.before, *report.layers]:
         assert 0.0 < layer.aligned < 1.0  # ReLU poolers: cosines are >= 0, and far from 0 on average
         assert layer.gap == pytest.approx(layer.aligned - layer.mismatched)
         assert abs(layer.gap) < 0.01, layer
@@ -68,8 +69,29 @@ def test_mismatched_pairs_use_the_derangement(small_cache: Path) -> None:
             pairs.input_ids, pairs.attention_mask, normalizer.model_input(pairs.pixels[perm]), output_layers=True
         )
     expected = [torch.cosine_similarity(t, v, dim=-1).mean().item() for t, v in out.layer_pooled]
-    measured = layer_similarity(model, pairs, normalizer, seed=5, batch_size=5)
+    before, measured = layer_similarity(model, pairs, normalizer, seed=5, batch_size=5)
     assert [s.mismatched for s in measured] == pytest.approx(expected, abs=1e-5)
+    # The before row: the unimodal first tokens through the same poolers.
+    unimodal = model.text_pooler(out.unimodal_text_tokens), model.vision_pooler(out.unimodal_vision_tokens)
+    assert before.mismatched == pytest.approx(torch.cosine_similarity(*unimodal, dim=-1).mean().item(), abs=1e-5)
+    for layer in measured:
+        assert layer.gap_vs_before == pytest.approx(layer.gap - before.gap, abs=1e-9)
+        assert layer.gap_vs_before_stderr > 0.0
+
+
+def test_the_before_row_sees_the_streams_before_any_co_attention(small_cache: Path) -> None:
+    """Changing the cross layers' weights moves every layer's row but not the before row."""
+    reader = CacheReader(small_cache / "train")
+    model = _random_model(reader, 0)
+    pairs = load_pairs(reader, 16, seed=0)
+    normalizer = pixel_normalizer(reader, model, torch.device("cpu"))
+    before, layers = layer_similarity(model, pairs, normalizer, seed=1)
+    with torch.no_grad():
+        for p in model.cross.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before_again, layers_again = layer_similarity(model, pairs, normalizer, seed=1)
+    assert before_again == before
+    assert all(a.aligned != b.aligned for a, b in zip(layers, layers_again, strict=True))
 
 
 def test_cli_writes_json_and_png(small_cache: Path, tmp_path: Path, cli_env: dict) -> None:
@@ -96,8 +118,10 @@ def test_cli_writes_json_and_png(small_cache: Path, tmp_path: Path, cli_env: dic
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "mismatched" in proc.stdout and "R@10" in proc.stdout
+    assert "before" in proc.stdout and "vs before" in proc.stdout
     report = json.loads((out / "analysis.json").read_text())
     assert report["pairs"] == 40 and len(report["layers"]) == 4
+    assert report["before"]["kind"] == "before" and "gap_vs_before" in report["layers"][0]
     assert (out / "analysis.png").stat().st_size > 1000
     proc = subprocess.run([*cmd[:6], str(small_cache), *cmd[7:]], capture_output=True, text=True, env=cli_env)
     assert proc.returncode == 1

@@ -133,6 +133,8 @@ def test_cli(labelled: Path, tmp_path: Path, cli_env: dict) -> None:
         "finetune.batch_size=20",
         "--freeze",
         "text",
+        "--set",
+        "model.allow_random_frozen=true",  # a random text stream, frozen: mechanics only
         "--device",
         "cpu",
         "--run",

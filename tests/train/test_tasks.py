@@ -55,7 +55,9 @@ def _build(config: PretrainConfig, rows: int = 12, seed: int = 0):
 
 
 def test_sub_batches_and_aligned_only() -> None:
-    config = PretrainConfig(batch_size=12, ap_batch_size=8, mlm_batch_size=10, mim_batch_size=4, mlm_probability=0.5)
+    config = PretrainConfig(
+        batch_size=12, ap_batch_size=8, mlm_batch_size=10, mim_batch_size=4, mlm_probability=0.5, augment=False
+    )
     tasks, (pixels, ids, lengths) = _build(config)
     assert tasks.ap_labels.shape == (8,) and (tasks.ap_labels == 0).sum() == 4
     assert tasks.aligned[8:].all() and torch.equal(tasks.aligned[:8], tasks.ap_labels.bool())
@@ -255,3 +257,89 @@ def test_whole_caption_alignment_swaps_half_the_captions_and_masks_nothing() -> 
     assert whole_caption_alignment(model, pixels[:1], ids[:1], lengths[:1], generator=source) == {}
     metrics = summarize({"ap_whole_correct": 9.0, "ap_whole_count": 12.0}, PretrainConfig())
     assert metrics["ap_whole_acc"] == 0.75
+
+
+def _mim_objective(negatives: str, rows: int = 4) -> tuple[PretrainObjective, object]:
+    base = apply_overrides(
+        tiny(),
+        [
+            f"pretrain.batch_size={rows}",
+            "pretrain.tasks=mim",
+            "pretrain.mim_positions=all",
+            "pretrain.mim_temperature=0.5",
+        ],
+    )
+    config = dataclasses.replace(base.pretrain, mim_negatives=negatives)
+    model_config = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = ViLBERT(model_config).eval()
+    return PretrainObjective(model, config), _build(config, rows=rows)[0]
+
+
+def _mim_keys_and_queries(objective: PretrainObjective, tasks) -> tuple[torch.Tensor, torch.Tensor]:
+    model = objective.model
+    with torch.no_grad():
+        online = model(tasks.input_ids, tasks.attention_mask, tasks.pixels, image_mask=tasks.image_mask)
+        target = model(tasks.input_ids, tasks.attention_mask, tasks.pixels)
+        queries = F.normalize(model.mim_projection(online.vision[:, 1:]), dim=-1)
+        keys = F.normalize(model.mim_projection(target.vision[:, 1:]), dim=-1)
+    return queries, keys
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_mim_negatives_are_the_image_or_the_whole_batch(negatives: str) -> None:
+    objective, tasks = _mim_objective(negatives)
+    out = objective(tasks)
+    queries, keys = _mim_keys_and_queries(objective, tasks)
+    r, p, _ = queries.shape
+    expected = 0.0
+    for i in range(r):
+        for q in range(p):
+            candidates = keys[i] if negatives == "image" else keys.reshape(r * p, -1)  # (P, d) or (R*P, d)
+            positive = q if negatives == "image" else i * p + q
+            expected += -torch.log_softmax(candidates @ queries[i, q] / 0.5, 0)[positive]
+    assert out.sums["mim_count"].item() == r * p
+    assert out.sums["mim_loss_sum"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_mim_content_top1_compares_the_same_position_across_images() -> None:
+    objective, tasks = _mim_objective("image")
+    out = objective(tasks)
+    queries, keys = _mim_keys_and_queries(objective, tasks)
+    r, p, _ = queries.shape
+    hits = sum(int(torch.argmax(keys[:, q] @ queries[i, q]).item() == i) for i in range(r) for q in range(p))
+    assert out.sums["mim_content_count"].item() == r * p
+    assert out.sums["mim_content_correct"].item() == hits
+    metrics = summarize({k: v.item() for k, v in out.sums.items()}, objective.config)
+    assert metrics["mim_content_top1"] == pytest.approx(hits / (r * p))
+    # Position embeddings alone cannot score here: a model that sees the same pixels in every row is at 1/R.
+    same = dataclasses.replace(tasks, pixels=tasks.pixels[:1].expand_as(tasks.pixels).clone())
+    same.input_ids[:] = tasks.input_ids[:1]
+    same.attention_mask[:] = tasks.attention_mask[:1]
+    same.image_mask[:] = tasks.image_mask[:1]
+    sums = objective(same).sums
+    assert sums["mim_content_correct"].item() == p  # 1/R: every tie goes to row 0, so only its queries hit
+
+
+def test_mim_negatives_is_validated() -> None:
+    with pytest.raises(ConfigError, match="mim_negatives"):
+        apply_overrides(tiny(), ["pretrain.mim_negatives=everything"])
+
+
+def test_itc_through_separate_heads_leaves_the_poolers_to_ap(tmp_path) -> None:
+    base = apply_overrides(tiny(), ["pretrain.batch_size=8", "pretrain.tasks=itc", "model.itc_projection=heads"])
+    model_config = dataclasses.replace(base.model, text=dataclasses.replace(base.model.text, vocab_size=VOCAB))
+    torch.manual_seed(0)
+    model = ViLBERT(model_config).eval()
+    tasks, _ = _build(base.pretrain, rows=8)
+    PretrainObjective(model, base.pretrain)(tasks).loss.backward()
+    for head in (model.itc_text_head, model.itc_vision_head):
+        assert head.dense.weight.grad is not None and head.dense.weight.grad.abs().sum() > 0
+    for pooler in (model.text_pooler, model.vision_pooler):
+        assert pooler.dense.weight.grad is None
+    out = model(tasks.input_ids, tasks.attention_mask, tasks.pixels)
+    text, _ = model.contrastive_embeddings(out)
+    torch.testing.assert_close(text, F.normalize(model.itc_text_head.dense(out.unimodal_text), dim=-1))
+    loaded = ViLBERT.from_pretrained(model.save_pretrained(tmp_path / "export"))  # the heads travel with it
+    torch.testing.assert_close(loaded.itc_text_head.dense.weight, model.itc_text_head.dense.weight)
+    assert not hasattr(ViLBERT(tiny().model), "itc_text_head")  # poolers: no extra parameters

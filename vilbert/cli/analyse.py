@@ -35,8 +35,9 @@ def analyse_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),
 ) -> None:
-    """For every cross layer: mean cosine(pooled text, pooled image) of aligned and of mismatched pairs
-    and their gap; image->text and text->image recall@1/5/10 scored by the alignment head."""
+    """Before the cross stack and after every cross layer: mean cosine(pooled text, pooled image) of
+    aligned and of mismatched pairs, their gap, and each layer's gap against the before row's;
+    image->text and text->image recall@1/5/10 scored by the alignment head."""
     from vilbert.train.analyse import analyse, plot_analysis
     from vilbert.train.distributed import resolve_device
 
@@ -80,12 +81,21 @@ def _default_out(checkpoint: Path) -> Path:
 
 
 def _similarity_table(report) -> Table:
-    table = Table(title=f"cosine(pooled text, pooled image), {report.pairs} pairs", title_justify="left")
-    for column in ("layer", "kind", "aligned", "mismatched", "gap", "gap s.e."):
-        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
-    for s in report.layers:
+    title = f"cosine(pooled text, pooled image), {report.pairs} pairs; vs before: gap - the before row's gap"
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "aligned", "mismatched", "gap", "s.e.", "vs before", "s.e. "):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    before = [report.before] if report.before is not None else []
+    for s in [*before, *report.layers]:
+        first = s.kind == "before"
         table.add_row(
-            str(s.layer), s.kind, f"{s.aligned:.4f}", f"{s.mismatched:.4f}", f"{s.gap:+.4f}", f"{s.gap_stderr:.4f}"
+            s.kind if first else f"{s.layer} {s.kind}",
+            f"{s.aligned:.4f}",
+            f"{s.mismatched:.4f}",
+            f"{s.gap:+.4f}",
+            f"{s.gap_stderr:.4f}",
+            "" if first else f"{s.gap_vs_before:+.4f}",
+            "" if first else f"{s.gap_vs_before_stderr:.4f}",
         )
     return table
 

@@ -32,7 +32,8 @@ records_log.propagate = False
 records_log.setLevel(logging.INFO)
 
 _METRIC_ORDER = (
-    "loss", "mlm_loss", "mlm_acc", "ap_loss", "ap_acc", "ap_whole_acc", "mim_loss", "mim_top1", "itc_loss", "itc_acc"
+    "loss", "mlm_loss", "mlm_acc", "ap_loss", "ap_acc", "ap_whole_acc", "mim_loss", "mim_top1", "mim_content_top1",
+    "itc_loss", "itc_acc",
 )  # fmt: skip
 
 

@@ -7,7 +7,14 @@ from vilbert.model.attention import TransformerLayer, set_fused_attention
 from vilbert.model.cross import CoAttentionLayer, DualSelfAttentionLayer
 from vilbert.model.heads import AlignmentHead, Classifier, MIMProjection, MLMHead, Pooler
 from vilbert.model.text import TextEncoder, text_config_from_hf
-from vilbert.model.vilbert import ViLBERT, ViLBERTOutput, cross_schedule, parameter_counts, without_pretrained_sources
+from vilbert.model.vilbert import (
+    ViLBERT,
+    ViLBERTOutput,
+    check_frozen_parts,
+    cross_schedule,
+    parameter_counts,
+    without_pretrained_sources,
+)
 from vilbert.model.vision import VisionEncoder
 from vilbert.model.weights import normalization_metadata, read_normalization, read_state_dict
 
@@ -29,6 +36,7 @@ __all__ = [
     "read_state_dict",
     "normalization_metadata",
     "read_normalization",
+    "check_frozen_parts",
     "cross_schedule",
     "parameter_counts",
     "without_pretrained_sources",

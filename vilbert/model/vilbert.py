@@ -11,7 +11,7 @@
 The streams' first tokens as they enter the cross stack (`ViLBERTOutput.unimodal_*`) have seen only
 their own modality; the image-text contrastive task compares those.
 
-Heads (MLM, alignment, MIM projection, contrastive projections, classifier) run only when their method is called, so
+Heads (MLM, alignment, MIM projection, ITC's heads with `itc_projection=heads`, classifier) run only when called, so
 `forward` costs the two streams, the cross stack and two poolers.
 """
 
@@ -43,6 +43,7 @@ __all__ = [
     "ViLBERTOutput",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
+    "check_frozen_parts",
     "cross_schedule",
     "parameter_counts",
     "without_pretrained_sources",
@@ -53,8 +54,8 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _DROPPED_HEADS = ("itc_text_head.", "itc_vision_head.")
-"""Separate ITC projections that exports of 2026-11-27 carried; ITC now goes through the poolers, and
-a file with them still loads (they are dropped, with a log line)."""
+"""Separate ITC projections that exports of 2026-11-27 carried without a config key naming them; a
+model with `itc_projection=poolers` drops them (with a log line), one with `heads` loads them."""
 
 
 @dataclass
@@ -124,6 +125,9 @@ class ViLBERT(nn.Module):
         self.alignment_head = AlignmentHead(c.hidden_size, c.dropout)
         self.mim_head = MIMProjection(v.hidden_size, config.mim_projection_dim)
         self.classifier = Classifier(c.hidden_size, config.num_labels, c.dropout)
+        if config.itc_projection == "heads":  # ITC's own maps; else it goes through the poolers' Linear maps
+            self.itc_text_head = Pooler(t.hidden_size, c.hidden_size)
+            self.itc_vision_head = Pooler(v.hidden_size, c.hidden_size)
         for module in self._new_modules():
             module.apply(functools.partial(init_bert_weights, std=config.initializer_range))
         if bert_mlm_head:  # BERT's own MLM transform and bias, as the original loads them
@@ -142,7 +146,14 @@ class ViLBERT(nn.Module):
             self.alignment_head,
             self.mim_head,
             self.classifier,
+            *self._itc_projections(),
         )
+
+    def _itc_projections(self) -> tuple[Pooler, Pooler]:
+        """The (text, vision) maps ITC compares through: `model.itc_projection`'s poolers or heads."""
+        if self.config.itc_projection == "heads":
+            return self.itc_text_head, self.itc_vision_head
+        return self.text_pooler, self.vision_pooler
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -242,15 +253,18 @@ class ViLBERT(nn.Module):
         return self.alignment_head(output.pooled_text, output.pooled_vision)
 
     def contrastive_embeddings(self, output: ViLBERTOutput) -> tuple[Tensor, Tensor]:
-        """Unit-norm `(B, Dc)` embeddings of the unimodal first tokens through the poolers' Linear maps:
-        (text, vision), in the space the pooled product of the alignment head lives in."""
-        return self.text_pooler.embed(output.unimodal_text), self.vision_pooler.embed(output.unimodal_vision)
+        """Unit-norm `(B, Dc)` embeddings of the unimodal first tokens, (text, vision), through the Linear
+        maps `model.itc_projection` names: the poolers' (the space the alignment head's pooled product
+        lives in) or ITC's own heads."""
+        text_map, vision_map = self._itc_projections()
+        return text_map.embed(output.unimodal_text), vision_map.embed(output.unimodal_vision)
 
     def token_contrastive_embeddings(self, output: ViLBERTOutput) -> tuple[Tensor, Tensor]:
         """Unit-norm `(B, T, Dc)` text tokens and `(B, P, Dc)` image patches ([CLS] dropped) of the unimodal
         streams, through the same Linear maps as `contrastive_embeddings` (ITC's token-level term)."""
         text, vision = output.unimodal_text_tokens, output.unimodal_vision_tokens[:, 1:]
-        return self.text_pooler.embed(text), self.vision_pooler.embed(vision)
+        text_map, vision_map = self._itc_projections()
+        return text_map.embed(text), vision_map.embed(vision)
 
     def mim_projection(self, vision_patches: Tensor) -> Tensor:
         """`(B, P, Dv)` patch states (pass `output.vision[:, 1:]`) -> `(B, P, mim_projection_dim)`."""
@@ -334,7 +348,8 @@ class ViLBERT(nn.Module):
             vision=dataclasses.replace(model.config.vision, pretrained=config.vision.pretrained),
         )
         state = read_state_dict(directory / WEIGHTS_NAME)
-        dropped = [k for k in state if k.startswith(_DROPPED_HEADS)]
+        own = model.state_dict()
+        dropped = [k for k in state if k.startswith(_DROPPED_HEADS) and k not in own]
         for key in dropped:
             del state[key]
         result = model.load_state_dict(state, strict=False)
@@ -355,6 +370,23 @@ def cross_schedule(config: ModelConfig) -> list[tuple[int, int]]:
     text = cross.before_text_layer or (config.text.num_layers,) * count
     vision = cross.before_vision_layer or (config.vision.num_layers,) * count
     return list(zip(text, vision, strict=True))
+
+
+def check_frozen_parts(config: ModelConfig) -> None:
+    """Refuse, at a run's start, to freeze an encoder that would stay random.
+
+    Raises:
+        ConfigError: `freeze` names `text` or `vision` while its `pretrained` is unset and
+            `allow_random_frozen` is off; one line naming the keys to set.
+    """
+    random = [part for part in ("text", "vision") if part in config.freeze and getattr(config, part).pretrained is None]
+    if random and not config.allow_random_frozen:
+        keys = " and ".join(f"model.{part}.pretrained" for part in random)
+        streams = " and ".join(random) + (" streams" if len(random) > 1 else " stream")
+        raise ConfigError(
+            f"model.freeze={list(config.freeze)} would keep the {streams} random: set {keys} to the weights, "
+            "leave it out of model.freeze, or set model.allow_random_frozen=true"
+        )
 
 
 def without_pretrained_sources(config: ModelConfig) -> ModelConfig:

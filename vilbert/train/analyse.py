@@ -1,8 +1,10 @@
 """What the cross-modal layers learned: pooled-stream similarity per layer, and retrieval.
 
     cache split -> N pairs (a seeded sample of rows) + a fixed derangement of them
-      -> for every cross layer: cos(pooled_text, pooled_vision) of the aligned pairs (caption i with
-         image i) and of the mismatched pairs (caption i with image perm[i]); the gap between the two
+      -> before the cross stack (the streams' first tokens entering the first cross layer, through the
+       same poolers) and after every cross layer: cos(pooled_text, pooled_vision) of the aligned pairs
+       (caption i with image i) and of the mismatched pairs (caption i with image perm[i]); the gap
+       between the two, and each layer's gap minus the before row's
       -> M x M alignment scores (caption i with image j, the alignment head's logit margin)
          -> recall@1/5/10 image->text and text->image (chance: k / M)
 
@@ -11,6 +13,11 @@ constant offset (the poolers end in a ReLU, so every cosine is >= 0). The mismat
 control: a model that aligns the modalities scores aligned pairs higher than mismatched ones, so the
 gap is positive; an untrained model's gap is about zero. The report carries the standard error of the
 gap (of the per-pair differences) to say what "about zero" means.
+
+The "before" row is the second control. The image-text contrastive task (ITC, with
+`model.itc_projection=poolers`) trains the poolers' Linear maps on exactly those unimodal first tokens,
+so a gap there is made before any co-attention; a cross layer's own contribution is its gap minus that
+one (`gap_vs_before`), not its gap.
 
 Cost: the similarity is 2N forward passes; retrieval is M^2 (every caption with every image through
 the whole model, batched), so `retrieval_pairs` stays small for big models.
@@ -37,6 +44,7 @@ from vilbert.train.scoring import binary_scores, retrieval_recall
 from vilbert.train.splits import open_cache
 
 __all__ = [
+    "BEFORE",
     "LayerSimilarity",
     "AnalysisReport",
     "fixed_derangement",
@@ -53,9 +61,14 @@ Progress = Callable[[dict[str, Any]], None]
 RECALL_KS = (1, 5, 10)
 
 
+BEFORE = "before"
+"""The `kind` of the row measured on the streams entering the first cross layer."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerSimilarity:
-    """Mean cosine similarity of the pooled streams after one cross layer."""
+    """Mean cosine similarity of the pooled streams after one cross layer (or before the first: `kind`
+    `before`, `layer` -1)."""
 
     layer: int
     kind: str
@@ -65,6 +78,10 @@ class LayerSimilarity:
     """aligned - mismatched."""
     gap_stderr: float
     """Standard error of the mean per-pair difference (aligned_i - mismatched_i)."""
+    gap_vs_before: float = 0.0
+    """gap - the `before` row's gap: what this layer adds to the gap the unimodal streams already have."""
+    gap_vs_before_stderr: float = 0.0
+    """Standard error of that change (of the per-pair differences of differences)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +95,9 @@ class AnalysisReport:
     seed: int
     layers: list[LayerSimilarity]
     retrieval: dict[str, float]
+    before: LayerSimilarity | None = None
+    """The same measure on the unimodal first tokens (the streams entering the first cross layer) through
+    the same poolers: the gap that exists before any co-attention."""
     chance: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,33 +155,45 @@ def _forward(
 @torch.no_grad()
 def layer_similarity(
     model: ViLBERT, pairs: PairSet, normalizer: PixelNormalizer, *, seed: int = 0, batch_size: int = 64
-) -> list[LayerSimilarity]:
-    """Per cross layer, the cosine similarity of the pooled streams for aligned and mismatched pairs."""
+) -> tuple[LayerSimilarity, list[LayerSimilarity]]:
+    """The cosine similarity of the pooled streams for aligned and mismatched pairs: before the cross
+    stack (the unimodal first tokens through the same poolers), and after each cross layer."""
     n = len(pairs)
     perm = torch.from_numpy(fixed_derangement(n, seed)).to(pairs.input_ids.device)
-    kinds = model.config.cross.pattern
-    aligned = torch.zeros(len(kinds), n, dtype=torch.float64)
+    kinds = (BEFORE, *model.config.cross.pattern)
+    aligned = torch.zeros(len(kinds), n, dtype=torch.float64)  # row 0: before the cross stack
     mismatched = torch.zeros_like(aligned)
     for start in range(0, n, batch_size):
         text = torch.arange(start, min(start + batch_size, n), device=perm.device)
         for images, out in ((text, aligned), (perm[text], mismatched)):
             result = _forward(model, pairs, text, images, normalizer, output_layers=True)
-            for layer, (pooled_text, pooled_vision) in enumerate(result.layer_pooled):
+            before = (
+                model.text_pooler(result.unimodal_text_tokens),
+                model.vision_pooler(result.unimodal_vision_tokens),
+            )
+            for row, (pooled_text, pooled_vision) in enumerate([before, *result.layer_pooled]):
                 cos = F.cosine_similarity(pooled_text.float(), pooled_vision.float(), dim=-1, eps=1e-8)
-                out[layer, start : start + len(text)] = cos.double().cpu()
-    diff = aligned - mismatched
-    stderr = diff.std(dim=1, unbiased=True) / math.sqrt(n) if n > 1 else torch.zeros(len(kinds))
-    return [
+                out[row, start : start + len(text)] = cos.double().cpu()
+    diff = aligned - mismatched  # (1 + L, N)
+    change = diff - diff[:1]  # each row's per-pair gap minus the before row's
+    rows = [
         LayerSimilarity(
-            layer=i,
+            layer=i - 1,
             kind=kinds[i],
             aligned=float(aligned[i].mean()),
             mismatched=float(mismatched[i].mean()),
             gap=float(diff[i].mean()),
-            gap_stderr=float(stderr[i]),
+            gap_stderr=_stderr(diff[i]),
+            gap_vs_before=float(change[i].mean()),
+            gap_vs_before_stderr=_stderr(change[i]),
         )
         for i in range(len(kinds))
     ]
+    return rows[0], rows[1:]
+
+
+def _stderr(values: torch.Tensor) -> float:
+    return float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 @torch.no_grad()
@@ -217,7 +249,7 @@ def analyse_model(
     model.eval()
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            layers = layer_similarity(model, pair_set, normalizer, seed=seed, batch_size=batch_size)
+            before, layers = layer_similarity(model, pair_set, normalizer, seed=seed, batch_size=batch_size)
             if progress is not None:
                 progress({"kind": "similarity", "layers": len(layers)})
             subset = PairSet(
@@ -233,6 +265,7 @@ def analyse_model(
         retrieval_pairs=m,
         seed=seed,
         layers=layers,
+        before=before,
         retrieval=retrieval_recall(scores, RECALL_KS),
         chance={f"r{k}": min(k / m, 1.0) for k in RECALL_KS},
     )
@@ -266,7 +299,8 @@ def analyse(
 
 
 def plot_analysis(report: AnalysisReport, path: str | Path) -> Path:
-    """A PNG: similarity per cross layer (aligned, mismatched, gap +- 2 s.e.) and recall@k vs chance."""
+    """A PNG: similarity before the cross stack and per cross layer (aligned, mismatched, gap +- 2 s.e.),
+    and recall@k vs chance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,23 +309,24 @@ def plot_analysis(report: AnalysisReport, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    x = np.arange(len(report.layers))
-    labels = [f"{s.layer}:{s.kind}" for s in report.layers]
-    left.plot(x, [s.aligned for s in report.layers], "o-", label="aligned")
-    left.plot(x, [s.mismatched for s in report.layers], "s--", label="mismatched")
+    rows = ([report.before] if report.before is not None else []) + list(report.layers)
+    x = np.arange(len(rows))
+    labels = [s.kind if s.kind == BEFORE else f"{s.layer}:{s.kind}" for s in rows]
+    left.plot(x, [s.aligned for s in rows], "o-", label="aligned")
+    left.plot(x, [s.mismatched for s in rows], "s--", label="mismatched")
     gap = left.twinx()
     gap.bar(
         x,
-        [s.gap for s in report.layers],
-        yerr=[2 * s.gap_stderr for s in report.layers],
+        [s.gap for s in rows],
+        yerr=[2 * s.gap_stderr for s in rows],
         alpha=0.3,
-        color="tab:green",
+        color=["tab:gray" if s.kind == BEFORE else "tab:green" for s in rows],
         label="gap",
     )
     gap.axhline(0.0, color="tab:green", linewidth=0.8)
     gap.set_ylabel("gap (aligned - mismatched)")
     left.set_xticks(x, labels)
-    left.set_xlabel("cross layer")
+    left.set_xlabel("cross layer (before: the streams entering the first)")
     left.set_ylabel("mean cosine(pooled text, pooled image)")
     left.set_title(f"pooled-stream similarity, {report.pairs} pairs")
     left.legend(loc="upper left", fontsize=8)

@@ -33,7 +33,7 @@ from torch import nn
 from vilbert.cache import CacheReader
 from vilbert.config import Config
 from vilbert.errors import UsageError
-from vilbert.model import ViLBERT
+from vilbert.model import ViLBERT, check_frozen_parts
 from vilbert.model.attention import init_bert_weights
 from vilbert.overrides import config_from_dict, config_to_dict
 from vilbert.train.checkpoint import FINETUNE_FORMAT, model_from_checkpoint
@@ -115,7 +115,9 @@ class Finetuning:
             self.init_path, self.init_kind = resumed["init"], resumed["init_kind"]
         elif self.options.init is None:
             self.config = fit_config_to_cache(config, self.train_reader)
+            check_frozen_parts(self.config.model)
             model = ViLBERT(self.config.model)
+            self.config = dataclasses.replace(self.config, model=model.config)  # + the weights' normalization
         else:
             model = self._initial_model(config)
         model.freeze(self.config.model.freeze)

@@ -9,6 +9,7 @@ The loop itself (resume, SIGTERM, DDP, accumulation, checkpoints, metrics) is `t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from vilbert.cache import BatchLoader
 from vilbert.config import Config
 from vilbert.errors import CacheError, CheckpointError
-from vilbert.model import ViLBERT
+from vilbert.model import ViLBERT, check_frozen_parts
 from vilbert.overrides import config_from_dict, config_to_dict
 from vilbert.train.checkpoint import PRETRAIN_FORMAT, load_checkpoint
 from vilbert.train.distributed import DistContext, all_reduce_sums
@@ -80,13 +81,16 @@ class Pretraining:
         self.vocab_size = self.train_reader.manifest.vocab_size
 
     def build(self, ctx: DistContext, resumed: dict[str, Any] | None) -> ViLBERT:
-        if resumed is not None and resumed["config"]["model"] != config_to_dict(self.config)["model"]:
+        check_frozen_parts(self.config.model)
+        requested = config_to_dict(self.config)["model"]
+        self.ctx = ctx
+        self.model = ViLBERT(self.config.model).to(ctx.device)
+        self.config = dataclasses.replace(self.config, model=self.model.config)  # + the weights' normalization
+        if resumed is not None and resumed["config"]["model"] not in (config_to_dict(self.config)["model"], requested):
             raise CheckpointError(
                 f"{resumed['path']} was written with another model config; resume with the "
                 "run's own config (only pretrain.* keys may change)"
             )
-        self.ctx = ctx
-        self.model = ViLBERT(self.config.model).to(ctx.device)
         self.normalizer = pixel_normalizer(self.train_reader, self.model, ctx.device)
         self.module = PretrainObjective(self.model, self.cfg)
         self.generator = torch.Generator(device=ctx.device)

@@ -11,8 +11,12 @@ spends its second forward pass on rows whose caption is their own.
 - **MIM** (contrastive, ConMIM-style): projected, L2-normalized patch representations of the masked
   view (queries) against those of the unmasked view (keys) of the same image; InfoNCE with
   temperature tau where the positive of the patch at position p is the target patch at p and the
-  negatives are the image's other patches. Queries at `masked` positions (default), `unmasked` ones
-  (the thesis) or `all`. Top-1 = the positive scores highest (chance: 1/P).
+  negatives are the image's other patches (`mim_negatives=image`), or also every patch of the other MIM
+  rows' images (`batch`). Queries at `masked` positions (default), `unmasked` ones (the thesis) or
+  `all`. Top-1 = the positive scores highest (chance: 1/P, or 1/(R*P) with `batch`). Both views carry
+  the same position embeddings, so with `image` negatives position alone can find the positive;
+  `mim_content_top1` asks what only content can answer: among the R images' target patches at the
+  query's own position, is its own image's the best (chance: 1/R)?
 - **ITC** (image-text contrastive, ALBEF): the first tokens of both streams as they enter the cross
   stack, through the poolers' Linear maps and L2-normalized (`model.contrastive_embeddings`), so ITC
   aligns the pooled space the AP head multiplies in; symmetric InfoNCE over the aligned rows among the
@@ -232,12 +236,19 @@ class PretrainObjective(nn.Module):
             keys = self.model.mim_projection(target.vision[:, 1:])  # (R, P, d)
         queries = F.normalize(queries.float(), dim=-1)
         keys = F.normalize(keys.float(), dim=-1)
-        logits = queries @ keys.transpose(1, 2) / self.config.mim_temperature  # (R, P, P): query p vs key q
+        r, p = queries.shape[:2]
         mask = batch.image_mask[rows]
         positions = {"masked": mask, "unmasked": ~mask, "all": torch.ones_like(mask)}[self.config.mim_positions]
         if self.config.align_only_for_mlm_mim:
             positions = positions & batch.aligned[rows, None]
-        targets = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (R, P): the same position
+        own = torch.arange(p, device=mask.device).expand(r, p)  # (R, P): the same position of the same image
+        if self.config.mim_negatives == "batch":  # query (i, p) against every key of every MIM row
+            logits = queries @ keys.reshape(r * p, -1).T / self.config.mim_temperature  # (R, P, R*P)
+            targets = own + p * torch.arange(r, device=mask.device)[:, None]  # key (i, p) sits at i*P + p
+        else:
+            logits = queries @ keys.transpose(1, 2) / self.config.mim_temperature  # (R, P, P): query p vs key q
+            targets = own
+        _content_top1(sums, queries.detach(), keys.detach(), positions)
         return _record(sums, "mim", logits[positions], targets[positions], fallback=out.vision)
 
     def _itc(self, out, batch: TaskBatch, sums: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -262,6 +273,23 @@ class PretrainObjective(nn.Module):
             token_loss = _symmetric_infonce(scores / self.config.itc_temperature, targets)
             loss = loss + self.config.itc_token_weight * token_loss
         return _store(sums, "itc", loss, hits, count)
+
+
+def _content_top1(
+    sums: dict[str, torch.Tensor], queries: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """`mim_content_*` sums: query (i, p) is a hit when, among the keys at the same position p of all R
+    images, its own image's scores highest (chance 1/R). Position embeddings cannot tell these apart, so
+    only what the patch shows can."""
+    r = queries.shape[0]
+    if r < 2:  # no other image: nothing to tell apart (written anyway, so every rank reduces the same keys)
+        sums["mim_content_correct"] = sums["mim_content_count"] = torch.zeros((), device=queries.device)
+        return
+    scores = torch.einsum("ipd,jpd->ipj", queries, keys)  # (R, P, R): query (i, p) vs key (j, p)
+    own = torch.arange(r, device=scores.device)[:, None].expand_as(positions)
+    hits = (scores.argmax(-1) == own) & positions
+    sums["mim_content_correct"] = hits.sum().float()
+    sums["mim_content_count"] = positions.sum().float()
 
 
 def token_similarity(tokens: torch.Tensor, words: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -344,7 +372,7 @@ def whole_caption_alignment(
 
 def summarize(sums: dict[str, float], config: PretrainConfig) -> dict[str, float]:
     """Per-task mean loss and accuracy from accumulated sums, and `loss`, the weighted total (plus
-    `ap_whole_acc` where the sums hold `whole_caption_alignment`'s)."""
+    `ap_whole_acc` where the sums hold `whole_caption_alignment`'s, `mim_content_top1` where MIM had two rows)."""
     metrics: dict[str, float] = {}
     total = 0.0
     for task in config.tasks:
@@ -355,6 +383,8 @@ def summarize(sums: dict[str, float], config: PretrainConfig) -> dict[str, float
         metrics[ACCURACY_NAMES[task]] = sums[f"{task}_correct"] / count
         total += getattr(config, f"{task}_weight") * metrics[f"{task}_loss"]
     metrics["loss"] = total
+    if sums.get("mim_content_count", 0.0) > 0:
+        metrics["mim_content_top1"] = sums["mim_content_correct"] / sums["mim_content_count"]
     if sums.get("ap_whole_count", 0.0) > 0:
         metrics["ap_whole_acc"] = sums["ap_whole_correct"] / sums["ap_whole_count"]
     return metrics

@@ -46,7 +46,7 @@ from vilbert.train.distributed import (
     wrap_ddp,
 )
 from vilbert.train.metrics import Accumulator, MetricsWriter, StepClock, peak_memory_mb
-from vilbert.train.optim import build_optimizer, build_scheduler
+from vilbert.train.optim import build_optimizer, build_scheduler, pretrained_encoder_scale, warmup_steps_of
 from vilbert.train.preemption import StopRequest
 
 __all__ = ["LoopSettings", "StepOutput", "Objective", "TrainOptions", "TrainResult", "Trainer", "train"]
@@ -77,12 +77,22 @@ class LoopSettings:
     drop_last: bool
     """Pretraining drops the short last batch (every task sub-batch full); fine-tuning sees every row."""
     log_sample_indices: bool
+    warmup_ratio: float = 0.0
+    """Warmup as a share of the run's steps, where `warmup_steps` is 0 (Lu et al.: 0.1)."""
+    pretrained_lr_scale: float = 1.0
+    """Learning-rate factor of the encoders that loaded pretrained weights (Lu et al.: 0.1 for BERT)."""
 
     @classmethod
     def from_section(cls, section: Any, **fixed: Any) -> LoopSettings:
-        """The loop's fields of a config section (`pretrain`, `finetune`), and `fixed` ones it lacks."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
-        return cls(**fixed, **{name: getattr(section, name) for name in names})
+        """The loop's fields of a config section (`pretrain`, `finetune`), and `fixed` ones it lacks;
+        a field with a default may be missing from the section."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name in fixed:
+                continue
+            if field.default is dataclasses.MISSING or hasattr(section, field.name):
+                values[field.name] = getattr(section, field.name)
+        return cls(**fixed, **values)
 
 
 @dataclass
@@ -215,9 +225,15 @@ class Trainer:
         self.loader = self._loader()
         self.steps_per_epoch = -(-len(self.loader) // settings.grad_accum)
         self.total_steps = settings.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = build_optimizer(
+            self.model,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            lr_scale=pretrained_encoder_scale(self.model.config, settings.pretrained_lr_scale),
+        )
+        warmup = warmup_steps_of(settings.warmup_steps, settings.warmup_ratio, self.total_steps)
         self.scheduler = build_scheduler(
-            self.optimizer, warmup_steps=settings.warmup_steps, total_steps=self.total_steps, schedule=settings.schedule
+            self.optimizer, warmup_steps=warmup, total_steps=self.total_steps, schedule=settings.schedule
         )
         torch.manual_seed(settings.seed + ctx.rank)  # dropout differs between ranks
         self.step = 0
