@@ -24,6 +24,7 @@ from vilbert.train.distributed import (
     wrap_ddp,
 )
 from vilbert.train.evaluate import LoadedModel, evaluate, load_model, predict
+from vilbert.train.export import ExportResult, export_run
 from vilbert.train.finetune import FinetuneOptions, FinetuneResult, finetune
 from vilbert.train.masking import (
     ALIGNED,
@@ -73,6 +74,8 @@ __all__ = [
     "load_checkpoint",
     "find_checkpoint",
     "export_checkpoint",
+    "ExportResult",
+    "export_run",
     "capture_rng",
     "restore_rng",
     "unwrap_model",
