@@ -19,6 +19,10 @@ Policy:
   literal in any spelling before the request, a name in the connector's resolver on every address
   it resolves to (so DNS rebinding cannot slip through), and every socket again on the address it
   connects to (the connector's socket factory).
+- **TLS**: certificates and host names are verified against the system's CA store (`SSL_CERT_FILE`
+  and `SSL_CERT_DIR` honoured) or `ca_bundle`. A certificate the client cannot trust (self-signed,
+  unknown CA, another host's name, expired) or a failed handshake is `tls-error`: permanent, never
+  retried, since the same certificate fails the same way.
 - **Memory**: the bytes of bodies held at once (read, or waiting to be decoded until the caller's
   `release`) stay within `max_body_memory` (`BodyBudget`); a read waits for room inside its deadline.
 - **Opt-out**: an `X-Robots-Tag` header naming one of `opt_out_tokens` (default `noai`,
@@ -29,17 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import random
+import ssl
 import sys
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from time import time as wall_time
 
 import aiohttp
 from yarl import URL
 
 import vilbert
+from vilbert.errors import UsageError
 from vilbert.pipeline.fetch.addresses import (
     AddressPolicy,
     CheckingResolver,
@@ -55,6 +63,7 @@ __all__ = [
     "Downloader",
     "DEFAULT_USER_AGENT",
     "TRANSIENT_REASONS",
+    "tls_context",
 ]
 
 DEFAULT_USER_AGENT = (
@@ -92,6 +101,9 @@ class NetworkOptions:
     opt_out_tokens: tuple[str, ...] = ("noai", "noimageai")
     """X-Robots-Tag directives that mean "do not use for AI"; empty to ignore the header."""
     dns_cache_ttl_s: int = 300
+    ca_bundle: str | None = None
+    """A PEM file of the CA certificates to trust for https, instead of the system's store (like curl's
+    --cacert); None: the system's store, or the file/directory in `SSL_CERT_FILE`/`SSL_CERT_DIR` when set."""
     max_body_memory: int = 0
     """Bytes of bodies held at once, being read or waiting to be decoded; 0: `default_body_memory`."""
 
@@ -175,6 +187,7 @@ class Downloader:
             limit=opts.max_in_flight,
             limit_per_host=0,  # per-host waiting happens before the deadline starts (see get)
             ttl_dns_cache=opts.dns_cache_ttl_s,
+            ssl=tls_context(opts.ca_bundle),
             resolver=None if policy is None else CheckingResolver(policy),
             socket_factory=None if policy is None else checking_socket_factory(policy),
             enable_cleanup_closed=True,
@@ -371,10 +384,46 @@ def _record(result: Download, failure: _Failure) -> None:
     result.message, result.transient = str(failure), failure.transient
 
 
+def tls_context(ca_bundle: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """The TLS settings of every https request: certificates and host names verified (TLS 1.2+), against
+    `ca_bundle` when given, else the system's CA store (which OpenSSL takes from `SSL_CERT_FILE` /
+    `SSL_CERT_DIR` when they are set).
+
+    Raises:
+        UsageError: `ca_bundle` is missing or holds no PEM certificate.
+    """
+    if ca_bundle is None:
+        return ssl.create_default_context()
+    path = Path(ca_bundle)
+    if not path.is_file():
+        raise UsageError(f"--ca-bundle {path}: no such file (a PEM file of CA certificates)")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError, OSError) as err:
+        raise UsageError(f"--ca-bundle {path}: not a PEM file of CA certificates ({err})") from None
+
+
+def _tls_failure(err: aiohttp.ClientSSLError) -> _Failure:
+    """A certificate the client cannot trust, or a handshake that failed: permanent until someone changes
+    the server or the trusted CAs, so never retried."""
+    where = f"{err.host}:{err.port}"
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        cert_error = err.certificate_error
+        why = getattr(cert_error, "verify_message", "") or str(cert_error)
+        return _Failure(
+            "tls-error",
+            f"certificate of {where} rejected: {why}; if a private CA signed it, pass --ca-bundle FILE "
+            "(or set SSL_CERT_FILE)",
+        )
+    return _Failure("tls-error", f"TLS handshake with {where} failed: {err.os_error}")
+
+
 def _classify(err: aiohttp.ClientError) -> _Failure:
     """Name what aiohttp raised; connection trouble is transient, protocol nonsense is not."""
     if isinstance(err, aiohttp.ClientConnectorError) and isinstance(err.os_error, RefusedAddress):
         return _refusal(err.os_error)  # by the resolver (a name) or the socket factory (any socket)
+    if isinstance(err, aiohttp.ClientSSLError):
+        return _tls_failure(err)
     if isinstance(err, aiohttp.ClientConnectorDNSError):
         return _Failure("dns-error", f"cannot resolve {err.host}: {err.os_error}", transient=True)
     if isinstance(err, aiohttp.ClientPayloadError):
