@@ -4,44 +4,17 @@ and `--ca-bundle` honoured, and every certificate a client must not trust failin
 from __future__ import annotations
 
 import asyncio
-import io
-from collections import Counter
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from PIL import Image
 
 from vilbert.pipeline.fetch import fetch_cc, read_failures
 from vilbert.pipeline.fetch.network import Downloader, NetworkOptions
 
-from .fetch_helpers import BackgroundServer, loopback_options, saved_rows
-from .tls_support import Certificates, make_certificates, server_context
+from .fetch_helpers import loopback_options, saved_rows
+from .tls_support import Certificates, ImageServer, jpeg_bytes, make_certificates
 
 IMAGES = 12
-
-
-def _jpeg(i: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64 + i, 48), (20 * i % 256, 90, 160)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-class ImageServer(BackgroundServer):
-    """Serves `/img-N.jpg` over https with the given certificate; counts the requests that got through."""
-
-    def __init__(self, cert_and_key: tuple[Path, Path]) -> None:
-        super().__init__()
-        self.ssl_context = server_context(cert_and_key)
-        self.hits: Counter = Counter()
-
-    def routes(self):
-        return [("127.0.0.1", self.handle)]
-
-    async def handle(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        self.hits[name] += 1
-        return web.Response(body=_jpeg(int(name.removeprefix("img-").removesuffix(".jpg"))))
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +60,10 @@ def test_a_good_certificate_is_trusted_through_ca_bundle_or_ssl_cert_file(certs,
     with ImageServer(certs.good) as server:
         for host in ("127.0.0.1", "localhost"):
             result = _get(f"https://{host}:{server.port}/img-3.jpg", ca_bundle=str(certs.ca))
-            assert result.body == _jpeg(3), (result.reason, result.message)
+            assert result.body == jpeg_bytes(3), (result.reason, result.message)
         monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))  # the system store, pointed at the test CA
         result = _get(f"https://127.0.0.1:{server.port}/img-4.jpg")
-        assert result.body == _jpeg(4), (result.reason, result.message)
+        assert result.body == jpeg_bytes(4), (result.reason, result.message)
 
 
 def _tsv(path: Path, port: int) -> Path:

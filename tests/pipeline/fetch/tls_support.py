@@ -7,13 +7,19 @@ and 127.0.0.1 (good), one the CA signs for another host name (wrong host), and o
 
 from __future__ import annotations
 
+import io
 import shutil
 import ssl
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from PIL import Image
+
+from .fetch_helpers import BackgroundServer
 
 _KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 _LEAF_EXTENSIONS = """basicConstraints = critical, CA:FALSE
@@ -74,3 +80,27 @@ def server_context(cert_and_key: tuple[Path, Path]) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(cert_and_key[0]), str(cert_and_key[1]))
     return context
+
+
+def jpeg_bytes(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64 + i, 48), (20 * i % 256, 90, 160)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+class ImageServer(BackgroundServer):
+    """Serves `/img-N.jpg` (`jpeg_bytes(N)`) over https with the given certificate, or over http without one;
+    counts the requests that got through."""
+
+    def __init__(self, cert_and_key: tuple[Path, Path] | None = None) -> None:
+        super().__init__()
+        self.ssl_context = None if cert_and_key is None else server_context(cert_and_key)
+        self.hits: Counter = Counter()
+
+    def routes(self):
+        return [("127.0.0.1", self.handle)]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.hits[name] += 1
+        return web.Response(body=jpeg_bytes(int(name.removeprefix("img-").removesuffix(".jpg"))))

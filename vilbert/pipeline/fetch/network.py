@@ -23,6 +23,9 @@ Policy:
   and `SSL_CERT_DIR` honoured) or `ca_bundle`. A certificate the client cannot trust (self-signed,
   unknown CA, another host's name, expired) or a failed handshake is `tls-error`: permanent, never
   retried, since the same certificate fails the same way.
+- **Proxies**: `proxy`, else `HTTPS_PROXY`/`HTTP_PROXY`, minus `NO_PROXY` (`proxies.py`). The proxy
+  resolves names, so the policy judges only address literals (before anything is sent) and allows
+  the sockets to the proxy itself. A proxy that cannot be reached or refuses is `proxy-error`.
 - **Memory**: the bytes of bodies held at once (read, or waiting to be decoded until the caller's
   `release`) stay within `max_body_memory` (`BodyBudget`); a read waits for room inside its deadline.
 - **Opt-out**: an `X-Robots-Tag` header naming one of `opt_out_tokens` (default `noai`,
@@ -32,9 +35,12 @@ Policy:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import ipaddress
 import os
 import random
+import socket
 import ssl
 import sys
 import time
@@ -47,7 +53,7 @@ import aiohttp
 from yarl import URL
 
 import vilbert
-from vilbert.errors import UsageError
+from vilbert.errors import FetchError, UsageError
 from vilbert.pipeline.fetch.addresses import (
     AddressPolicy,
     CheckingResolver,
@@ -56,6 +62,7 @@ from vilbert.pipeline.fetch.addresses import (
     host_address,
 )
 from vilbert.pipeline.fetch.budget import BodyBudget, default_body_memory
+from vilbert.pipeline.fetch.proxies import ProxyChoice, redact_proxy
 
 __all__ = [
     "NetworkOptions",
@@ -102,6 +109,9 @@ class NetworkOptions:
     """X-Robots-Tag directives that mean "do not use for AI"; empty to ignore the header."""
     dns_cache_ttl_s: int = 300
     ca_bundle: str | None = None
+    proxy: str | None = None
+    """A forward proxy for every request (`http://[user:password@]host:port`); None: `HTTPS_PROXY` /
+    `HTTP_PROXY` from the environment, if set. `NO_PROXY` applies either way (`proxies.py`)."""
     """A PEM file of the CA certificates to trust for https, instead of the system's store (like curl's
     --cacert); None: the system's store, or the file/directory in `SSL_CERT_FILE`/`SSL_CERT_DIR` when set."""
     max_body_memory: int = 0
@@ -177,12 +187,15 @@ class Downloader:
     def __init__(self, options: NetworkOptions, policy: AddressPolicy | None = None) -> None:
         self.options = options
         self.policy = None if options.allow_private_networks else (policy or AddressPolicy())
+        self.proxies = ProxyChoice.from_environment(options.proxy)
         self.budget = BodyBudget(options.max_body_memory or default_body_memory(options.max_bytes))
         self._session: aiohttp.ClientSession | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
     async def __aenter__(self) -> Downloader:
         opts, policy = self.options, self.policy
+        if policy is not None and self.proxies.proxies():
+            policy = await _allowing_proxies(policy, self.proxies.proxies())
         connector = aiohttp.TCPConnector(
             limit=opts.max_in_flight,
             limit_per_host=0,  # per-host waiting happens before the deadline starts (see get)
@@ -283,7 +296,8 @@ class Downloader:
         current = self._checked_url(url)
         for _hop in range(self.options.max_redirects + 1):
             try:
-                async with self._session.get(current, allow_redirects=False) as response:
+                proxy = self.proxies.for_url(current)
+                async with self._session.get(current, allow_redirects=False, proxy=proxy) as response:
                     if response.status in _REDIRECTS and "Location" in response.headers:
                         current = self._checked_url(response.headers["Location"], base=current)
                         continue
@@ -384,6 +398,23 @@ def _record(result: Download, failure: _Failure) -> None:
     result.message, result.transient = str(failure), failure.transient
 
 
+async def _allowing_proxies(policy: AddressPolicy, proxies: tuple[URL, ...]) -> AddressPolicy:
+    """`policy` that also allows the sockets to the proxies: the user chose them, and a proxy usually sits on
+    a private network. Their names are resolved once, here.
+
+    Raises:
+        FetchError: A proxy name that does not resolve.
+    """
+    loop, networks = asyncio.get_running_loop(), []
+    for proxy in proxies:
+        try:
+            infos = await loop.getaddrinfo(proxy.raw_host, proxy.port, type=socket.SOCK_STREAM)
+        except OSError as err:
+            raise FetchError(f"cannot resolve the proxy {redact_proxy(str(proxy))}: {err}") from None
+        networks += [ipaddress.ip_network(info[4][0].split("%", 1)[0]) for info in infos]
+    return dataclasses.replace(policy, exempt=(*policy.exempt, *networks))
+
+
 def tls_context(ca_bundle: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
     """The TLS settings of every https request: certificates and host names verified (TLS 1.2+), against
     `ca_bundle` when given, else the system's CA store (which OpenSSL takes from `SSL_CERT_FILE` /
@@ -424,6 +455,13 @@ def _classify(err: aiohttp.ClientError) -> _Failure:
         return _refusal(err.os_error)  # by the resolver (a name) or the socket factory (any socket)
     if isinstance(err, aiohttp.ClientSSLError):
         return _tls_failure(err)
+    if isinstance(err, aiohttp.ClientProxyConnectionError):
+        return _Failure("proxy-error", f"cannot connect to the proxy: {err.os_error}", transient=True)
+    if isinstance(err, aiohttp.ClientHttpProxyError):
+        return _Failure(
+            "proxy-error", f"the proxy answered HTTP {err.status} {err.message}", status=err.status,
+            transient=err.status >= 500 or err.status in (408, 429),
+        )  # fmt: skip
     if isinstance(err, aiohttp.ClientConnectorDNSError):
         return _Failure("dns-error", f"cannot resolve {err.host}: {err.os_error}", transient=True)
     if isinstance(err, aiohttp.ClientPayloadError):
