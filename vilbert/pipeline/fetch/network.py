@@ -9,9 +9,10 @@ Policy:
   the full body - not each socket read, so a trickling or stalled body cannot hold a slot longer.
   A deadline hit before the headers arrived is retried; one hit while reading the body is not (it
   would cost another full deadline) but is recorded as transient, so a rerun retries it.
-- **Retries**: timeouts, connection errors, 5xx, 408 and 429 are transient and retried up to
+- **Retries**: timeouts, connection errors, DNS errors, 5xx, 408 and 429 are transient and retried up to
   `retries` times with exponential backoff and full jitter; 429/503 honour `Retry-After` (up to
-  `max_retry_after_s`). 404 and every other answer are permanent and never retried.
+  `max_retry_after_s`). 404 and every other answer are permanent and never retried. A name that
+  does not exist (`dns-error`, "no such host") is left for a rerun instead of retried in the run.
 - **Safety**: http and https only; redirects are followed by hand so every hop is checked. Unless
   `allow_private_networks`, only globally routable addresses are connected to (`addresses.py`: the
   policy, wrapped IPv4 forms and metadata services); anything else is `private-address`, naming the
@@ -71,6 +72,7 @@ __all__ = [
     "DEFAULT_USER_AGENT",
     "TRANSIENT_REASONS",
     "tls_context",
+    "classify_client_error",
 ]
 
 DEFAULT_USER_AGENT = (
@@ -303,7 +305,7 @@ class Downloader:
                         continue
                     return await self._read(response, state)
             except aiohttp.ClientError as err:
-                raise _classify(err) from err
+                raise classify_client_error(err) from err
         raise _Failure("too-many-redirects", f"more than {self.options.max_redirects} redirects, last {current}")
 
     def _checked_url(self, text: str, base: URL | None = None) -> URL:
@@ -449,8 +451,21 @@ def _tls_failure(err: aiohttp.ClientSSLError) -> _Failure:
     return _Failure("tls-error", f"TLS handshake with {where} failed: {err.os_error}")
 
 
-def _classify(err: aiohttp.ClientError) -> _Failure:
-    """Name what aiohttp raised; connection trouble is transient, protocol nonsense is not."""
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def _dns_failure(err: aiohttp.ClientConnectorDNSError) -> _Failure:
+    """A name that does not resolve. "No such name" (NXDOMAIN, no address) answers the same within a run, so
+    it is not retried in the run, but a rerun tries again (domains come back); a temporary failure (an
+    overloaded or unreachable resolver, the usual trouble of large runs) is retried with backoff."""
+    if getattr(err.os_error, "errno", None) in _NO_SUCH_NAME:
+        return _Failure("dns-error", f"no such host {err.host}: {err.os_error}", transient=True, retry=False)
+    return _Failure("dns-error", f"cannot resolve {err.host}: {err.os_error}", transient=True)
+
+
+def classify_client_error(err: aiohttp.ClientError) -> _Failure:
+    """Name what aiohttp raised; connection trouble is transient, protocol nonsense is not. The result has
+    `reason`, `transient` and `retry` (whether the run retries it)."""
     if isinstance(err, aiohttp.ClientConnectorError) and isinstance(err.os_error, RefusedAddress):
         return _refusal(err.os_error)  # by the resolver (a name) or the socket factory (any socket)
     if isinstance(err, aiohttp.ClientSSLError):
@@ -463,7 +478,7 @@ def _classify(err: aiohttp.ClientError) -> _Failure:
             transient=err.status >= 500 or err.status in (408, 429),
         )  # fmt: skip
     if isinstance(err, aiohttp.ClientConnectorDNSError):
-        return _Failure("dns-error", f"cannot resolve {err.host}: {err.os_error}", transient=True)
+        return _dns_failure(err)
     if isinstance(err, aiohttp.ClientPayloadError):
         return _Failure("truncated", f"incomplete body: {err}", transient=True)
     if isinstance(err, aiohttp.ServerDisconnectedError):
