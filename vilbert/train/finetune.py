@@ -146,7 +146,7 @@ class _Session:
                 log.warning("no %r split under %s: it will not be evaluated", name, options.data)
         self.run_dir = Path(options.run_dir)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=self.cfg.keep_last)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", progress)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", progress, tensorboard=config.finetune.tensorboard)
         self._build(config)
 
     # ------------------------------------------------------------------------------- building

@@ -188,7 +188,9 @@ class _Session:
         self.vocab_size = self.train_reader.manifest.vocab_size
         self.run_dir = Path(options.run_dir)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=self.cfg.keep_last, enabled=ctx.is_main)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if ctx.is_main else None, progress)
+        self.metrics = MetricsWriter(
+            self.run_dir / "metrics.jsonl" if ctx.is_main else None, progress, tensorboard=self.cfg.tensorboard
+        )
         self.progress = progress if ctx.is_main else None
         self._build()
 
