@@ -38,6 +38,7 @@ def test_a_row_is_zero_copy_views_of_the_mapped_shards(request, fixture) -> None
             assert any(low <= address < high for low, high in mapped_ranges(dataset.reader.shard_paths[shard]))
     with pytest.raises(IndexError):
         dataset[20]
+    assert torch.equal(dataset[torch.tensor(3)]["input_ids"], dataset[3]["input_ids"])
 
 
 def test_a_plain_dataloader_collates_rows(cache_u8) -> None:

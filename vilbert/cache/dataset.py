@@ -78,6 +78,8 @@ class CacheDataset(Dataset):
         if isinstance(index, (int, np.integer)):
             return self._row(int(index))
         indices = np.asarray(index.tolist() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+        if indices.ndim == 0:  # a 0-d tensor or array
+            return self._row(int(indices))
         if indices.ndim != 1:
             raise TypeError(f"CacheDataset takes a row index or a 1-d list of them, not shape {indices.shape}")
         batch = self.reader.gather(indices)  # range-checked; raises CacheError naming shard and row

@@ -116,7 +116,9 @@ def _find_cache(cache: str | Path | None, state: dict[str, Any], config: ModelCo
     """The cache to take the tokenizer from (a cache, or a root whose `train` split is one), checked against
     the model's vocabulary."""
     given = cache is not None
-    root = Path(cache if given else state.get("data", ""))
+    if not given and not state.get("data"):
+        raise UsageError(f"{state['path']} records no cache; pass the cache the run trained on with --cache DIR")
+    root = Path(cache if given else state["data"])
     candidates = [root, root / "train", *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
     found = next((p for p in candidates if is_cache(p)), None)
     if found is None:
