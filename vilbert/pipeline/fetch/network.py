@@ -111,11 +111,11 @@ class NetworkOptions:
     """X-Robots-Tag directives that mean "do not use for AI"; empty to ignore the header."""
     dns_cache_ttl_s: int = 300
     ca_bundle: str | None = None
+    """A PEM file of the CA certificates to trust for https, instead of the system's store (like curl's
+    --cacert); None: the system's store, or the file/directory in `SSL_CERT_FILE`/`SSL_CERT_DIR` when set."""
     proxy: str | None = None
     """A forward proxy for every request (`http://[user:password@]host:port`); None: `HTTPS_PROXY` /
     `HTTP_PROXY` from the environment, if set. `NO_PROXY` applies either way (`proxies.py`)."""
-    """A PEM file of the CA certificates to trust for https, instead of the system's store (like curl's
-    --cacert); None: the system's store, or the file/directory in `SSL_CERT_FILE`/`SSL_CERT_DIR` when set."""
     max_body_memory: int = 0
     """Bytes of bodies held at once, being read or waiting to be decoded; 0: `default_body_memory`."""
 
