@@ -234,8 +234,16 @@ def _model_card(model: ViLBERT, state: dict[str, Any], manifest: Manifest, resul
     return "\n".join(lines) + "\n"
 
 
+_NOT_QUALITY = frozenset(
+    {"kind", "step", "epoch", "lr", "grad_norm", "samples_per_s", "step_time_s", "data_wait_s", "data_wait_frac",
+     "peak_mem_mb"}
+)  # fmt: skip
+"""Keys of a metrics record that describe the run's machinery, not the model (metrics.jsonl keeps them)."""
+
+
 def _metric_lines(checkpoint: Path, state: dict[str, Any]) -> list[str]:
-    """The last record of each kind (train, eval, ...) up to the checkpoint's step, as a table."""
+    """The last record of each kind (train, eval, ...) up to the checkpoint's step, as a table of the model's
+    losses and accuracies."""
     metrics = checkpoint.parent.parent / "metrics.jsonl"
     if not metrics.is_file():
         return [f"(no metrics.jsonl beside {checkpoint.parent})"]
@@ -249,6 +257,6 @@ def _metric_lines(checkpoint: Path, state: dict[str, Any]) -> list[str]:
     lines = ["| kind | step | metric | value |", "| --- | --- | --- | --- |"]
     for kind, record in last.items():
         for key, value in record.items():
-            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+            if key not in _NOT_QUALITY and isinstance(value, (int, float)):
                 lines.append(f"| {kind} | {record.get('step')} | {key} | {value:.4g} |")
     return lines
