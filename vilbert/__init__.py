@@ -5,11 +5,8 @@ Packages by role (data flows one way):
 `cli` is the only place with typer and rich.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("vilbert")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+__version__ = "0.1.0"
+"""The one place the version is written: pyproject.toml reads it (`dynamic = ["version"]`), and so does the
+installed package's metadata."""
 
 __all__ = ["__version__"]

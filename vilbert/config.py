@@ -362,6 +362,9 @@ class PretrainConfig:
     """Checkpoints kept in runs/NAME/checkpoints (older ones are deleted); 0 keeps all."""
     compile: bool = False
     """torch.compile the model (checkpoints keep the uncompiled parameter names)."""
+    tensorboard: bool = False
+    """Also write every metrics.jsonl value as a TensorBoard scalar under runs/NAME/tensorboard/ (needs the
+    `tensorboard` extra)."""
     log_sample_indices: bool = False
     """Each rank appends the cache indices of its batches to runs/NAME/samples/rank-R.jsonl (for tests)."""
 
@@ -426,6 +429,9 @@ class FinetuneConfig:
     eval_batch_size: int = 128
     log_every: int = 10
     """Optimizer steps per train record in metrics.jsonl."""
+    tensorboard: bool = False
+    """Also write every metrics.jsonl value as a TensorBoard scalar under runs/NAME/tensorboard/ (needs the
+    `tensorboard` extra)."""
     checkpoint_every: int = 0
     """Steps between checkpoints besides each epoch's end; 0: only at epoch ends."""
     keep_last: int = 2

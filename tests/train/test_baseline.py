@@ -16,10 +16,9 @@ from vilbert.cache import CacheReader
 from vilbert.config import tiny
 from vilbert.errors import ConfigError
 from vilbert.model import VisionEncoder, check_frozen_parts
+from vilbert.pipeline.synthetic.caches import scene_caches
 from vilbert.train.backbone import save_vision_weights
 from vilbert.train.checkpoint import load_checkpoint
-
-from .downstream_data import build_labelled_cache
 
 TINY_SIZES = """
 [data]
@@ -50,7 +49,9 @@ batch_size = 20
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_labelled_cache(tmp_path_factory.mktemp("labelled"), {"train": 40, "dev_seen": 20, "test_seen": 20})
+    return scene_caches(
+        tmp_path_factory.mktemp("labelled"), {"train": 40, "dev_seen": 20, "test_seen": 20}, labelled=True
+    )
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,18 @@ from vilbert.cache.verify import VerifyReport, verify_cache
 from vilbert.cache.writer import CacheWriter
 
 if TYPE_CHECKING:
+    from vilbert.cache.dataset import CacheDataset
     from vilbert.cache.loader import Batch, BatchLoader
 
-_LAZY = {"Batch": "vilbert.cache.loader", "BatchLoader": "vilbert.cache.loader"}
+_LAZY = {
+    "Batch": "vilbert.cache.loader",
+    "BatchLoader": "vilbert.cache.loader",
+    "CacheDataset": "vilbert.cache.dataset",
+}
 
 
 def __getattr__(name: str):
-    # The loader needs torch (seconds to import); the CLI and the writer should not pay for it.
+    # The loader and the dataset need torch (seconds to import); the CLI and the writer should not pay for it.
     if name in _LAZY:
         import importlib
 
@@ -57,6 +62,7 @@ __all__ = [
     "EpochSampler",
     "Batch",
     "BatchLoader",
+    "CacheDataset",
     "VerifyReport",
     "verify_cache",
 ]

@@ -9,8 +9,9 @@ from rich.table import Table
 
 from vilbert.cli.console import ProgressDisplay, console
 from vilbert.errors import UsageError
-from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, fetch_cc, fetch_url_table
+from vilbert.pipeline.fetch import FetchOptions, NetworkOptions, fetch_cc, fetch_url_table, tls_context
 from vilbert.pipeline.fetch.network import DEFAULT_USER_AGENT
+from vilbert.pipeline.fetch.proxies import ProxyChoice
 from vilbert.pipeline.fetch.run import WEB_MAX_PIXELS
 
 fetch_app = typer.Typer(help="Download image-text URL lists into Arrow image shards.", no_args_is_help=True)
@@ -45,12 +46,18 @@ SHARD_INDEX = typer.Option(0, "--shard-index", help="This machine's share of the
 NUM_SHARDS = typer.Option(1, "--num-shards", help="Machines sharing the list (line % N == index).")
 WORKERS = typer.Option(0, "--workers", help="Decode threads/processes (0: one per core).")
 DECODE_IN = typer.Option("thread", "--decode-in", help="Decode in 'thread's or 'process'es.")
+CA_BUNDLE = typer.Option(
+    None, "--ca-bundle", help="PEM file of CA certificates to trust for https instead of the system's (SSL_CERT_FILE)."
+)
+PROXY = typer.Option(
+    None, "--proxy", help="Forward proxy, http://[user:pass@]host:port (default: HTTPS_PROXY/HTTP_PROXY, NO_PROXY)."
+)
 ROWS_PER_PART = typer.Option(1000, "--rows-per-part", help="Rows per output part (a crash loses at most one).")
 
 
 def _options(size, mode, quality, max_in_flight, per_host, timeout, connect_timeout, retries, max_bytes,
              user_agent, allow_private, opt_out, retry_failed, shard_index, num_shards, workers, decode_in,
-             rows_per_part, max_pixels, max_body_memory) -> FetchOptions:  # fmt: skip
+             rows_per_part, max_pixels, max_body_memory, ca_bundle, proxy) -> FetchOptions:  # fmt: skip
     try:
         network = NetworkOptions(
             max_in_flight=max_in_flight,
@@ -62,8 +69,12 @@ def _options(size, mode, quality, max_in_flight, per_host, timeout, connect_time
             user_agent=user_agent,
             allow_private_networks=allow_private,
             max_body_memory=max_body_memory,
+            ca_bundle=None if ca_bundle is None else str(ca_bundle),
+            proxy=proxy or None,
             opt_out_tokens=tuple(t.strip() for t in opt_out.split(",") if t.strip()),
         )
+        tls_context(network.ca_bundle)  # a missing or bad bundle fails here, before anything is written
+        ProxyChoice.from_environment(network.proxy)  # and so does a proxy URL that is not one
         return FetchOptions(
             size=size,
             mode=mode,
@@ -90,11 +101,13 @@ def cc(
     opt_out_tokens: str = OPT_OUT, retry_failed: bool = RETRY_FAILED, shard_index: int = SHARD_INDEX,
     num_shards: int = NUM_SHARDS, decode_workers: int = WORKERS, decode_in: str = DECODE_IN,
     rows_per_part: int = ROWS_PER_PART, max_pixels: int = MAX_PIXELS, max_body_memory: int = BODY_MEMORY,
+    ca_bundle: Path = CA_BUNDLE, proxy: str = PROXY,
 ) -> None:  # fmt: skip
     """Download a Conceptual Captions TSV into Arrow image shards, a failures table and a report."""
     options = _options(size, mode, quality, max_in_flight, per_host, timeout, connect_timeout, retries, max_bytes,
                        user_agent, allow_private_networks, opt_out_tokens, retry_failed, shard_index, num_shards,
-                       decode_workers, decode_in, rows_per_part, max_pixels, max_body_memory)  # fmt: skip
+                       decode_workers, decode_in, rows_per_part, max_pixels, max_body_memory, ca_bundle,
+                       proxy)  # fmt: skip
     _run(lambda progress: fetch_cc(tsv, out, options, progress=progress))
 
 
@@ -110,11 +123,13 @@ def urls(
     opt_out_tokens: str = OPT_OUT, retry_failed: bool = RETRY_FAILED, shard_index: int = SHARD_INDEX,
     num_shards: int = NUM_SHARDS, decode_workers: int = WORKERS, decode_in: str = DECODE_IN,
     rows_per_part: int = ROWS_PER_PART, max_pixels: int = MAX_PIXELS, max_body_memory: int = BODY_MEMORY,
+    ca_bundle: Path = CA_BUNDLE, proxy: str = PROXY,
 ) -> None:  # fmt: skip
     """Download a table of URLs (and captions) into Arrow image shards."""
     options = _options(size, mode, quality, max_in_flight, per_host, timeout, connect_timeout, retries, max_bytes,
                        user_agent, allow_private_networks, opt_out_tokens, retry_failed, shard_index, num_shards,
-                       decode_workers, decode_in, rows_per_part, max_pixels, max_body_memory)  # fmt: skip
+                       decode_workers, decode_in, rows_per_part, max_pixels, max_body_memory, ca_bundle,
+                       proxy)  # fmt: skip
     _run(lambda progress: fetch_url_table(input_path, out, options, fmt=input_format, url_col=url_col,
                                           caption_col=caption_col or None, progress=progress))  # fmt: skip
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vilbert import __version__
 from vilbert.config import FREEZABLE_PARTS, ModelConfig
 from vilbert.errors import ConfigError, ModelError
 from vilbert.model.attention import init_bert_weights, padding_mask
@@ -44,6 +45,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "CONFIG_NAME",
     "check_frozen_parts",
+    "MODEL_TYPE",
     "cross_schedule",
     "parameter_counts",
     "without_pretrained_sources",
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+MODEL_TYPE = "vilbert"
+"""`config.json`'s `model_type`, as in Hugging Face model directories (tools sort models by it)."""
 _DROPPED_HEADS = ("itc_text_head.", "itc_vision_head.")
 """Separate ITC projections that exports of 2026-11-27 carried without a config key naming them; a
 model with `itc_projection=poolers` drops them (with a log line), one with `heads` loads them."""
@@ -326,14 +330,16 @@ class ViLBERT(nn.Module):
     # ------------------------------------------------------------------------------ weights I/O
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `model.safetensors` and `config.json` (the `ModelConfig`) into `directory`."""
+        """Write `model.safetensors` and `config.json` (the `ModelConfig`, tagged with `model_type: "vilbert"`
+        and the vilbert version that wrote it) into `directory`."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
+        tagged = {"model_type": MODEL_TYPE, "vilbert_version": __version__, **config_to_dict(self.config)}
+        (directory / CONFIG_NAME).write_text(json.dumps(tagged, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -414,6 +420,12 @@ def _read_model_config(path: Path) -> ModelConfig:
         ) from None
     except json.JSONDecodeError as err:
         raise ModelError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} holds a JSON {type(data).__name__}, not a model config object")
+    model_type = data.pop("model_type", MODEL_TYPE)
+    if model_type != MODEL_TYPE:
+        raise ModelError(f"{path} describes a {model_type!r} model; ViLBERT.from_pretrained reads {MODEL_TYPE!r}")
+    data.pop("vilbert_version", None)  # informative only: the config's keys say what the weights need
     try:  # data.image_size must agree with the model's for the Config to validate
         image_size = data.get("vision", {}).get("image_size", 224)
         return config_from_dict({"model": data, "data": {"image_size": image_size}}).model

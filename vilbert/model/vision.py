@@ -26,7 +26,7 @@ from vilbert.errors import ModelError
 from vilbert.model.attention import init_bert_weights
 from vilbert.model.weights import read_normalization, read_state_dict
 
-__all__ = ["VisionEncoder"]
+__all__ = ["VisionEncoder", "timm_model_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,10 @@ def _looks_like_file(source: str) -> bool:
     return source.endswith(_LOCAL_SUFFIXES) or Path(source).exists()
 
 
-def _create_vit(name: str, config: VisionConfig, pretrained: bool) -> VisionTransformer:
-    kwargs = dict(
+def timm_model_kwargs(config: VisionConfig) -> dict[str, object]:
+    """The `timm.create_model` keyword arguments that shape a ViT like `config` (no classifier head); plain
+    values, so they can be written into a model card. The conv stem adds an `embed_layer` of vilbert's own."""
+    return dict(
         img_size=config.image_size,
         patch_size=config.patch_size,
         embed_dim=config.hidden_size,
@@ -212,6 +214,10 @@ def _create_vit(name: str, config: VisionConfig, pretrained: bool) -> VisionTran
         attn_drop_rate=config.attention_dropout,
         num_classes=0,
     )
+
+
+def _create_vit(name: str, config: VisionConfig, pretrained: bool) -> VisionTransformer:
+    kwargs = timm_model_kwargs(config)
     if config.stem == "conv":
         kwargs["embed_layer"] = functools.partial(ConvStemEmbed, stem_width=config.stem_width)
     if not timm.is_model(name.split(".")[0]):

@@ -6,6 +6,7 @@ from vilbert.train.ablate import AblationOptions, run_ablation
 from vilbert.train.analyse import AnalysisReport, analyse, analyse_model, plot_analysis
 from vilbert.train.checkpoint import export_checkpoint, load_checkpoint
 from vilbert.train.evaluate import evaluate, predict
+from vilbert.train.export import ExportResult, export_run
 from vilbert.train.finetune import FinetuneOptions, Finetuning, finetune
 from vilbert.train.loading import LoadedModel, load_model
 from vilbert.train.metrics import read_metrics
@@ -29,6 +30,8 @@ __all__ = [
     # runs and models
     "load_checkpoint",
     "export_checkpoint",
+    "ExportResult",
+    "export_run",
     "read_metrics",
     "plot_runs",
     "LoadedModel",

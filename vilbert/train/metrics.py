@@ -5,7 +5,7 @@ Each record has `kind` (`train` or `eval`), `step` (optimizer steps done), `epoc
 `train` records `lr`, `grad_norm`, `samples_per_s`, `data_wait_s` (time blocked on the loader per
 step), `data_wait_frac`, `step_time_s`, `peak_mem_mb` (CUDA: device memory; CPU: the process's
 maximum RSS). The library reports each record to an optional callback as well (the CLI draws its
-live table from it); nothing here prints.
+live table from it), and with `tensorboard` to TensorBoard event files; nothing here prints.
 
 Generic: fine-tuning writes the same file with its own keys.
 """
@@ -22,7 +22,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "read_metrics", "Accumulator", "StepClock", "peak_memory_mb"]
+from vilbert.errors import ConfigError
+
+__all__ = [
+    "MetricsWriter",
+    "TensorBoardSink",
+    "TENSORBOARD_DIR",
+    "read_metrics",
+    "Accumulator",
+    "StepClock",
+    "peak_memory_mb",
+]
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -33,11 +43,17 @@ class MetricsWriter:
     Args:
         path: The `metrics.jsonl` file; None writes nothing (DDP ranks other than 0).
         callback: Called with every record (a progress display, say).
+        tensorboard: Also write each record's numbers as TensorBoard scalars in `tensorboard/` beside `path`
+            (`TensorBoardSink`).
+
+    Raises:
+        ConfigError: `tensorboard` without the tensorboard package installed.
     """
 
-    def __init__(self, path: str | Path | None, callback: Callback | None = None) -> None:
+    def __init__(self, path: str | Path | None, callback: Callback | None = None, *, tensorboard: bool = False) -> None:
         self.path = Path(path) if path is not None else None
         self.callback = callback
+        self.tensorboard = TensorBoardSink(self.path.parent / TENSORBOARD_DIR) if tensorboard and self.path else None
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _plain(v) for k, v in record.items()}
@@ -45,6 +61,8 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         if self.callback is not None:
             self.callback(record)
 
@@ -59,6 +77,51 @@ class MetricsWriter:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
             os.replace(tmp, self.path)
         return len(records) - len(kept)
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardSink:
+    """Every number of a metrics record as a TensorBoard scalar `<kind>/<key>` (`train/loss`, `eval/mlm_acc`)
+    at the record's `step`, flushed per record, so TensorBoard shows what metrics.jsonl holds.
+
+    The event file opens at the first record; a resumed run purges the events from that step on (as
+    `MetricsWriter.truncate_after` drops those records), so a curve never holds a step twice.
+
+    Args:
+        directory: The event files' directory (`runs/NAME/tensorboard`).
+
+    Raises:
+        ConfigError: The tensorboard package is not installed.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package
+            raise ConfigError(
+                "pretrain.tensorboard / finetune.tensorboard = true needs the tensorboard package: "
+                "pip install 'vilbert[tensorboard]'"
+            ) from None
+        self.directory = Path(directory)
+        self._make_writer = SummaryWriter
+        self._writer: Any = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record.get("step", 0))
+        if self._writer is None:
+            self._writer = self._make_writer(str(self.directory), purge_step=step)
+        kind = record.get("kind", "train")
+        for key, value in record.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{kind}/{key}", value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _plain(value: Any) -> Any:

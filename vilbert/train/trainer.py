@@ -81,6 +81,8 @@ class LoopSettings:
     """Warmup as a share of the run's steps, where `warmup_steps` is 0 (Lu et al.: 0.1)."""
     pretrained_lr_scale: float = 1.0
     """Learning-rate factor of the encoders that loaded pretrained weights (Lu et al.: 0.1 for BERT)."""
+    tensorboard: bool = False
+    """Also write every metric as a TensorBoard scalar under `RUN/tensorboard/`."""
 
     @classmethod
     def from_section(cls, section: Any, **fixed: Any) -> LoopSettings:
@@ -215,7 +217,9 @@ class Trainer:
         self.run_dir = Path(options.run_dir)
         self.progress = progress if ctx.is_main else None
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=settings.keep_last, enabled=ctx.is_main)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl" if ctx.is_main else None, self.progress)
+        self.metrics = MetricsWriter(
+            self.run_dir / "metrics.jsonl" if ctx.is_main else None, self.progress, tensorboard=settings.tensorboard
+        )
         resumed = self._resume_state() if options.resume else None
         torch.manual_seed(settings.seed)  # the same initial weights on every rank
         self.model = objective.build(ctx, resumed)

@@ -66,6 +66,9 @@ class BackgroundServer:
     (`self.ports[host]`). Handlers may wait on `self.stopping` (set when the server stops).
     """
 
+    ssl_context = None
+    """A server-side `ssl.SSLContext` to serve https instead of http (set before entering)."""
+
     def __init__(self) -> None:
         self.ports: dict[str, int] = {}
         self.stopping = asyncio.Event()
@@ -88,7 +91,7 @@ class BackgroundServer:
             app.router.add_get("/{name:.*}", handler)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
             await runner.setup()
-            await web.TCPSite(runner, host, 0).start()
+            await web.TCPSite(runner, host, 0, ssl_context=self.ssl_context).start()
             self.ports[host] = runner.addresses[0][1]
             runners.append(runner)
         self._ready.set()

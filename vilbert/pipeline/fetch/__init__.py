@@ -4,7 +4,7 @@ See README.md beside this file for the mental model, the output layout and the f
 """
 
 from vilbert.pipeline.fetch.inputs import INPUT_FORMATS, BadLine, UrlRow, read_cc_tsv, read_url_table
-from vilbert.pipeline.fetch.network import DEFAULT_USER_AGENT, NetworkOptions
+from vilbert.pipeline.fetch.network import DEFAULT_USER_AGENT, NetworkOptions, tls_context
 from vilbert.pipeline.fetch.reader import count_fetched, iter_fetched, read_failures
 from vilbert.pipeline.fetch.run import FetchOptions, fetch_cc, fetch_rows, fetch_url_table
 from vilbert.pipeline.fetch.shards import FAILURE_SCHEMA, IMAGE_SCHEMA, sample_key
@@ -27,4 +27,5 @@ __all__ = [
     "read_failures",
     "read_url_table",
     "sample_key",
+    "tls_context",
 ]

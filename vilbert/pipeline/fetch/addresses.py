@@ -125,7 +125,8 @@ def _kind(ip: IPAddress) -> str:
 
 @dataclass(frozen=True)
 class AddressPolicy:
-    """The default address policy; `exempt` networks are allowed anyway (tests only, never the CLI)."""
+    """The default address policy; `exempt` networks are allowed anyway (the addresses of the proxy a user
+    chose, and tests; there is no per-network exception on the command line)."""
 
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=())
 

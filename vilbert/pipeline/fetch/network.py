@@ -9,9 +9,10 @@ Policy:
   the full body - not each socket read, so a trickling or stalled body cannot hold a slot longer.
   A deadline hit before the headers arrived is retried; one hit while reading the body is not (it
   would cost another full deadline) but is recorded as transient, so a rerun retries it.
-- **Retries**: timeouts, connection errors, 5xx, 408 and 429 are transient and retried up to
+- **Retries**: timeouts, connection errors, DNS errors, 5xx, 408 and 429 are transient and retried up to
   `retries` times with exponential backoff and full jitter; 429/503 honour `Retry-After` (up to
-  `max_retry_after_s`). 404 and every other answer are permanent and never retried.
+  `max_retry_after_s`). 404 and every other answer are permanent and never retried. A name that
+  does not exist (`dns-error`, "no such host") is left for a rerun instead of retried in the run.
 - **Safety**: http and https only; redirects are followed by hand so every hop is checked. Unless
   `allow_private_networks`, only globally routable addresses are connected to (`addresses.py`: the
   policy, wrapped IPv4 forms and metadata services); anything else is `private-address`, naming the
@@ -19,6 +20,13 @@ Policy:
   literal in any spelling before the request, a name in the connector's resolver on every address
   it resolves to (so DNS rebinding cannot slip through), and every socket again on the address it
   connects to (the connector's socket factory).
+- **TLS**: certificates and host names are verified against the system's CA store (`SSL_CERT_FILE`
+  and `SSL_CERT_DIR` honoured) or `ca_bundle`. A certificate the client cannot trust (self-signed,
+  unknown CA, another host's name, expired) or a failed handshake is `tls-error`: permanent, never
+  retried, since the same certificate fails the same way.
+- **Proxies**: `proxy`, else `HTTPS_PROXY`/`HTTP_PROXY`, minus `NO_PROXY` (`proxies.py`). The proxy
+  resolves names, so the policy judges only address literals (before anything is sent) and allows
+  the sockets to the proxy itself. A proxy that cannot be reached or refuses is `proxy-error`.
 - **Memory**: the bytes of bodies held at once (read, or waiting to be decoded until the caller's
   `release`) stay within `max_body_memory` (`BodyBudget`); a read waits for room inside its deadline.
 - **Opt-out**: an `X-Robots-Tag` header naming one of `opt_out_tokens` (default `noai`,
@@ -28,18 +36,25 @@ Policy:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import ipaddress
+import os
 import random
+import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from time import time as wall_time
 
 import aiohttp
 from yarl import URL
 
 import vilbert
+from vilbert.errors import FetchError, UsageError
 from vilbert.pipeline.fetch.addresses import (
     AddressPolicy,
     CheckingResolver,
@@ -48,6 +63,7 @@ from vilbert.pipeline.fetch.addresses import (
     host_address,
 )
 from vilbert.pipeline.fetch.budget import BodyBudget, default_body_memory
+from vilbert.pipeline.fetch.proxies import ProxyChoice, redact_proxy
 
 __all__ = [
     "NetworkOptions",
@@ -55,6 +71,8 @@ __all__ = [
     "Downloader",
     "DEFAULT_USER_AGENT",
     "TRANSIENT_REASONS",
+    "tls_context",
+    "classify_client_error",
 ]
 
 DEFAULT_USER_AGENT = (
@@ -92,6 +110,12 @@ class NetworkOptions:
     opt_out_tokens: tuple[str, ...] = ("noai", "noimageai")
     """X-Robots-Tag directives that mean "do not use for AI"; empty to ignore the header."""
     dns_cache_ttl_s: int = 300
+    ca_bundle: str | None = None
+    """A PEM file of the CA certificates to trust for https, instead of the system's store (like curl's
+    --cacert); None: the system's store, or the file/directory in `SSL_CERT_FILE`/`SSL_CERT_DIR` when set."""
+    proxy: str | None = None
+    """A forward proxy for every request (`http://[user:password@]host:port`); None: `HTTPS_PROXY` /
+    `HTTP_PROXY` from the environment, if set. `NO_PROXY` applies either way (`proxies.py`)."""
     max_body_memory: int = 0
     """Bytes of bodies held at once, being read or waiting to be decoded; 0: `default_body_memory`."""
 
@@ -165,16 +189,20 @@ class Downloader:
     def __init__(self, options: NetworkOptions, policy: AddressPolicy | None = None) -> None:
         self.options = options
         self.policy = None if options.allow_private_networks else (policy or AddressPolicy())
+        self.proxies = ProxyChoice.from_environment(options.proxy)
         self.budget = BodyBudget(options.max_body_memory or default_body_memory(options.max_bytes))
         self._session: aiohttp.ClientSession | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
     async def __aenter__(self) -> Downloader:
         opts, policy = self.options, self.policy
+        if policy is not None and self.proxies.proxies():
+            policy = await _allowing_proxies(policy, self.proxies.proxies())
         connector = aiohttp.TCPConnector(
             limit=opts.max_in_flight,
             limit_per_host=0,  # per-host waiting happens before the deadline starts (see get)
             ttl_dns_cache=opts.dns_cache_ttl_s,
+            ssl=tls_context(opts.ca_bundle),
             resolver=None if policy is None else CheckingResolver(policy),
             socket_factory=None if policy is None else checking_socket_factory(policy),
             enable_cleanup_closed=True,
@@ -270,13 +298,14 @@ class Downloader:
         current = self._checked_url(url)
         for _hop in range(self.options.max_redirects + 1):
             try:
-                async with self._session.get(current, allow_redirects=False) as response:
+                proxy = self.proxies.for_url(current)
+                async with self._session.get(current, allow_redirects=False, proxy=proxy) as response:
                     if response.status in _REDIRECTS and "Location" in response.headers:
                         current = self._checked_url(response.headers["Location"], base=current)
                         continue
                     return await self._read(response, state)
             except aiohttp.ClientError as err:
-                raise _classify(err) from err
+                raise classify_client_error(err) from err
         raise _Failure("too-many-redirects", f"more than {self.options.max_redirects} redirects, last {current}")
 
     def _checked_url(self, text: str, base: URL | None = None) -> URL:
@@ -371,12 +400,85 @@ def _record(result: Download, failure: _Failure) -> None:
     result.message, result.transient = str(failure), failure.transient
 
 
-def _classify(err: aiohttp.ClientError) -> _Failure:
-    """Name what aiohttp raised; connection trouble is transient, protocol nonsense is not."""
+async def _allowing_proxies(policy: AddressPolicy, proxies: tuple[URL, ...]) -> AddressPolicy:
+    """`policy` that also allows the sockets to the proxies: the user chose them, and a proxy usually sits on
+    a private network. Their names are resolved once, here.
+
+    Raises:
+        FetchError: A proxy name that does not resolve.
+    """
+    loop, networks = asyncio.get_running_loop(), []
+    for proxy in proxies:
+        try:
+            infos = await loop.getaddrinfo(proxy.raw_host, proxy.port, type=socket.SOCK_STREAM)
+        except OSError as err:
+            raise FetchError(f"cannot resolve the proxy {redact_proxy(str(proxy))}: {err}") from None
+        networks += [ipaddress.ip_network(info[4][0].split("%", 1)[0]) for info in infos]
+    return dataclasses.replace(policy, exempt=(*policy.exempt, *networks))
+
+
+def tls_context(ca_bundle: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """The TLS settings of every https request: certificates and host names verified (TLS 1.2+), against
+    `ca_bundle` when given, else the system's CA store (which OpenSSL takes from `SSL_CERT_FILE` /
+    `SSL_CERT_DIR` when they are set).
+
+    Raises:
+        UsageError: `ca_bundle` is missing or holds no PEM certificate.
+    """
+    if ca_bundle is None:
+        return ssl.create_default_context()
+    path = Path(ca_bundle)
+    if not path.is_file():
+        raise UsageError(f"--ca-bundle {path}: no such file (a PEM file of CA certificates)")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError, OSError) as err:
+        raise UsageError(f"--ca-bundle {path}: not a PEM file of CA certificates ({err})") from None
+
+
+def _tls_failure(err: aiohttp.ClientSSLError) -> _Failure:
+    """A certificate the client cannot trust, or a handshake that failed: permanent until someone changes
+    the server or the trusted CAs, so never retried."""
+    where = f"{err.host}:{err.port}"
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        cert_error = err.certificate_error
+        why = getattr(cert_error, "verify_message", "") or str(cert_error)
+        return _Failure(
+            "tls-error",
+            f"certificate of {where} rejected: {why}; if a private CA signed it, pass --ca-bundle FILE "
+            "(or set SSL_CERT_FILE)",
+        )
+    return _Failure("tls-error", f"TLS handshake with {where} failed: {err.os_error}")
+
+
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def _dns_failure(err: aiohttp.ClientConnectorDNSError) -> _Failure:
+    """A name that does not resolve. "No such name" (NXDOMAIN, no address) answers the same within a run, so
+    it is not retried in the run, but a rerun tries again (domains come back); a temporary failure (an
+    overloaded or unreachable resolver, the usual trouble of large runs) is retried with backoff."""
+    if getattr(err.os_error, "errno", None) in _NO_SUCH_NAME:
+        return _Failure("dns-error", f"no such host {err.host}: {err.os_error}", transient=True, retry=False)
+    return _Failure("dns-error", f"cannot resolve {err.host}: {err.os_error}", transient=True)
+
+
+def classify_client_error(err: aiohttp.ClientError) -> _Failure:
+    """Name what aiohttp raised; connection trouble is transient, protocol nonsense is not. The result has
+    `reason`, `transient` and `retry` (whether the run retries it)."""
     if isinstance(err, aiohttp.ClientConnectorError) and isinstance(err.os_error, RefusedAddress):
         return _refusal(err.os_error)  # by the resolver (a name) or the socket factory (any socket)
+    if isinstance(err, aiohttp.ClientSSLError):
+        return _tls_failure(err)
+    if isinstance(err, aiohttp.ClientProxyConnectionError):
+        return _Failure("proxy-error", f"cannot connect to the proxy: {err.os_error}", transient=True)
+    if isinstance(err, aiohttp.ClientHttpProxyError):
+        return _Failure(
+            "proxy-error", f"the proxy answered HTTP {err.status} {err.message}", status=err.status,
+            transient=err.status >= 500 or err.status in (408, 429),
+        )  # fmt: skip
     if isinstance(err, aiohttp.ClientConnectorDNSError):
-        return _Failure("dns-error", f"cannot resolve {err.host}: {err.os_error}", transient=True)
+        return _dns_failure(err)
     if isinstance(err, aiohttp.ClientPayloadError):
         return _Failure("truncated", f"incomplete body: {err}", transient=True)
     if isinstance(err, aiohttp.ServerDisconnectedError):

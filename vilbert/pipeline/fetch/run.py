@@ -31,6 +31,7 @@ from vilbert.errors import FetchError, UsageError
 from vilbert.pipeline.fetch.decode import decode_job, init_worker
 from vilbert.pipeline.fetch.inputs import BadLine, UrlRow, read_cc_tsv, read_url_table
 from vilbert.pipeline.fetch.network import TRANSIENT_REASONS, Downloader, NetworkOptions
+from vilbert.pipeline.fetch.proxies import redact_proxy
 from vilbert.pipeline.fetch.reader import LineSet, count_fetched, done_lines, read_failures
 from vilbert.pipeline.fetch.shards import FailedRow, PartWriter, SavedRow, write_table_atomic
 from vilbert.pipeline.images import RESIZE_MODES
@@ -444,7 +445,10 @@ def _finish(out: Path, options: FetchOptions, source: dict, stats: _Stats) -> di
     report = {
         "source": source,
         "out": str(out),
-        "options": {**{k: v for k, v in asdict(options).items() if k != "network"}, "network": asdict(options.network)},
+        "options": {
+            **{k: v for k, v in asdict(options).items() if k != "network"},
+            "network": {**asdict(options.network), "proxy": redact_proxy(options.network.proxy)},
+        },
         "run": {
             "lines_read": stats.read,
             "lines_in_shard": stats.in_shard,
