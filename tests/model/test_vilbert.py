@@ -206,24 +206,19 @@ def test_save_and_load_round_trip(config, tmp_path):
     assert loaded.parameter_report() == model.parameter_report()
 
 
-def test_exports_with_the_old_separate_itc_projections_still_load(config, tmp_path):
-    """Exports of 2026-11-27 carried `itc_*_head` weights and `itc_projection_dim`: both are dropped."""
-    import json
-
+def test_exports_of_an_earlier_format_are_refused_and_missing_weights_named(config, tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = ViLBERT(config).eval()
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
-    state |= {f"itc_{s}_head.dense.{p}": torch.zeros(4) for s in ("text", "vision") for p in ("weight", "bias")}
-    save_file(state, tmp_path / "model.safetensors")
-    old_config = json.loads((tmp_path / "config.json").read_text()) | {"itc_projection_dim": 256}
-    (tmp_path / "config.json").write_text(json.dumps(old_config))
-    loaded = ViLBERT.from_pretrained(tmp_path).eval()
-    batch = make_batch(config)
-    torch.testing.assert_close(loaded(**batch).pooled_text, model(**batch).pooled_text)
-    del state["alignment_head.linear.weight"]  # a missing weight is still an error
-    save_file(state, tmp_path / "model.safetensors")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})  # as vilbert-model/1 wrote it
+    with pytest.raises(
+        ModelError, match=r"format vilbert-model/1 \(an earlier vilbert\); this version reads vilbert-model/2"
+    ):
+        ViLBERT.from_pretrained(tmp_path)
+    del state["alignment_head.linear.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt", "vilbert_format": "vilbert-model/2"})
     with pytest.raises(ModelError, match="alignment_head.linear.weight"):
         ViLBERT.from_pretrained(tmp_path)
 
@@ -265,8 +260,8 @@ def test_compiled_with_inductor_equals_eager(config):
     torch.testing.assert_close(got.pooled_vision, expected.pooled_vision, atol=1e-5, rtol=1e-5)
 
 
-def test_model_imports_only_config_and_errors():
-    allowed = {"vilbert.config", "vilbert.errors"}
+def test_model_imports_only_config_overrides_and_errors():
+    allowed = {"vilbert.config", "vilbert.overrides", "vilbert.errors"}  # overrides: config <-> dicts
     for path in Path(vilbert.model.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
