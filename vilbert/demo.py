@@ -386,14 +386,14 @@ def _reading(report: DemoReport) -> list[str]:
         lines.append(
             f"- **alignment prediction stayed near chance** ({held_out}): AP leaves chance only after the "
             "image-text contrastive task has taught both streams what the other shows, a few hundred steps "
-            "on this recipe (vilbert/train/README.md, 'What learns on a CPU'); this run was too short for that. "
+            "on this recipe (docs/results.md, Appendix A); this run was too short for that. "
             "MLM is what learns here: its loss falls, and masked colour words come to be read off the image."
         )
     elif ap is not None:
         lines.append(
             f"- **alignment prediction left chance** ({held_out}; chance 0.50): the image-text contrastive "
             "task (ITC) taught both streams to encode what the other one shows, which is what AP's product "
-            "head compares (vilbert/train/README.md, 'What learns on a CPU')."
+            "head compares (docs/results.md, Appendix A)."
         )
     dev = {name: (report.figures.get(name, {}).get("final", {}).get("dev") or {}).get("auroc")
            for name in ("finetune", "scratch")}  # fmt: skip

@@ -120,3 +120,20 @@ def corrupt_in_place(shard: Path, column: str, row: int, value: np.generic) -> N
         os.pwrite(fd, value.tobytes(), offset)
     finally:
         os.close(fd)
+
+
+def shard_files(path: Path) -> list[Path]:
+    return sorted(path.glob("shard-*.arrow"))
+
+
+def write_rows(writer: CacheWriter, rows: dict, start: int, stop: int, chunk: int = 4) -> None:
+    for s in range(start, stop, chunk):
+        e = min(s + chunk, stop)
+        writer.write(
+            rows["keys"][s:e],
+            rows["pixels"][s:e],
+            rows["input_ids"][s:e],
+            rows["num_tokens"][s:e],
+            rows["labels"][s:e],
+            rows["captions"][s:e],
+        )

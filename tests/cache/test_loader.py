@@ -1,4 +1,4 @@
-"""EpochSampler and BatchLoader: permutations, rank slices, exact resume, thread hygiene."""
+"""BatchLoader: batches match the cache, exact resume of its position, prefetch and thread hygiene."""
 
 from __future__ import annotations
 
@@ -10,63 +10,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from vilbert.cache import BatchLoader, CacheReader, EpochSampler
+from vilbert.cache import BatchLoader, CacheReader
 from vilbert.errors import CheckpointError
 
 from .conftest import build_cache
-
-
-def epoch_indices(sampler: EpochSampler, epoch: int) -> np.ndarray:
-    return np.concatenate(sampler.batches(epoch)) if len(sampler) else np.empty(0, np.int64)
-
-
-@pytest.mark.parametrize("shard_window", [None, 1, 2])
-def test_every_epoch_is_a_new_permutation(shard_window):
-    starts = np.array([0, 7, 14, 21, 23])
-    sampler = EpochSampler(num_rows=23, batch_size=5, seed=3, shard_starts=starts, shard_window=shard_window)
-    orders = [epoch_indices(sampler, e) for e in range(4)]
-    for order in orders:
-        assert sorted(order.tolist()) == list(range(23))
-    assert len({tuple(o) for o in orders}) == 4
-    again = EpochSampler(num_rows=23, batch_size=5, seed=3, shard_starts=starts, shard_window=shard_window)
-    assert np.array_equal(epoch_indices(again, 2), orders[2])
-    assert not np.array_equal(epoch_indices(EpochSampler(num_rows=23, batch_size=5, seed=4), 2), orders[2])
-
-
-def test_shard_window_reads_few_shards_at_a_time():
-    starts = np.arange(0, 101, 10)  # 10 shards of 10 rows
-    sampler = EpochSampler(num_rows=100, batch_size=10, seed=0, shard_starts=starts, shard_window=2)
-    order = epoch_indices(sampler, 0)
-    shards = np.searchsorted(starts, order, side="right") - 1
-    for window in range(5):  # each run of 20 rows comes from exactly two shards
-        assert len(set(shards[window * 20 : (window + 1) * 20].tolist())) == 2
-
-
-@pytest.mark.parametrize("num_rows", [20, 23, 3])
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_ranks_are_disjoint_cover_the_epoch_and_have_equal_batch_counts(num_rows, world_size, drop_last):
-    samplers = [
-        EpochSampler(num_rows=num_rows, batch_size=4, seed=0, rank=r, world_size=world_size, drop_last=drop_last)
-        for r in range(world_size)
-    ]
-    per_rank = [sampler.batches(1) for sampler in samplers]
-    assert len({len(batches) for batches in per_rank}) == 1
-    assert all(len(batches) == len(s) for batches, s in zip(per_rank, samplers, strict=True))
-    everything = np.concatenate([np.concatenate(b) for b in per_rank if b] or [np.empty(0, np.int64)])
-    if drop_last:
-        assert all(len(batch) == 4 for batches in per_rank for batch in batches)
-        assert len(set(everything.tolist())) == len(everything)  # disjoint
-        assert num_rows - len(everything) < world_size * 4  # at most one global batch dropped
-    else:
-        assert set(everything.tolist()) == set(range(num_rows))  # covering
-        assert len(everything) - num_rows < world_size  # padding: fewer than world_size repeats
-        if num_rows % world_size == 0:
-            assert len(everything) == num_rows  # and then disjoint
 
 
 def test_loader_batches_match_the_cache(cache_f16):
@@ -85,23 +35,6 @@ def test_loader_batches_match_the_cache(cache_f16):
         assert torch.equal(batch.num_tokens, torch.from_numpy(rows["num_tokens"][idx]))
         assert torch.equal(batch.labels, torch.from_numpy(rows["labels"][idx]))
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
-
-
-def test_ring_slots_are_reused_only_when_released(cache_f16):
-    reader = CacheReader(cache_f16[0])
-    loader = BatchLoader(reader, 2, prefetch=2)  # 10 batches per epoch, a ring of 5 slots
-    for _ in range(3):
-        for batch in loader:
-            assert len(batch) == 2
-    assert loader.slot_allocations == 5
-    del batch
-    kept = [batch for batch in loader]  # the consumer keeps all 10: none may be overwritten
-    views = [batch.pixels[:1] for batch in loader]  # a view alone keeps its slot too
-    # Pass 4 reuses the 5 free slots and allocates 5; pass 5 finds every slot held: 10 more.
-    assert loader.slot_allocations == 5 + 5 + 10
-    for batch in kept:
-        assert torch.equal(batch.pixels, torch.from_numpy(reader.gather(batch.indices.numpy())["pixels"]))
-    assert all(view.shape == (1, 3, 16, 16) for view in views)
 
 
 def test_an_empty_cache_loads_nothing(tmp_path):

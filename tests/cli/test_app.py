@@ -26,6 +26,7 @@ def test_version():
         (["--set", "pretrain.lrr=1"], "unknown config key 'pretrain.lrr'; valid keys in pretrain:"),
         (["--set", "pretrain.lr=0"], "pretrain.lr=0.0 is invalid; valid: > 0"),
         (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--recipe", "gpu"], "unknown recipe 'gpu'; valid: cpu"),
     ],
 )
 def test_config_errors_are_one_line_and_exit_2(args, fragment):
@@ -63,3 +64,11 @@ def test_resolved_config_is_printed():
     result = run_cli("config", "show", "--preset", "tiny", "--set", "pretrain.epochs=7")
     assert result.returncode == 0
     assert "\n[pretrain]\n" in result.stdout and "\nepochs = 7\n" in result.stdout
+
+
+def test_recipes_are_listed_and_applied_before_set():
+    listed = run_cli("config", "recipes")
+    assert listed.returncode == 0 and "cpu:" in listed.stdout and "--set model.initializer_range=0.07" in listed.stdout
+    shown = run_cli("config", "show", "--preset", "tiny", "--recipe", "cpu", "--set", "pretrain.lr=2e-3")
+    assert shown.returncode == 0
+    assert "initializer_range = 0.07" in shown.stdout and "lr = 0.002" in shown.stdout  # --set wins

@@ -14,6 +14,7 @@ from vilbert.config import tiny
 from vilbert.errors import CacheError, CheckpointError
 from vilbert.overrides import apply_overrides
 from vilbert.pipeline.synthetic.caches import scene_caches
+from vilbert.recipes import cpu
 from vilbert.train.checkpoint import load_checkpoint
 from vilbert.train.finetune import FinetuneOptions, finetune
 from vilbert.train.loading import load_model
@@ -147,3 +148,21 @@ def test_cli(labelled: Path, tmp_path: Path, cli_env: dict) -> None:
     bad = [*cmd[:7], str(tmp_path / "missing-run"), *cmd[8:-1], str(tmp_path / "run2")]
     proc = subprocess.run(bad, capture_output=True, text=True, env=cli_env, timeout=300)
     assert proc.returncode == 2 and "--init" in proc.stderr and "none" in proc.stderr
+
+
+def test_gradient_accumulation_matches_the_whole_batch(labelled: Path, tmp_path: Path) -> None:
+    # No dropout (the cpu recipe): two micro-batches of 8 then see exactly what one batch of 16 sees.
+    base = apply_overrides(cpu(tiny()), ["finetune.epochs=1", "finetune.log_every=1", "finetune.lr=1e-3"])
+    runs = {}
+    for name, overrides in (
+        ("whole", ["finetune.batch_size=16"]),
+        ("accum", ["finetune.batch_size=8", "finetune.grad_accum=2"]),
+    ):
+        options = FinetuneOptions(data=labelled, run_dir=tmp_path / name, device="cpu", plots=False)
+        runs[name] = finetune(apply_overrides(base, overrides), options)
+    assert runs["whole"].step == runs["accum"].step == 3  # 40 rows: 16 + 16 + 8
+    a, b = load_checkpoint(tmp_path / "whole")["model"], load_checkpoint(tmp_path / "accum")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in ("whole", "accum")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)

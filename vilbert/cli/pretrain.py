@@ -110,10 +110,11 @@ def _config_and_data(
         if data is None:
             raise UsageError("--data is required for a new run (a cache root with train/ and test/)")
         return resolve_config(preset_name or "vilbert_base", config_file, overrides, recipe_name), data
-    if preset_name is not None or recipe_name is not None:
-        raise UsageError(
-            "--preset and --recipe do not apply to --resume: the run keeps its config (use --set to change keys)"
-        )
+    for option, given in (("--preset", preset_name), ("--recipe", recipe_name)):
+        if given is not None:
+            raise UsageError(
+                f"{option} does not apply to --resume: the run keeps its config (use --set to change keys)"
+            )
     from vilbert.train.checkpoint import load_checkpoint
     from vilbert.train.pretrain import run_config
 

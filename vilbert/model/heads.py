@@ -33,7 +33,7 @@ class Pooler(nn.Module):
 
     def embed(self, first_token: Tensor) -> Tensor:
         """`(B, dim)` -> `(B, out_dim)` unit vectors: the same Linear, L2-normalized instead of the ReLU
-        (a ReLU'd embedding starts with half its units dead and made ITC leave chance ~250 steps later)."""
+        (a ReLU'd embedding starts with half its units dead, and ITC left chance later with it)."""
         return F.normalize(self.dense(first_token).float(), dim=-1)
 
 

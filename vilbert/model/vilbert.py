@@ -46,6 +46,7 @@ __all__ = [
     "CONFIG_NAME",
     "check_frozen_parts",
     "MODEL_TYPE",
+    "MODEL_FORMAT",
     "cross_schedule",
     "parameter_counts",
     "without_pretrained_sources",
@@ -57,9 +58,8 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "vilbert"
 """`config.json`'s `model_type`, as in Hugging Face model directories (tools sort models by it)."""
-_DROPPED_HEADS = ("itc_text_head.", "itc_vision_head.")
-"""Separate ITC projections that exports of 2026-11-27 carried without a config key naming them; a
-model with `itc_projection=poolers` drops them (with a log line), one with `heads` loads them."""
+MODEL_FORMAT = "vilbert-model/2"
+"""The export's version, in the safetensors metadata; exports of another version are refused."""
 
 
 @dataclass
@@ -337,7 +337,7 @@ class ViLBERT(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "vilbert_format": MODEL_FORMAT})
         tagged = {"model_type": MODEL_TYPE, "vilbert_version": __version__, **config_to_dict(self.config)}
         (directory / CONFIG_NAME).write_text(json.dumps(tagged, indent=2) + "\n")
         return directory
@@ -346,6 +346,8 @@ class ViLBERT(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> ViLBERT:
         """The model `save_pretrained` wrote; encoder `pretrained` sources are not re-read."""
         directory = Path(directory)
+        if (directory / WEIGHTS_NAME).is_file():
+            _check_export_format(directory / WEIGHTS_NAME)
         config = _read_model_config(directory / CONFIG_NAME)
         model = cls(without_pretrained_sources(config))
         model.config = dataclasses.replace(  # the sources it names, the normalization it was built with
@@ -354,18 +356,12 @@ class ViLBERT(nn.Module):
             vision=dataclasses.replace(model.config.vision, pretrained=config.vision.pretrained),
         )
         state = read_state_dict(directory / WEIGHTS_NAME)
-        own = model.state_dict()
-        dropped = [k for k in state if k.startswith(_DROPPED_HEADS) and k not in own]
-        for key in dropped:
-            del state[key]
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ModelError(
                 f"{directory / WEIGHTS_NAME} does not fit its {CONFIG_NAME}: missing "
                 f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
             )
-        if dropped:
-            log.info("%s: dropped its separate ITC projections (ITC now goes through the poolers)", directory)
         return model
 
 
@@ -409,6 +405,21 @@ def parameter_counts(config: ModelConfig) -> dict[str, dict[str, int]]:
     encoders' pretrained sources, so it reads, downloads and allocates nothing."""
     with torch.device("meta"):
         return ViLBERT(without_pretrained_sources(config)).parameter_report()
+
+
+def _check_export_format(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            found = (handle.metadata() or {}).get("vilbert_format")
+    except Exception as err:  # safetensors raises several unrelated types
+        raise ModelError(f"cannot read weights from {path}: {err}") from None
+    if found != MODEL_FORMAT:
+        raise ModelError(
+            f"{path} is an export of format {found or 'vilbert-model/1'} (an earlier vilbert); this version reads "
+            f"{MODEL_FORMAT} only: export the model again with the version that trained it"
+        )
 
 
 def _read_model_config(path: Path) -> ModelConfig:

@@ -4,7 +4,7 @@ weights a real run starts from.
 ViLBERT never learns to see from captions alone: the original reads a detector trained on Visual Genome's
 objects and attributes, and our thesis layout a timm ViT trained on ImageNet, both frozen. The `tiny`
 preset has no such weights, and a from-scratch vision stream does not learn shapes from pretraining in a
-CPU budget (vilbert/train/README.md, "What learns on a CPU"). `train_vision_backbone` makes the small
+CPU budget (docs/results.md, Appendix A). `train_vision_backbone` makes the small
 equivalent: one linear head per label set on the encoder's [CLS] token, cross-entropy summed over the
 label sets, AdamW with warmup and linear decay; `save_vision_weights` writes what
 `model.vision.pretrained` loads.
