@@ -41,7 +41,8 @@ def assert_steady_progress(lines: list[tuple[datetime, str]], label: str) -> lis
     progress = [(t, m) for t, m in lines if m.startswith(f"{label}: ")]
     assert len(progress) >= 3, f"expected progress lines from {label}: {lines}"
     gaps = [(b - a).total_seconds() for (a, _), (b, _) in zip(progress, progress[1:], strict=False)]
-    # Lines come when the interval has passed at the next update; timestamps have 1 s resolution.
+    # A line comes when the interval has passed (at the next update, or from the heartbeat where a
+    # single step may outlast it); timestamps have 1 s resolution.
     assert max(gaps) <= INTERVAL_S + 2, gaps
     return [m for _, m in progress]
 
@@ -78,3 +79,22 @@ def test_preprocess_in_a_pipe_logs_whole_lines_and_steady_progress(tmp_path: Pat
     for line in (result.stdout + result.stderr).splitlines():
         if "a-directory-with" in line or "would-wrap-it" in line:
             assert str(data) in line, f"a path broken across lines: {line!r}"
+
+
+def test_pretrain_in_a_pipe_logs_whole_lines_and_steady_progress(tiny_cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / ("a-run-directory-with-a-name-long-enough-that-an-80-column-console-would-wrap-it" * 2)
+    overrides = ["data.max_len=32", "pretrain.batch_size=8", "pretrain.epochs=6", "pretrain.log_every=5",
+                 "pretrain.checkpoint_every=0"]  # fmt: skip
+    settings = ["--preset", "tiny", "--device", "cpu", *(arg for o in overrides for arg in ("--set", o))]
+    result = run_in_a_pipe("pretrain", "--data", str(tiny_cache), "--out", str(run), *settings, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = assert_whole_log_lines(result.stderr)
+    messages = assert_steady_progress(lines, "pretrain")
+    eta = r"pretrain: [\d,]+/[\d,]+ \(\d+%\) steps, [\d.,]+ steps/s, .*ETA \d+:\d\d:\d\d"
+    assert any(re.match(eta, m) for m in messages), messages
+    assert "done in" in messages[-1]
+    checkpoint = next(line for line in result.stdout.splitlines() if line.startswith("completed"))
+    assert str(run / "checkpoints") in checkpoint, "the checkpoint's path is printed on one line"
+    for line in (result.stdout + result.stderr).splitlines():
+        if "a-run-directory" in line or "would-wrap-it" in line:
+            assert str(run) in line, f"a path broken across lines: {line!r}"

@@ -53,7 +53,7 @@ def test_a_runs_saved_config_is_accepted_by_config(run_cli, tiny_cache: Path, tm
     run = tmp_path / "run"
     settings = ["--preset", "tiny", "--device", "cpu", "--set", "data.max_len=32", "--set", "pretrain.batch_size=8",
                 "--set", "pretrain.checkpoint_every=0", "--set", "pretrain.lr=7e-4"]  # fmt: skip
-    result = run_cli("pretrain", "--data", str(tiny_cache), "--run", str(run), *settings, "--max-steps", "1")
+    result = run_cli("pretrain", "--data", str(tiny_cache), "--out", str(run), *settings, "--max-steps", "1")
     assert result.returncode == 0, result.stderr
     saved = json.loads((run / "config.json").read_text())
     assert saved["pretrain"]["lr"] == 7e-4

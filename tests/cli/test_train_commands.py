@@ -53,7 +53,7 @@ def test_sigterm_checkpoints_then_resume_continues(tiny_cache: Path, tmp_path: P
         "pretrain",
         "--data",
         str(tiny_cache),
-        "--run",
+        "--out",
         str(run),
         *SETTINGS,
         "--set",
@@ -95,7 +95,7 @@ def _cli(*args: str) -> int:
 
 def test_export_and_plot_commands(tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
-    assert _cli("pretrain", "--data", tiny_cache, "--run", run, *SETTINGS, "--max-steps", "2") == 0
+    assert _cli("pretrain", "--data", tiny_cache, "--out", run, *SETTINGS, "--max-steps", "2") == 0
     assert "max_steps at step 2" in capsys.readouterr().out
     assert "train: step=2" in (run / "train.log").read_text()
     assert _cli("export", run, "--out", tmp_path / "export") == 0

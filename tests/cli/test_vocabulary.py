@@ -33,7 +33,7 @@ OTHER_SPELLINGS = {
 }
 
 WRITES_A_DIRECTORY = {
-    "fetch cc", "fetch urls", "preprocess", "demo", "ablate", "export", "plot",
+    "fetch cc", "fetch urls", "preprocess", "pretrain", "finetune", "demo", "ablate", "export", "plot",
     "synth corpus", "synth memes",
 }  # fmt: skip
 
@@ -92,9 +92,9 @@ MISSING_INPUTS = [
     ("fetch", "urls", "--input", "{missing}", "--out", "{tmp}/o"),
     ("preprocess", "{missing}", "--out", "{tmp}/o"),
     ("preprocess", "{tmp}", "--format", "folder", "--listing", "{missing}", "--out", "{tmp}/o"),
-    ("pretrain", "--data", "{missing}", "--run", "{tmp}/r"),
-    ("finetune", "--data", "{missing}", "--init", "none", "--run", "{tmp}/r"),
-    ("finetune", "--data", "{tmp}", "--init", "{missing}", "--run", "{tmp}/r"),
+    ("pretrain", "--data", "{missing}", "--out", "{tmp}/r"),
+    ("finetune", "--data", "{missing}", "--init", "none", "--out", "{tmp}/r"),
+    ("finetune", "--data", "{tmp}", "--init", "{missing}", "--out", "{tmp}/r"),
     ("analyse", "{missing}", "--data", "{tmp}"),
     ("evaluate", "{missing}", "--data", "{tmp}"),
     ("export", "{missing}", "--out", "{tmp}/e"),

@@ -78,7 +78,7 @@ def encoder_weights(labelled: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def _finetune(labelled: Path, run: Path, config_file: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "vilbert", "finetune", "--data", str(labelled), "--init", "none"]
-    cmd += ["--preset", "vilbert_base", "--config", str(config_file), "--device", "cpu", "--run", str(run), *extra]
+    cmd += ["--preset", "vilbert_base", "--config", str(config_file), "--device", "cpu", "--out", str(run), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -60,7 +60,7 @@ def test_verify_cache_refuses_a_corrupt_cache_before_the_first_step(cache_builde
 
     def pretrain_cli(cache: Path, run: Path) -> subprocess.CompletedProcess:
         settings = [arg for setting in SETTINGS for arg in ("--set", setting)]
-        command = [sys.executable, "-m", "vilbert", "pretrain", "--data", str(cache), "--run", str(run),
+        command = [sys.executable, "-m", "vilbert", "pretrain", "--data", str(cache), "--out", str(run),
                    "--preset", "tiny", "--device", "cpu", "--max-steps", "1", "--verify-cache", *settings]  # fmt: skip
         return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=cli_env)
 

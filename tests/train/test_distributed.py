@@ -104,10 +104,10 @@ def test_finetune_on_two_ranks_matches_one_process_with_the_same_global_batch(tm
 
     data = scene_caches(tmp_path / "data", {"train": 32, "dev_seen": 16, "test_seen": 8}, labelled=True)
     one, two = tmp_path / "one", tmp_path / "two"
-    single = [sys.executable, "-m", "vilbert", "finetune", "--data", str(data), "--run", str(one), *FINETUNE]
+    single = [sys.executable, "-m", "vilbert", "finetune", "--data", str(data), "--out", str(one), *FINETUNE]
     proc = subprocess.run([*single, "--set", "finetune.batch_size=16"], capture_output=True, text=True, env=cli_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    args = ["--data", str(data), "--run-dir", str(two), *FINETUNE, "--set", "finetune.batch_size=8"]
+    args = ["--data", str(data), "--out", str(two), *FINETUNE, "--set", "finetune.batch_size=8"]
     proc = _torchrun(args, cli_env, command="finetune")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -38,7 +38,7 @@ def exported(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
             "pretrain",
             "--data",
             tiny_cache,
-            "--run",
+            "--out",
             run,
             *SETTINGS,
             "--set",

@@ -138,7 +138,7 @@ def test_cli(labelled: Path, tmp_path: Path, cli_env: dict) -> None:
         "model.allow_random_frozen=true",  # a random text stream, frozen: mechanics only
         "--device",
         "cpu",
-        "--run",
+        "--out",
         str(run),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300)

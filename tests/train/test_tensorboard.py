@@ -44,7 +44,7 @@ def test_pretrain_writes_every_metric_as_a_scalar(tiny_cache: Path, tmp_path: Pa
     from vilbert.cli.app import main
 
     run = tmp_path / "run"
-    args = ["pretrain", "--data", str(tiny_cache), "--run", str(run), "--preset", "tiny", "--device", "cpu",
+    args = ["pretrain", "--data", str(tiny_cache), "--out", str(run), "--preset", "tiny", "--device", "cpu",
             "--set", "data.max_len=32", "--set", "pretrain.batch_size=8", "--set", "pretrain.log_every=1",
             "--set", "pretrain.eval_every=2", "--set", "pretrain.eval_max_batches=1",
             "--set", "pretrain.tensorboard=true", "--max-steps", "3"]  # fmt: skip

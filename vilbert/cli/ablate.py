@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION
-from vilbert.cli.console import console
+from vilbert.cli.console import ProgressDisplay, console
 from vilbert.config import preset
 from vilbert.errors import UsageError
 from vilbert.overrides import apply_overrides, load_config
@@ -100,7 +100,8 @@ def ablate_command(
     options = AblationOptions(
         corpus=corpus, memes=memes, out=out, settings=tuple(_names(settings)), seeds=seeds, device=device
     )
-    report = run_ablation(config, options, progress=_progress)
+    with ProgressDisplay("ablate", unit="steps", heartbeat=True) as display:
+        report = run_ablation(config, options, progress=lambda record: _progress(display, record))
     if as_json:
         console.print_json(json.dumps(report))
         return
@@ -112,15 +113,17 @@ def _names(settings: str) -> list[str]:
     return [s.strip() for s in settings.split(",") if s.strip()]
 
 
-def _progress(record: dict[str, Any]) -> None:
-    if record["kind"] == "pretrained":
+def _progress(display: ProgressDisplay, record: dict[str, Any]) -> None:
+    kind = record["kind"]
+    if kind == "step":
+        display.update(record["step"], record["total_steps"], record["run"])
+    elif kind == "pretrained":
         shown = {k: round(v, 3) for k, v in (record.get("eval") or {}).items() if k.endswith(("_acc", "_top1"))}
-        console.print(f"  pretrained {record['setting']} seed {record['seed']}: {shown}")
-    elif record["kind"] == "finetuned":
-        console.print(
-            f"  fine-tuned {record['setting']} seed {record['seed']}: dev AUROC {record['dev_auroc']:.4f} "
-            f"acc {record['dev_acc']:.4f}, test AUROC {record['test_auroc']:.4f} "
-            f"acc {record['test_acc']:.4f}"
+        display.note(f"pretrained {record['setting']} seed {record['seed']}: {shown}")
+    elif kind == "finetuned":
+        display.note(
+            f"fine-tuned {record['setting']} seed {record['seed']}: dev AUROC {record['dev_auroc']:.4f} "
+            f"acc {record['dev_acc']:.4f}, test AUROC {record['test_auroc']:.4f} acc {record['test_acc']:.4f}"
         )
 
 

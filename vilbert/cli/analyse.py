@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vilbert.cli.console import console
+from vilbert.cli.console import ProgressDisplay, console
 
 __all__ = ["analyse_command", "register"]
 
@@ -44,14 +43,11 @@ def analyse_command(
     dev = resolve_device(device)
     if retrieval_pairs is None:
         retrieval_pairs = 1000 if dev.type == "cuda" else 200
-    with Progress(
-        TextColumn("retrieval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
-    ) as bar:
-        task = bar.add_task("retrieval", total=None)
+    with ProgressDisplay("analyse", unit="captions", heartbeat=True) as display:
 
         def progress(record: dict) -> None:
             if record.get("kind") == "retrieval":
-                bar.update(task, completed=record["done"], total=record["total"])
+                display.update(record["done"], record["total"], "retrieval")
 
         report = analyse(
             checkpoint,

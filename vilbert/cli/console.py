@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,21 @@ class ProgressDisplay:
     (above the bar on a terminal). Use as a context manager.
     """
 
-    def __init__(self, label: str, total: int | None = None, unit: str = "items", force_lines: bool = False) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        unit: str = "items",
+        force_lines: bool = False,
+        heartbeat: bool = False,
+    ) -> None:
+        """
+        Args:
+            force_lines: Log lines even on a terminal (where something else draws the live view).
+            heartbeat: Off a terminal, also log a line when the interval passes without an update (a
+                thread does it): for work whose single steps can outlast the interval. Not for commands
+                that fork worker processes while the display is open.
+        """
         self.label, self.unit, self.total = label, unit, total
         self.done, self.info = 0, ""
         self.lines = force_lines or not err_console.is_terminal
@@ -119,9 +134,14 @@ class ProgressDisplay:
         self._start = self._last_line = time.monotonic()
         self._bar: Progress | None = None
         self._task: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._beats, daemon=True) if heartbeat and self.lines else None
 
     def __enter__(self) -> ProgressDisplay:
         self._start = self._last_line = time.monotonic()
+        if self._beat is not None:
+            self._beat.start()
         if not self.lines:
             self._bar = Progress(
                 TextColumn(self.label),
@@ -139,6 +159,9 @@ class ProgressDisplay:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._beat is not None and self._beat.is_alive():
+            self._beat.join()
         if self._bar is not None:
             self._bar.stop()
         elif exc[0] is None and self.done:
@@ -155,9 +178,19 @@ class ProgressDisplay:
             if now - self._last_line > 0.2:
                 self._last_line = now
                 self._bar.refresh()
-        elif now - self._last_line >= self._every:
+        else:
+            self._line_if_due(now)
+
+    def _line_if_due(self, now: float) -> None:
+        with self._lock:
+            if now - self._last_line < self._every:
+                return
             self._last_line = now
-            self._log.info("%s", self.line())
+        self._log.info("%s", self.line())
+
+    def _beats(self) -> None:
+        while not self._stop.wait(self._every / 4):
+            self._line_if_due(time.monotonic())
 
     def note(self, text: str) -> None:
         """A whole line: printed above the bar on a terminal, logged otherwise."""

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from vilbert.cli.console import add_log_file, console
+from vilbert.cli.console import ProgressDisplay, add_log_file, console
 
 
 def demo_command(
@@ -28,22 +28,18 @@ def demo_command(
     options = sizes(out=out, device=device, seed=seed, recipe=recipe_name)
     out.mkdir(parents=True, exist_ok=True)
     add_log_file(out / LOG_NAME)
-    with console.status("vilbert demo") as status:
+    with ProgressDisplay("demo", unit="steps") as display:  # no heartbeat: preprocess forks its workers
+        stage = ["start"]
 
-        def progress(stage: str, info: dict[str, Any]) -> None:
-            if stage == "progress":
-                detail = ", ".join(
-                    f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in info.items()
-                    if isinstance(v, (int, float, str))
-                )
-                status.update(f"[bold]{_current[0]}[/] {detail[:100]}")
-            else:
-                _current[0] = stage
-                status.update(f"[bold]{stage}[/]")
-                console.log(f"{stage} ...")
+        def progress(name: str, info: dict[str, Any]) -> None:
+            if name != "progress":
+                stage[0] = name
+                display.note(f"{name} ...")
+            elif info.get("kind") == "step":
+                display.update(info["step"], info["total_steps"], stage[0])
+            elif "done" in info and "total" in info:
+                display.update(info["done"], info["total"], stage[0])
 
-        _current = ["start"]
         report = run_demo(options, progress)
     table = Table(title="vilbert demo", show_lines=True)
     for column in ("stage", "what it did", "seconds", "speed", "result"):

@@ -1,7 +1,7 @@
 """`vilbert finetune`: binary classification (Hateful Memes) from a pretraining run or from scratch.
 
-vilbert finetune --data data/memes --init runs/tiny --run runs/ft --preset tiny
-torchrun --nproc-per-node 2 -m vilbert finetune --data data/memes --init none --run-dir runs/ft-ddp
+vilbert finetune --data data/memes --init runs/tiny --out runs/ft --preset tiny
+torchrun --nproc-per-node 2 -m vilbert finetune --data data/memes --init none --out runs/ft-ddp
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
-from vilbert.cli.console import add_log_file, console
+from vilbert.cli.console import ProgressDisplay, add_log_file, console
 from vilbert.config import Config, preset
 from vilbert.errors import UsageError
 from vilbert.overrides import apply_overrides, config_from_dict, load_config
@@ -65,19 +64,13 @@ def finetune_command(
         ..., "--data", exists=True, help="Cache root with train/, dev_seen/, test_seen/ (labelled)."
     ),
     init: str = typer.Option(..., "--init", help="Pretraining run dir or checkpoint, exported model dir, or 'none'."),
-    run: Path = typer.Option(
-        ...,
-        "--run",
-        "--run-dir",
-        help="Run directory (runs/NAME) for checkpoints, metrics, results; under torchrun give --run-dir "
-        "(torchrun's parser takes --run for its --run-path).",
-    ),
+    run: Path = typer.Option(..., "--out", help="Run directory (runs/NAME) for checkpoints, metrics, results."),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base, vilbert_original (default: --init's)."),
     recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     freeze: str = typer.Option(None, "--freeze", help="Parts kept frozen: e.g. text,vision or none."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run from its newest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     max_steps: int = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after this many steps."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the table."),
@@ -107,7 +100,7 @@ def finetune_command(
     if result.stopped != "completed":
         console.print(
             f"stopped ({result.stopped}) at step {result.step}; checkpoint {result.checkpoint}; "
-            f"continue with --resume --run {run}",
+            f"continue with --resume --out {run}",
             soft_wrap=True,
         )
         return
@@ -145,48 +138,40 @@ def results_table(results: dict[str, Any], title: str = "") -> Table:
 
 
 class _Display:
-    """A progress bar over optimizer steps; a line per epoch with the train and dev metrics."""
+    """Progress over optimizer steps (a bar, or a line at a steady interval in a batch job); a line per
+    evaluation with the train and dev metrics."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.bar = Progress(
-            TextColumn("finetune"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = self.bar.add_task("finetune", total=None, info="")
+        self.display = ProgressDisplay("finetune", unit="steps", heartbeat=True)
+        self.info = ""
 
     def __enter__(self) -> _Display:
         if self.enabled:
-            self.bar.start()
+            self.display.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
-            self.bar.stop()
+            self.display.__exit__(*exc)
 
     def update(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         kind = record.get("kind")
         if kind == "start":
-            self.bar.update(self.task, total=record["total_steps"], completed=record["step"])
+            self.display.update(record["step"], record["total_steps"])
             trainable = f"{record['trainable']:,}/{record['parameters']:,}"
-            self.bar.console.print(
-                f"{trainable} parameters trainable on {record['device']}; {record['steps_per_epoch']} steps per epoch",
-                soft_wrap=True,
+            self.display.note(
+                f"{trainable} parameters trainable on {record['device']}; {record['steps_per_epoch']} steps per epoch"
             )
+        elif kind == "step":
+            self.display.update(record["step"], record["total_steps"], self.info)
         elif kind == "train":
-            info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['samples_per_s']:.0f} samples/s"
-            self.bar.update(self.task, completed=record["step"], info=info)
+            self.info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['samples_per_s']:.0f} samples/s"
         elif kind == "eval":
             parts = [f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("_acc", "_auroc", "_loss"))]
-            self.bar.console.print(f"epoch {record['epoch']} step {record['step']}: " + "  ".join(parts))
+            self.display.note(f"epoch {record['epoch']} step {record['step']}: " + "  ".join(parts))
 
 
 def register(app: typer.Typer) -> None:

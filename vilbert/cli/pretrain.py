@@ -1,8 +1,8 @@
 """`vilbert pretrain`: pretrain on a cache with a live table; `--resume` continues a run exactly.
 
-vilbert pretrain --data data/cache --run runs/tiny --preset tiny
+vilbert pretrain --data data/cache --out runs/tiny --preset tiny
 vilbert pretrain --resume runs/tiny                         # same data, same config
-torchrun --nproc-per-node 2 -m vilbert pretrain --data data/cache --run runs/ddp --preset tiny
+torchrun --nproc-per-node 2 -m vilbert pretrain --data data/cache --out runs/ddp --preset tiny
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION, resolve_config
-from vilbert.cli.console import add_log_file, console
+from vilbert.cli.console import ProgressDisplay, add_log_file, console
 from vilbert.config import Config
 from vilbert.errors import UsageError
 from vilbert.overrides import apply_overrides, load_config
@@ -38,17 +38,11 @@ _METRIC_ORDER = (
 
 
 def pretrain_command(
-    run_arg: Path = typer.Argument(None, metavar="[RUN]", help="The run directory (same as --run)."),
+    run_arg: Path = typer.Argument(None, metavar="[RUN]", help="The run directory (same as --out)."),
     data: Path = typer.Option(
         None, "--data", exists=True, help="Cache root with train/ and test/ (from vilbert preprocess)."
     ),
-    run: Path = typer.Option(
-        None,
-        "--run",
-        "--run-dir",
-        help="Run directory: checkpoints, metrics.jsonl, train.log. Under torchrun "
-        "give it as RUN or --run-dir: torchrun's own parser takes --run for its --run-path.",
-    ),
+    run: Path = typer.Option(None, "--out", help="Run directory: checkpoints, metrics.jsonl, config.json, train.log."),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base (default) or vilbert_original."),
     recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
@@ -90,9 +84,9 @@ def _remove_log_file(handler: logging.Handler) -> None:
 
 def _run_dir(run_arg: Path | None, run: Path | None) -> Path:
     if run_arg is not None and run is not None and run_arg != run:
-        raise UsageError(f"two run directories given: {run_arg} and --run {run}; give one")
+        raise UsageError(f"two run directories given: {run_arg} and --out {run}; give one")
     if run_arg is None and run is None:
-        raise UsageError("no run directory: pass --run runs/NAME (or --resume runs/NAME)")
+        raise UsageError("no run directory: pass --out runs/NAME (or --resume runs/NAME)")
     return run_arg or run
 
 
@@ -151,6 +145,7 @@ class _Display:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.live: Live | None = None
+        self.lines: ProgressDisplay | None = None
         self.start: dict[str, Any] = {}
         self.train: dict[str, Any] = {}
         self.eval: dict[str, Any] = {}
@@ -159,16 +154,25 @@ class _Display:
         if self.enabled and console.is_terminal:
             self.live = Live(self._table(), console=console, refresh_per_second=4, transient=False)
             self.live.start()
+        elif self.enabled:  # a batch job: a progress line at a steady interval besides the records
+            self.lines = ProgressDisplay("pretrain", unit="steps", force_lines=True, heartbeat=True).__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
             self.live.stop()
+        if self.lines is not None:
+            self.lines.__exit__(*exc)
 
     def update(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         kind = record.get("kind")
+        if kind == "step":
+            if self.lines is not None:
+                loss = self.train.get("loss")
+                self.lines.update(record["step"], record["total_steps"], "" if loss is None else f"loss {loss:.4f}")
+            return
         if kind == "start":
             self.start = record
         else:

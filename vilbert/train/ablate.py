@@ -78,7 +78,11 @@ def _pretrain_run(config: Config, options: AblationOptions, setting: str, seed: 
     tasks = ",".join(SETTINGS[setting])
     cfg = apply_overrides(config, [f"pretrain.tasks=[{tasks}]", f"pretrain.seed={seed}"])
     resume = CheckpointManager(run_dir).latest() is not None
-    result = pretrain(cfg, PretrainOptions(data=options.corpus, run_dir=run_dir, resume=resume, device=options.device))
+    result = pretrain(
+        cfg,
+        PretrainOptions(data=options.corpus, run_dir=run_dir, resume=resume, device=options.device),
+        _steps_only(progress, f"pretrain {setting} seed {seed}"),
+    )
     if result.stopped != "completed":
         raise UsageError(f"pretraining {run_dir} stopped ({result.stopped}); run the ablation again to continue")
     if progress is not None:
@@ -88,8 +92,20 @@ def _pretrain_run(config: Config, options: AblationOptions, setting: str, seed: 
     return run_dir
 
 
+def _steps_only(progress: Progress | None, run: str) -> Progress | None:
+    """The inner run's optimizer steps, tagged with the run, for the ablation's progress display."""
+    if progress is None:
+        return None
+    return lambda record: progress({**record, "run": run}) if record.get("kind") == "step" else None
+
+
 def _finetune_run(
-    config: Config, options: AblationOptions, setting: str, seed: int, init: Path | None
+    config: Config,
+    options: AblationOptions,
+    setting: str,
+    seed: int,
+    init: Path | None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     run_dir = options.out / f"finetune-{setting}-s{seed}"
     if (run_dir / RESULTS_NAME).is_file():
@@ -102,6 +118,7 @@ def _finetune_run(
         FinetuneOptions(
             data=options.memes, run_dir=run_dir, init=init, resume=resume, device=options.device, plots=False
         ),
+        _steps_only(progress, f"finetune {setting} seed {seed}"),
     )
     if result.stopped != "completed":
         raise UsageError(f"fine-tuning {run_dir} stopped ({result.stopped}); run the ablation again to continue")
@@ -150,7 +167,7 @@ def run_ablation(config: Config, options: AblationOptions, progress: Progress | 
             if progress is not None:
                 progress({"kind": "run", "setting": setting, "seed": seed})
             init = _pretrain_run(config, options, setting, seed, progress) if SETTINGS[setting] else None
-            results = _finetune_run(config, options, setting, seed, init)
+            results = _finetune_run(config, options, setting, seed, init, progress)
             record = {"setting": setting, "seed": seed, "init": str(init) if init else None, **_run_metrics(results)}
             runs.append(record)
             if progress is not None:

@@ -276,7 +276,7 @@ class Trainer:
         if self.checkpoints.latest() is not None:
             raise CheckpointError(
                 f"{self.run_dir} already holds checkpoints; pass --resume to continue it, "
-                "or choose another --run directory"
+                "or choose another --out directory"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", *self.objective.outputs):
@@ -431,6 +431,8 @@ class Trainer:
 
     def _after_step(self, stop: StopRequest) -> str | None:
         settings, step = self.settings, self.step
+        if self.progress is not None:  # for progress displays only; metrics.jsonl gets the logged records
+            self.progress({"kind": "step", "step": step, "total_steps": self.total_steps, "epoch": self.epoch})
         if step % settings.log_every == 0:
             self._log_train()
         if settings.eval_every and step % settings.eval_every == 0:
