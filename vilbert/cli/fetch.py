@@ -40,7 +40,7 @@ OPT_OUT = typer.Option("noai,noimageai", "--opt-out-tokens", help="X-Robots-Tag 
 RETRY_FAILED = typer.Option(False, "--retry-failed", help="Also retry permanent failures of earlier runs.")
 SHARD_INDEX = typer.Option(0, "--shard-index", help="This machine's share of the list: 0..num-shards-1.")
 NUM_SHARDS = typer.Option(1, "--num-shards", help="Machines sharing the list (line % N == index).")
-WORKERS = typer.Option(0, "--decode-workers", help="Decode threads/processes (0: one per core).")
+WORKERS = typer.Option(0, "--decode-workers", help="Decode threads/processes (0: cores + 2 threads, 1 process/core).")
 DECODE_IN = typer.Option("thread", "--decode-in", help="Decode in 'thread's or 'process'es.")
 ROWS_PER_PART = typer.Option(1000, "--rows-per-part", help="Rows per output part (a crash loses at most one).")
 
