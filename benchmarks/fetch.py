@@ -427,6 +427,9 @@ def main() -> None:
         baseline = False
     corpus = ensure_photo_corpus(work, args.distinct)
     summary = corpus_summary(corpus)
+    if "https" in args.protocols and shutil.which("openssl") is None:
+        print("the openssl CLI is not installed: no test CA, so no HTTPS runs", flush=True)
+        args.protocols = [p for p in args.protocols if p != "https"]
     tls = make_test_ca(work / "tls") if "https" in args.protocols else None
     print(f"fetch benchmark: {args.n} URLs (+~2% missing) over {args.distinct} distinct photo-like images "
           f"({summary['mean_kb']} KB, {summary['mean_megapixels']} MP on average), {len(HOSTS)} loopback hosts, "
