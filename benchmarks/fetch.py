@@ -1,36 +1,53 @@
-"""Benchmark `vilbert fetch cc` against img2dataset 1.47 on the same loopback server and URL list.
+"""Benchmark `vilbert fetch cc` against img2dataset 1.47 on a photo-like corpus, over HTTP and HTTPS.
 
-For each latency the script starts `python -m vilbert synth serve` (a fresh server per tool and
-latency, so both meet the same planned failures), runs the tool as a subprocess, and measures:
-images saved per second of wall time (start-up included), CPU ms per saved image (the whole process
-tree: `getrusage(RUSAGE_CHILDREN)` around the run), and peak RSS of the tree (sampled from /proc).
+The corpus (made once, cached under --work) is like Conceptual Captions: about 96% RGB JPEG
+(baseline, a fifth progressive) of 200-1,000 px with camera-like content (smooth gradients, edges,
+texture, sensor noise; no flat colours), and a few percent PNG, greyscale, CMYK and EXIF-rotated
+JPEG. URLs repeat the distinct images under distinct paths (`/copy/<k>/...`, each with its own
+planned failure), spread round-robin over several hosts: the loopback addresses 127.0.0.1-8, all
+served by one server on one port. Host *names* are not used: making names resolve to loopback needs
+the machine's resolver configuration (/etc/hosts), which a benchmark must not touch, so each host is
+an IP literal (distinct hosts for connection pools and per-host limits, no DNS lookups).
+
+HTTPS: a test CA and a server certificate for those addresses are made on the fly with the openssl
+CLI; the server serves TLS and both tools trust the CA through `SSL_CERT_FILE` (nothing else).
+
+For each run the script starts a fresh server (both tools meet the same planned failures) and runs
+the tool as a subprocess: images saved per second of wall time (start-up included), CPU ms per saved
+image (the whole process tree: `getrusage(RUSAGE_CHILDREN)`), peak RSS of the tree (from /proc).
+The server's own CPU is not counted, but it shares the machine's cores with the tool.
 
     python benchmarks/fetch.py --install-baseline   # once: img2dataset into benchmarks/.venv-img2dataset
-    python benchmarks/fetch.py --quick              # ~1 minute: 800 URLs, 0 and 50 ms
-    python benchmarks/fetch.py                      # 20,000 URLs at 0, 50 and 300 ms
+    python benchmarks/fetch.py --size small         # a few minutes: 2,000 URLs, timeout 3 s
+    python benchmarks/fetch.py                      # full size: 20,000 URLs
 
-Settings: both tools get the same per-request timeout; img2dataset runs with processes_count 2,
-thread_count 64, image_size 224, center_crop, JPEG quality 90, a header row added to its copy of the
-TSV, other options at their defaults. Ours runs with `--per-host 0`: the one loopback host stands in
-for the many hosts of a real list (img2dataset has no per-host limit). The failure mix leaves out
-`endless` bodies by default: img2dataset's timeout is per socket read, so a trickling body holds it
-until the server shuts down and its figure would measure our cut-off (`--kinds all` includes it).
+Runs: ours over HTTP at 0, 50 and 300 ms latency; at 50 ms img2dataset over HTTP, then ours and
+img2dataset over HTTPS. Settings: the same per-request timeout; img2dataset with processes_count =
+cores, thread_count 64, shards of n / (8 x cores) rows (every process busy to the end), image_size
+224, center_crop, JPEG quality 90, a header row added to its copy of the list, other options at
+their defaults; ours with its defaults (`--allow-private-networks`: the hosts are loopback). The
+failure mix leaves out `endless` bodies by default: img2dataset's timeout is per socket read, so a
+trickling body holds it until the server shuts down (`--kinds all` includes it).
 The last line printed is one JSON object with every figure and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -38,15 +55,43 @@ BASELINE_VENV = HERE / ".venv-img2dataset"
 BASELINE_PYTHON = BASELINE_VENV / "bin" / "python"
 KINDS_WITHOUT_ENDLESS = ("not-found,server-error-then-ok,rate-limited,unavailable,reset,truncated,html,"
                          "slow-first-byte,stall,redirect,noai")  # fmt: skip
+HOSTS = tuple(f"127.0.0.{i}" for i in range(1, 9))
+SIZES = {"small": (2_000, 500), "full": (20_000, 3_000)}  # URLs, distinct images
+MISSING_EVERY = 50  # ~2% URLs of images that never existed, as in the synthetic cc.tsv
 
 BASELINE_SCRIPT = """
 import json, sys
 from img2dataset import download
-tsv, out, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tsv, out, timeout, processes, per_shard = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 download(url_list=tsv, input_format="tsv", url_col="url", caption_col="caption", output_folder=out,
-         output_format="parquet", processes_count=2, thread_count=64, image_size=224,
-         resize_mode="center_crop", encode_quality=90, timeout=timeout, enable_wandb=False)
+         output_format="parquet", processes_count=processes, thread_count=64, number_sample_per_shard=per_shard,
+         image_size=224, resize_mode="center_crop", encode_quality=90, timeout=timeout, enable_wandb=False)
 """
+
+SERVER_SCRIPT = """
+import json, ssl, sys
+from vilbert.pipeline.synthetic import ServerOptions, serve_in_background
+cfg = json.loads(sys.argv[1])
+context = None
+if cfg["cert"]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg["cert"], cfg["key"])
+options = ServerOptions(latency_ms=cfg["latency_ms"], slow_first_byte_s=cfg["slow_first_byte_s"],
+                        max_runtime_s=1800, kinds=tuple(cfg["kinds"].split(",")), copies=cfg["copies"])
+with serve_in_background(cfg["corpus"], options, hosts=tuple(cfg["hosts"]), ssl_context=context) as server:
+    print("serving", server.port, flush=True)
+    server.wait()
+"""
+
+# Every block of 100 consecutive images holds this mix (shuffled per block): ~96% RGB JPEG as on the web.
+PHOTO_MIX = (("jpeg-baseline", 76), ("jpeg-progressive", 20), ("png-rgb", 1), ("jpeg-grey", 1),
+             ("jpeg-cmyk", 1), ("jpeg-exif", 1))  # fmt: skip
+PHOTO_BLOCK = [name for name, count in PHOTO_MIX for _ in range(count)]
+WORDS = ("a dog", "a woman", "a man", "the city", "a beach", "mountains", "a kitchen", "a car", "flowers",
+         "a street", "the sea", "a child", "a bridge", "a forest", "a cake", "a horse", "a room")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- baseline
 
 
 def install_baseline() -> bool:
@@ -61,63 +106,168 @@ def install_baseline() -> bool:
 def baseline_available() -> bool:
     if not BASELINE_PYTHON.exists():
         return False
-    probe = subprocess.run([str(BASELINE_PYTHON), "-c", "import img2dataset"], capture_output=True)
+    probe = subprocess.run([str(BASELINE_PYTHON), "-c", "import img2dataset"], capture_output=True, env=quiet_env())
     return probe.returncode == 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def quiet_env(**extra: str) -> dict[str, str]:
+    """The environment of the tools: no update checks over the network (albumentations does one)."""
+    return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", **extra)
 
 
-def ensure_corpus(work: Path, n: int, distinct: int) -> Path:
-    """A corpus of `n` URLs: `distinct` rendered images (cached), hard-linked as often as needed.
+# ------------------------------------------------------------------------------------- corpus
 
-    Rendering is the slow part (minutes per thousand images on 2 busy cores) and repeating files
-    changes nothing a downloader can see: every URL path is distinct, so is its planned failure.
-    """
-    base = work / f"corpus-{distinct}"
-    if not (base / "corpus.jsonl").is_file():
-        shutil.rmtree(base, ignore_errors=True)
-        print(f"generating a {distinct}-image corpus in {base} (once; reused by later runs)", flush=True)
-        from vilbert.pipeline.synthetic import generate_corpus
 
-        generate_corpus(base, distinct, seed=0)
-    if n <= distinct:
-        return base
-    corpus = work / f"corpus-{n}-of-{distinct}"
-    if not (corpus / "corpus.jsonl").is_file():
-        shutil.rmtree(corpus, ignore_errors=True)
-        (corpus / "images").mkdir(parents=True)
-        records = [json.loads(line) for line in (base / "corpus.jsonl").read_text().splitlines()]
-        lines, out_records = [], []
-        for i in range(n):
-            record = dict(records[i % distinct])
-            ext = record["file"].rsplit(".", 1)[1]
-            record["name"], record["file"] = f"{i:06d}", f"{i:06d}.{ext}"
-            os.link(base / "images" / records[i % distinct]["file"], corpus / "images" / record["file"])
-            out_records.append(json.dumps(record))
-            lines.append(f"{record['caption']}\thttp://127.0.0.1:8765/images/{record['file']}\n")
-            if i % 50 == 49:  # ~2% URLs of images that do not exist, as in the synthetic cc.tsv
-                lines.append(f"{record['caption']}\thttp://127.0.0.1:8765/images/missing-{i:06d}.jpg\n")
-        (corpus / "cc.tsv").write_text("".join(lines), encoding="utf-8")
-        (corpus / "corpus.jsonl").write_text("\n".join(out_records) + "\n")
+def photo_pixels(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Camera-like uint8 RGB [h, w, 3]: a smooth colour field with a light gradient, a few soft-edged
+    shapes, mid-frequency texture and per-pixel sensor noise."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    grid = rng.normal(120, 55, (int(rng.integers(3, 8)), int(rng.integers(3, 8)), 3)).clip(0, 255).astype(np.uint8)
+    base = Image.fromarray(grid).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(base)
+    for _ in range(int(rng.integers(2, 7))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(20, width // 2 + 21)), y0 + int(rng.integers(20, height // 2 + 21))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    base = base.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.8, 2.5))))
+    pixels = np.asarray(base, dtype=np.float32)
+    pixels += np.linspace(-25, 25, height, dtype=np.float32)[:, None, None] * float(rng.uniform(-1, 1))
+    step = int(rng.integers(3, 9))
+    texture = rng.normal(128, float(rng.uniform(8, 28)), (height // step + 1, width // step + 1)).clip(0, 255)
+    texture = Image.fromarray(texture.astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    pixels += np.asarray(texture, dtype=np.float32)[:, :, None] - 128
+    pixels += rng.standard_normal((height, width, 3), dtype=np.float32) * float(rng.uniform(2, 7))
+    return pixels.clip(0, 255).astype(np.uint8)
+
+
+def encode_photo(rng: np.random.Generator, pixels: np.ndarray, variant: str) -> tuple[bytes, str]:
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    buf = io.BytesIO()
+    if variant == "png-rgb":
+        image.save(buf, format="PNG", compress_level=6)
+        return buf.getvalue(), "png"
+    params = {"quality": int(rng.integers(70, 96)), "subsampling": 2 if rng.random() < 0.8 else 0,
+              "optimize": bool(rng.random() < 0.5), "progressive": variant == "jpeg-progressive"}  # fmt: skip
+    if variant == "jpeg-grey":
+        image = image.convert("L")
+    elif variant == "jpeg-cmyk":
+        image = image.convert("CMYK")
+    elif variant == "jpeg-exif":
+        exif = Image.Exif()
+        exif[0x0112] = int(rng.choice([3, 6, 8]))
+        params["exif"] = exif.tobytes()
+    image.save(buf, format="JPEG", **params)
+    return buf.getvalue(), "jpg"
+
+
+def make_photo(job: tuple[int, str, str]) -> dict:
+    index, variant, images_dir = job
+    rng = np.random.default_rng([7, index])
+    long = int(300 + 700 * rng.random() ** 1.3)
+    short = max(200, round(long / float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9]))))
+    width, height = (long, short) if rng.random() < 0.7 else (short, long)
+    data, ext = encode_photo(rng, photo_pixels(rng, width, height), variant)
+    file = f"{index:06d}.{ext}"
+    Path(images_dir, file).write_bytes(data)
+    caption = f"{WORDS[int(rng.integers(len(WORDS)))]} near {WORDS[int(rng.integers(len(WORDS)))]}"
+    return {"name": f"{index:06d}", "file": file, "caption": caption, "variant": variant, "bytes": len(data),
+            "width": width, "height": height}  # fmt: skip
+
+
+def ensure_photo_corpus(work: Path, distinct: int) -> Path:
+    """`distinct` photo-like images with corpus.jsonl and cc.tsv (cached: made once per size)."""
+    corpus = work / f"photo-{distinct}"
+    if (corpus / "corpus.jsonl").is_file():
+        return corpus
+    shutil.rmtree(corpus, ignore_errors=True)
+    (corpus / "images").mkdir(parents=True)
+    print(f"generating a {distinct}-image photo-like corpus in {corpus} (once)", flush=True)
+    order = np.random.default_rng(11)
+    variants = [v for _ in range(math.ceil(distinct / len(PHOTO_BLOCK))) for v in order.permutation(PHOTO_BLOCK)]
+    jobs = [(i, str(variants[i]), str(corpus / "images")) for i in range(distinct)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        records = list(pool.map(make_photo, jobs, chunksize=32))
+    lines = []
+    for i, record in enumerate(records):
+        lines.append(f"{record['caption']}\thttp://127.0.0.1/images/{record['file']}\n")
+        if i % MISSING_EVERY == MISSING_EVERY - 1:
+            lines.append(f"{record['caption']}\thttp://127.0.0.1/images/missing-{i:06d}.jpg\n")
+    (corpus / "cc.tsv").write_text("".join(lines), encoding="utf-8")
+    (corpus / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return corpus
 
 
-class Server:
-    """`python -m vilbert synth serve` as a subprocess, ready once it prints its `serving` line."""
+def corpus_summary(corpus: Path) -> dict:
+    records = [json.loads(line) for line in (corpus / "corpus.jsonl").read_text().splitlines()]
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["variant"]] = counts.get(record["variant"], 0) + 1
+    return {"distinct_images": len(records), "mean_kb": round(sum(r["bytes"] for r in records) / len(records) / 1e3, 1),
+            "mean_megapixels": round(sum(r["width"] * r["height"] for r in records) / len(records) / 1e6, 3),
+            "variants": counts}  # fmt: skip
 
-    def __init__(self, corpus: Path, latency_ms: float, kinds: str, slow_first_byte_s: float) -> None:
-        self.port = free_port()
-        command = [sys.executable, "-m", "vilbert", "synth", "serve", str(corpus), "--port", str(self.port),
-                   "--latency-ms", str(latency_ms), "--slow-first-byte-s", str(slow_first_byte_s),
-                   "--max-runtime-s", "1800", "--kinds", kinds]  # fmt: skip
+
+def write_url_list(corpus: Path, n: int, scheme: str, port: int, path: Path, *, header: bool) -> Path:
+    """`n` URLs (plus ~2% missing ones) over the corpus's copies, round-robin over the hosts."""
+    pairs = [line.split("\t") for line in (corpus / "cc.tsv").read_text(encoding="utf-8").splitlines()]
+    lines = ["caption\turl\n"] if header else []
+    for i in range(n + n // MISSING_EVERY):
+        copy, (caption, url) = divmod(i, len(pairs))[0], pairs[i % len(pairs)]
+        prefix = f"/copy/{copy}" if copy else ""
+        lines.append(f"{caption}\t{scheme}://{HOSTS[i % len(HOSTS)]}:{port}{prefix}/{url.split('/', 3)[3]}\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------- TLS
+
+
+def make_test_ca(directory: Path) -> dict[str, str]:
+    """A CA and a server certificate for every host address, by the openssl CLI (a throwaway CA).
+
+    ECDSA P-256 keys, as most large image hosts and CDNs serve: the server's handshakes cost a tenth
+    of RSA-2048's, and the server shares this machine's cores with the tool being measured."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (str(directory / n) for n in ("ca.key", "ca.pem", "server.key", "server.csr",
+                                                               "server.pem"))  # fmt: skip
+    ext = directory / "server.ext"
+    names = ",".join(f"IP:{h}" for h in HOSTS)
+    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                   f"extendedKeyUsage=serverAuth\nsubjectAltName={names}\n")  # fmt: skip
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    commands = [
+        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj",
+         "/CN=vilbert benchmark test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", "2", "-extfile", str(ext)],
+    ]  # fmt: skip
+    for command in commands:
+        subprocess.run(command, check=True, capture_output=True)
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+class Server:
+    """The synthetic server (vilbert.pipeline.synthetic) on every host address, HTTP or HTTPS."""
+
+    def __init__(self, corpus: Path, latency_ms: float, args: argparse.Namespace, tls: dict | None) -> None:
+        config = {"corpus": str(corpus), "latency_ms": latency_ms, "slow_first_byte_s": args.slow_first_byte_s,
+                  "kinds": args.kinds, "copies": args.copies, "hosts": list(HOSTS),
+                  "cert": tls["cert"] if tls else None, "key": tls["key"] if tls else None}  # fmt: skip
+        command = [sys.executable, "-c", SERVER_SCRIPT, json.dumps(config)]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         line = self.proc.stdout.readline()
         if not line.startswith("serving"):
             raise SystemExit(f"the synthetic server did not start: {line}{self.proc.stdout.read()}")
+        self.port = int(line.split()[1])
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -147,11 +297,11 @@ def tree_rss_bytes(root_pid: int) -> int:
     return total
 
 
-def run_measured(command: list[str], timeout_s: float) -> dict:
+def run_measured(command: list[str], timeout_s: float, env: dict[str, str]) -> dict:
     """Run `command`; wall time, CPU of the whole tree, peak tree RSS, exit code and output tail."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
     peak = [0]
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
@@ -170,13 +320,15 @@ def run_measured(command: list[str], timeout_s: float) -> dict:
             "tail": "".join(output)[-2000:]}  # fmt: skip
 
 
-def run_ours(corpus: Path, tsv: Path, out: Path, latency_ms: float, args: argparse.Namespace) -> dict:
-    server = Server(corpus, latency_ms, args.kinds, args.slow_first_byte_s)
+def run_ours(corpus: Path, work: Path, out: Path, latency_ms: float, args, tls: dict | None) -> dict:
+    server = Server(corpus, latency_ms, args, tls)
     try:
-        local = write_tsv(corpus, server.port, tsv, header=False)
-        command = [sys.executable, "-m", "vilbert", "-q", "fetch", "cc", "--tsv", str(local), "--out", str(out),
-                   "--allow-private-networks", "--per-host", "0", "--timeout", str(args.timeout)]  # fmt: skip
-        result = run_measured(command, args.run_timeout)
+        scheme = "https" if tls else "http"
+        urls = write_url_list(corpus, args.n, scheme, server.port, work / "ours.tsv", header=False)
+        command = [sys.executable, "-m", "vilbert", "-q", "fetch", "cc", "--tsv", str(urls), "--out", str(out),
+                   "--allow-private-networks", "--timeout", str(args.timeout)] + args.ours_args  # fmt: skip
+        env = quiet_env(SSL_CERT_FILE=tls["ca"]) if tls else quiet_env()
+        result = run_measured(command, args.run_timeout, env)
     finally:
         server.stop()
     report_path = out / "fetch-report.json"
@@ -184,31 +336,28 @@ def run_ours(corpus: Path, tsv: Path, out: Path, latency_ms: float, args: argpar
     return finish(result)
 
 
-def run_baseline(corpus: Path, tsv: Path, out: Path, latency_ms: float, args: argparse.Namespace) -> dict:
-    server = Server(corpus, latency_ms, args.kinds, args.slow_first_byte_s)
+def run_baseline(corpus: Path, work: Path, out: Path, latency_ms: float, args, tls: dict | None) -> dict:
+    server = Server(corpus, latency_ms, args, tls)
     try:
-        local = write_tsv(corpus, server.port, tsv, header=True)
-        command = [str(BASELINE_PYTHON), "-c", BASELINE_SCRIPT, str(local), str(out), str(int(args.timeout))]
-        result = run_measured(command, args.run_timeout)
+        scheme = "https" if tls else "http"
+        urls = write_url_list(corpus, args.n, scheme, server.port, work / "img2dataset.tsv", header=True)
+        processes = os.cpu_count() or 1
+        per_shard = max(100, args.n // (8 * processes))
+        command = [str(BASELINE_PYTHON), "-c", BASELINE_SCRIPT, str(urls), str(out), str(int(args.timeout)),
+                   str(processes), str(per_shard)]  # fmt: skip
+        env = quiet_env(SSL_CERT_FILE=tls["ca"]) if tls else quiet_env()
+        result = run_measured(command, args.run_timeout, env)
     finally:
         server.stop()
     result["saved"] = sum(json.loads(p.read_text()).get("successes", 0) for p in out.glob("*_stats.json"))
     return finish(result)
 
 
-def write_tsv(corpus: Path, port: int, path: Path, *, header: bool) -> Path:
-    from vilbert.pipeline.synthetic import write_cc_tsv
-
-    write_cc_tsv(corpus, f"http://127.0.0.1:{port}", path)
-    if header:
-        path.write_text("caption\turl\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
-    return path
-
-
 def finish(result: dict) -> dict:
     saved = result["saved"]
     result["images_per_s"] = saved / result["wall_s"] if result["wall_s"] > 0 else 0.0
     result["cpu_ms_per_image"] = 1000 * result["cpu_s"] / saved if saved else float("inf")
+    result["cores_used"] = result["cpu_s"] / result["wall_s"] if result["wall_s"] > 0 else 0.0
     if result["returncode"] != 0:
         print(f"  exit code {result['returncode']}; output tail:\n{result['tail']}", flush=True)
     result.pop("tail")
@@ -217,28 +366,53 @@ def finish(result: dict) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="800 URLs at 0 and 50 ms (about a minute).")
-    parser.add_argument("--n", type=int, default=None, help="Corpus size (default 20000, quick 800).")
-    parser.add_argument("--distinct", type=int, default=800, help="Distinct rendered images behind the URLs.")
-    parser.add_argument("--latencies", default=None, help="Comma-separated server latencies in ms.")
-    parser.add_argument("--baseline-latencies", default="50", help="Latencies at which img2dataset also runs.")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="small: 2,000 URLs; full: 20,000.")
+    parser.add_argument("--quick", action="store_true", help="Same as --size small.")
+    parser.add_argument("--n", type=int, default=None, help="URLs (default by --size).")
+    parser.add_argument("--distinct", type=int, default=None, help="Distinct images behind the URLs.")
+    parser.add_argument("--latencies", default="0,50,300", help="Comma-separated latencies of ours over HTTP, ms.")
+    parser.add_argument("--compare-at", type=float, default=50.0, help="Latency of the head-to-head runs, ms.")
+    parser.add_argument("--protocols", default="http,https", help="Protocols of the head-to-head runs.")
     parser.add_argument("--install-baseline", action="store_true", help="pip install img2dataset==1.47.0 first.")
     parser.add_argument("--no-baseline", action="store_true", help="Run ours only.")
     parser.add_argument("--kinds", default=KINDS_WITHOUT_ENDLESS, help="Failure kinds served ('all': every kind).")
-    parser.add_argument("--timeout", type=float, default=None, help="Per-request timeout of both tools, s.")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="Per-request timeout of both tools, s "
+        "(default 10; small 3: the last stalled requests end every run, and end a small one sooner)",
+    )
+    parser.add_argument("--ours-args", default="", help="Extra options of `vilbert fetch cc` (quoted).")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vilbert-bench-fetch"), help="Scratch directory.")
     args = parser.parse_args()
-    args.n = args.n or (800 if args.quick else 20_000)
-    args.latencies = [float(x) for x in (args.latencies or ("0,50" if args.quick else "0,50,300")).split(",")]
-    args.baseline_latencies = [float(x) for x in args.baseline_latencies.split(",") if x]
-    args.timeout = args.timeout or (3.0 if args.quick else 10.0)
+    size = "small" if args.quick else args.size
+    args.size = size
+    args.n = args.n or SIZES[size][0]
+    args.timeout = args.timeout or (3.0 if size == "small" else 10.0)
+    args.distinct = min(args.n, args.distinct or SIZES[size][1])
+    args.copies = math.ceil((args.n + args.n // MISSING_EVERY) / (args.distinct + args.distinct // MISSING_EVERY))
+    args.latencies = [float(x) for x in args.latencies.split(",") if x]
+    args.protocols = [x for x in args.protocols.split(",") if x]
+    args.ours_args = args.ours_args.split()
     args.slow_first_byte_s = min(2.0, args.timeout / 2)
-    args.run_timeout = 600.0
+    args.run_timeout = 900.0
     if args.kinds == "all":
         from vilbert.pipeline.synthetic import FAILURE_KINDS
 
         args.kinds = ",".join(FAILURE_KINDS)
     return args
+
+
+def plan_runs(args: argparse.Namespace, baseline: bool) -> list[tuple[str, str, float]]:
+    """(tool, protocol, latency) in order: ours over HTTP at every latency, then head to head."""
+    runs = [("ours", "http", latency) for latency in args.latencies]
+    for protocol in args.protocols:
+        if ("ours", protocol, args.compare_at) not in runs:
+            runs.append(("ours", protocol, args.compare_at))
+        if baseline:
+            runs.append(("img2dataset", protocol, args.compare_at))
+    return runs
 
 
 def main() -> None:
@@ -251,49 +425,54 @@ def main() -> None:
     if baseline and not baseline_available():
         print("img2dataset is not installed (run with --install-baseline); reporting ours only", flush=True)
         baseline = False
-    corpus = ensure_corpus(work, args.n, min(args.n, args.distinct))
-    print(f"fetch benchmark: {args.n} URLs (+~2% missing) over {min(args.n, args.distinct)} distinct images, "
-          f"failure kinds {args.kinds}, timeout {args.timeout:g} s, {os.cpu_count()} cores", flush=True)  # fmt: skip
-    results: dict[str, dict[str, dict]] = {"ours": {}, "img2dataset": {}}
-    for latency in args.latencies:
-        runs = [("ours", run_ours)] + (
-            [("img2dataset", run_baseline)] if baseline and latency in args.baseline_latencies else []
-        )
-        for name, run in runs:
-            out = work / f"out-{name}-{latency:g}"
-            shutil.rmtree(out, ignore_errors=True)
-            result = run(corpus, work / f"{name}.tsv", out, latency, args)
-            results[name][f"{latency:g}"] = result
-            print(f"{name:12s} latency {latency:5g} ms: {result['saved']:6d} saved, "
-                  f"{result['images_per_s']:7.1f} img/s, {result['cpu_ms_per_image']:6.2f} ms CPU/img, "
-                  f"peak RSS {result['peak_rss_mb']:7.1f} MB, wall {result['wall_s']:6.1f} s, "
-                  f"load {result['load_avg_1min']:.1f}", flush=True)  # fmt: skip
-            shutil.rmtree(out, ignore_errors=True)
-    summary = summarize(results, args)
-    for key, value in summary["ratios"].items():
+    corpus = ensure_photo_corpus(work, args.distinct)
+    summary = corpus_summary(corpus)
+    if "https" in args.protocols and shutil.which("openssl") is None:
+        print("the openssl CLI is not installed: no test CA, so no HTTPS runs", flush=True)
+        args.protocols = [p for p in args.protocols if p != "https"]
+    tls = make_test_ca(work / "tls") if "https" in args.protocols else None
+    print(f"fetch benchmark: {args.n} URLs (+~2% missing) over {args.distinct} distinct photo-like images "
+          f"({summary['mean_kb']} KB, {summary['mean_megapixels']} MP on average), {len(HOSTS)} loopback hosts, "
+          f"failure kinds {args.kinds}, timeout {args.timeout:g} s, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    results: dict[str, dict] = {"ours": {}, "img2dataset": {}}
+    for name, protocol, latency in plan_runs(args, baseline):
+        out = work / f"out-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        run = run_ours if name == "ours" else run_baseline
+        result = run(corpus, work, out, latency, args, tls if protocol == "https" else None)
+        results[name][f"{protocol}_{latency:g}"] = result
+        print(f"{name:12s} {protocol:5s} {latency:5g} ms: {result['saved']:6d} saved, "
+              f"{result['images_per_s']:7.1f} img/s, {result['cpu_ms_per_image']:6.2f} ms CPU/img, "
+              f"{result['cores_used']:.2f} cores, peak RSS {result['peak_rss_mb']:7.1f} MB, "
+              f"wall {result['wall_s']:6.1f} s, load {result['load_avg_1min']:.1f}", flush=True)  # fmt: skip
+        shutil.rmtree(out, ignore_errors=True)
+    figures = summarize(results, args, summary)
+    for key, value in figures["ratios"].items():
         print(f"{key}: {value}")
-    print(json.dumps(summary))
+    print(json.dumps(figures))
 
 
-def summarize(results: dict, args: argparse.Namespace) -> dict:
+def summarize(results: dict, args: argparse.Namespace, corpus: dict) -> dict:
     ours, theirs = results["ours"], results["img2dataset"]
     ratios = {}
-    for latency, figures in theirs.items():
-        if figures["images_per_s"] > 0 and latency in ours:
-            ratios[f"speedup_vs_img2dataset_{latency}ms"] = round(
-                ours[latency]["images_per_s"] / figures["images_per_s"], 2
+    for key, figures in theirs.items():
+        if figures["images_per_s"] > 0 and key in ours:
+            ratios[f"images_per_s_ours_over_img2dataset_{key}ms"] = round(
+                ours[key]["images_per_s"] / figures["images_per_s"], 2
             )
-            ratios[f"cpu_ratio_img2dataset_over_ours_{latency}ms"] = round(
-                figures["cpu_ms_per_image"] / ours[latency]["cpu_ms_per_image"], 2
+            ratios[f"cpu_ms_per_image_ours_over_img2dataset_{key}ms"] = round(
+                ours[key]["cpu_ms_per_image"] / figures["cpu_ms_per_image"], 2
             )
-    if "0" in ours and ours["0"]["images_per_s"] > 0:
-        for latency in ours:
-            if latency != "0":
-                ratios[f"ours_{latency}ms_over_0ms"] = round(
-                    ours[latency]["images_per_s"] / ours["0"]["images_per_s"], 2
+    if ours.get("http_0", {}).get("images_per_s", 0) > 0:
+        for key, figures in ours.items():
+            if key.startswith("http_") and key != "http_0":
+                ratios[f"ours_{key}ms_over_http_0ms"] = round(
+                    figures["images_per_s"] / ours["http_0"]["images_per_s"], 2
                 )
-    return {"benchmark": "fetch", "n": args.n, "quick": args.quick, "kinds": args.kinds, "timeout_s": args.timeout,
-            "ours": ours, "img2dataset": theirs or None, "ratios": ratios}  # fmt: skip
+    return {"benchmark": "fetch", "size": args.size, "n": args.n, "corpus": corpus, "hosts": len(HOSTS),
+            "kinds": args.kinds, "timeout_s": args.timeout, "ours_args": " ".join(args.ours_args), "ours": ours,
+            "img2dataset": theirs or None, "ratios": ratios}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -127,9 +127,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the ~1 minute size of each benchmark")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--timeout-s", type=float, default=None, help="per benchmark (default 180 quick, 1800 full)")
+    parser.add_argument("--timeout-s", type=float, default=None, help="per benchmark (default 900 quick, 3600 full)")
     args = parser.parse_args()
-    timeout_s = args.timeout_s or (180.0 if args.quick else 1800.0)
+    timeout_s = args.timeout_s or (900.0 if args.quick else 3600.0)
     results = {}
     for name in args.only or BENCHMARKS:
         print(f"== {name}", flush=True)

@@ -108,3 +108,43 @@ def test_cli_inspect_of_a_non_cache_is_one_line(tmp_path, run_cli):
     assert result.returncode == 1
     lines = error_lines(result)
     assert len(lines) == 1 and "not a cache (no _manifest.json)" in lines[0]
+
+
+def test_shards_carry_xxh3_checksums_that_verify_recomputes(cache_f16):
+    pytest.importorskip("xxhash")  # a dev install has it (through datasets)
+    import xxhash
+
+    path, _ = cache_f16
+    manifest = json.loads((path / "_manifest.json").read_text())
+    shard = manifest["shards"][1]
+    assert shard["checksum"] == "xxh3_128:" + xxhash.xxh3_128((path / shard["name"]).read_bytes()).hexdigest()
+    flip_byte(path / "shard-00001.arrow", 2000)
+    assert verify_cache(path).problems[0].startswith("shard-00001.arrow: checksum mismatch (xxh3_128 ")
+
+
+def test_without_xxhash_the_writer_falls_back_to_sha256_and_both_verify(tmp_path, monkeypatch):
+    import hashlib
+
+    from vilbert.cache import writer as writer_module
+
+    from .conftest import build_cache
+
+    monkeypatch.setattr(writer_module, "default_checksum_algorithm", lambda: "sha256")
+    path = tmp_path / "sha"
+    build_cache(path, dtype="uint8")
+    shards = json.loads((path / "_manifest.json").read_text())["shards"]
+    first = shards[0]
+    assert first["checksum"] == "sha256:" + hashlib.sha256((path / first["name"]).read_bytes()).hexdigest()
+    assert verify_cache(path).ok
+    flip_byte(path / shards[2]["name"], 2000)
+    assert verify_cache(path).problems[0].startswith("shard-00002.arrow: checksum mismatch (sha256 ")
+
+
+def test_an_unknown_checksum_algorithm_is_a_named_problem(cache_u8):
+    path, _ = cache_u8
+    manifest_path = path / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["checksum"] = "md5:" + "0" * 32
+    manifest_path.write_text(json.dumps(manifest))
+    problem = verify_cache(path).problems[0]
+    assert problem.startswith("shard-00000.arrow: unknown checksum 'md5:") and "xxh3_128, sha256" in problem

@@ -38,6 +38,11 @@ __all__ = [
     "shard_metadata",
     "sha256_bytes",
     "sha256_file",
+    "CHECKSUM_ALGORITHMS",
+    "default_checksum_algorithm",
+    "checksum_algorithm",
+    "new_digest",
+    "file_checksum",
     "read_manifest",
     "write_json_atomic",
     "write_bytes_atomic",
@@ -220,7 +225,8 @@ class ShardInfo:
     rows: int
     bytes: int
     checksum: str
-    """`sha256:<hex>` of the whole file."""
+    """`<algorithm>:<hex>` of the whole file: `xxh3_128:` (written where the xxhash package is
+    installed) or `sha256:`; each shard names its own algorithm (`CHECKSUM_ALGORITHMS`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -345,13 +351,58 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path: Path) -> str:
     """`sha256:<hex>` of a file, streamed in 8 MiB chunks."""
-    digest = hashlib.sha256()
+    return file_checksum(path, "sha256")
+
+
+CHECKSUM_ALGORITHMS = ("xxh3_128", "sha256")
+"""Shard checksums, as the prefix of `ShardInfo.checksum`. They catch corruption (a flipped byte, a
+torn copy), not tampering: xxh3_128 hashes ~8x faster than SHA-256 here (0.1 against 0.7 ms per
+150 KB row on this 2-core VM), so writing a cache costs less than decoding its images. SHA-256 is
+written where the xxhash package is missing, and is still read everywhere."""
+
+
+def default_checksum_algorithm() -> str:
+    """`xxh3_128` where the xxhash package is installed, else `sha256`."""
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return "sha256"
+    return "xxh3_128"
+
+
+def checksum_algorithm(checksum: str) -> str:
+    """The algorithm a `<algorithm>:<hex>` checksum names; `CacheError` if unknown or not installed."""
+    algorithm = checksum.split(":", 1)[0] if ":" in checksum else ""
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise CacheError(f"unknown checksum {checksum[:40]!r}; known algorithms: {', '.join(CHECKSUM_ALGORITHMS)}")
+    return algorithm
+
+
+def new_digest(algorithm: str) -> Any:
+    """A hashlib-style object (`update`, `hexdigest`) for one of `CHECKSUM_ALGORITHMS`."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        try:
+            import xxhash
+        except ImportError:
+            raise CacheError(
+                "this cache's shards carry xxh3_128 checksums; checking them needs the xxhash package "
+                "(pip install xxhash)"
+            ) from None
+        return xxhash.xxh3_128()
+    raise CacheError(f"unknown checksum algorithm {algorithm!r}; known: {', '.join(CHECKSUM_ALGORITHMS)}")
+
+
+def file_checksum(path: Path, algorithm: str) -> str:
+    """`<algorithm>:<hex>` of a file, streamed in 8 MiB chunks."""
+    digest = new_digest(algorithm)
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
         while n := handle.readinto(buffer):
             digest.update(view[:n])
-    return "sha256:" + digest.hexdigest()
+    return f"{algorithm}:{digest.hexdigest()}"
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any], *, ensure_ascii: bool = True) -> None:

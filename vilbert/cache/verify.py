@@ -18,7 +18,16 @@ from typing import Any
 import pyarrow as pa
 
 from vilbert.cache.checks import first_bad_row
-from vilbert.cache.format import MANIFEST_NAME, TOKENIZER_NAME, Manifest, ShardInfo, read_manifest, sha256_file
+from vilbert.cache.format import (
+    MANIFEST_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    ShardInfo,
+    checksum_algorithm,
+    file_checksum,
+    read_manifest,
+    sha256_file,
+)
 from vilbert.errors import CacheError
 
 __all__ = ["VerifyReport", "verify_cache"]
@@ -116,9 +125,15 @@ def _check_shard(file: Path, shard: ShardInfo, manifest: Manifest, schema: pa.Sc
     size = file.stat().st_size
     if size != shard.bytes:
         return f"{'truncated' if size < shard.bytes else 'wrong size'}: {size} bytes, manifest says {shard.bytes}"
-    digest = sha256_file(file)
+    try:
+        algorithm = checksum_algorithm(shard.checksum)
+        digest = file_checksum(file, algorithm)
+    except CacheError as err:  # an unknown algorithm, or xxh3_128 without the xxhash package
+        return str(err)
     if digest != shard.checksum:
-        return f"checksum mismatch (sha256 {digest[7:23]}..., manifest says {shard.checksum[7:23]}...)"
+        start = len(algorithm) + 1
+        return (f"checksum mismatch ({algorithm} {digest[start : start + 16]}..., "
+                f"manifest says {shard.checksum[start : start + 16]}...)")  # fmt: skip
     try:
         with pa.memory_map(str(file)) as source:
             reader = pa.ipc.open_file(source)

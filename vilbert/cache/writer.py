@@ -31,7 +31,6 @@ pages then leave the page cache, so the next shard reuses them instead of taking
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import threading
@@ -53,7 +52,9 @@ from vilbert.cache.format import (
     TOKENIZER_NAME,
     Manifest,
     ShardInfo,
+    default_checksum_algorithm,
     fsync_dir,
+    new_digest,
     write_json_atomic,
 )
 from vilbert.cache.resume import PROGRESS_NAME, lock_directory, prepare_directory, unlock_directory
@@ -103,6 +104,7 @@ class CacheWriter:
         self._rows_per_shard = self._settings.rows_per_shard
         self._lock: int | None = None
         self._shards: list[ShardInfo] = []
+        self._checksum_algorithm = default_checksum_algorithm()
         self.rows_done = 0
         """Rows in completed shards kept by `resume` (set on entering): the producer skips this many."""
         self._buffers: dict[str, np.ndarray] | None = None
@@ -303,7 +305,7 @@ class CacheWriter:
         sink = _CollectingSink()
         with pa.ipc.new_file(sink, self._schema) as ipc:
             ipc.write_batch(self._record_batch())
-        digest = _Digest(sink.chunks)
+        digest = _Digest(sink.chunks, self._checksum_algorithm)
         handle = open(tmp, "wb")  # noqa: SIM115 - closed by the commit
         try:
             for chunk in sink.chunks:
@@ -404,20 +406,22 @@ class _CollectingSink:
 
 
 class _Digest:
-    """SHA-256 of `chunks`, computed on its own thread (hashlib releases the GIL on large inputs)."""
+    """The checksum of `chunks`, computed on its own thread (hashlib and xxhash release the GIL on
+    large inputs)."""
 
-    def __init__(self, chunks: Sequence[memoryview]) -> None:
-        self._sha = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, args=(chunks,), name="cache-sha256", daemon=True)
+    def __init__(self, chunks: Sequence[memoryview], algorithm: str) -> None:
+        self._algorithm = algorithm
+        self._digest = new_digest(algorithm)
+        self._thread = threading.Thread(target=self._run, args=(chunks,), name="cache-checksum", daemon=True)
         self._thread.start()
 
     def _run(self, chunks: Sequence[memoryview]) -> None:
         for chunk in chunks:
-            self._sha.update(chunk)
+            self._digest.update(chunk)
 
     def result(self) -> str:
         self._thread.join()
-        return "sha256:" + self._sha.hexdigest()
+        return f"{self._algorithm}:{self._digest.hexdigest()}"
 
 
 # ------------------------------------------------------------------------------------- helpers

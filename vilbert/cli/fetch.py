@@ -44,7 +44,7 @@ OPT_OUT = typer.Option("noai,noimageai", "--opt-out-tokens", help="X-Robots-Tag 
 RETRY_FAILED = typer.Option(False, "--retry-failed", help="Also retry permanent failures of earlier runs.")
 SHARD_INDEX = typer.Option(0, "--shard-index", help="This machine's share of the list: 0..num-shards-1.")
 NUM_SHARDS = typer.Option(1, "--num-shards", help="Machines sharing the list (line % N == index).")
-WORKERS = typer.Option(0, "--workers", help="Decode threads/processes (0: one per core).")
+WORKERS = typer.Option(0, "--workers", help="Decode threads/processes (0: cores + 2 threads, 1 process/core).")
 DECODE_IN = typer.Option("thread", "--decode-in", help="Decode in 'thread's or 'process'es.")
 CA_BUNDLE = typer.Option(
     None, "--ca-bundle", help="PEM file of CA certificates to trust for https instead of the system's (SSL_CERT_FILE)."

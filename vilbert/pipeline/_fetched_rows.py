@@ -72,6 +72,9 @@ def _take(paths: list[Path], parts: np.ndarray, rows: np.ndarray) -> pa.RecordBa
             del table
         positions.append(np.nonzero(mask)[0])
     merged = pa.concat_tables(pieces)
+    order = np.concatenate(positions)
+    if np.array_equal(order, np.arange(len(parts))):  # parts follow each other in line order: no reorder
+        return merged.combine_chunks().to_batches()[0]
     inverse = np.empty(len(parts), dtype=np.int64)
-    inverse[np.concatenate(positions)] = np.arange(len(parts))
+    inverse[order] = np.arange(len(parts))
     return merged.take(pa.array(inverse)).combine_chunks().to_batches()[0]

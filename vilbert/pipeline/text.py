@@ -19,6 +19,7 @@ enabled, so `Tokenizer.from_str(json).encode(caption).ids` is exactly the stored
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -280,6 +281,11 @@ class CaptionEncoder:
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self.tokenizer.enable_truncation(max_length=max_len)
         self.tokenizer.enable_padding(pad_id=self.special_ids["pad"], pad_token=SPECIAL_TOKENS["pad"], length=max_len)
+        # Encoding runs unpadded and pads in numpy: the same ids, without building 2 x max_len Python
+        # ints per caption (ids and attention mask) for numpy to convert back.
+        self._unpadded = Tokenizer.from_str(tokenizer.to_str())
+        self._unpadded.enable_truncation(max_length=max_len)
+        self._unpadded.no_padding()
 
     @property
     def tokenizer_json(self) -> str:
@@ -304,8 +310,10 @@ class CaptionEncoder:
             empty = np.zeros((0, self.max_len), np.int32)
             return EncodedCaptions(empty, np.zeros(0, np.int32))
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        encodings = encode(list(captions), add_special_tokens=True)
-        input_ids = np.array([e.ids for e in encodings], dtype=np.int32)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
-        return EncodedCaptions(input_ids, mask.sum(axis=1, dtype=np.int32))
+        encode = getattr(self._unpadded, "encode_batch_fast", self._unpadded.encode_batch)
+        rows = [e.ids for e in encode(list(captions), add_special_tokens=True)]
+        lengths = np.fromiter(map(len, rows), np.int32, len(rows))
+        flat = np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths.sum()))
+        input_ids = np.full((len(rows), self.max_len), self.special_ids["pad"], np.int32)
+        input_ids[np.arange(self.max_len)[None, :] < lengths[:, None]] = flat  # row-major: each row's ids in order
+        return EncodedCaptions(input_ids, lengths)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import shutil
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from urllib.parse import urlsplit
@@ -201,3 +204,29 @@ def test_copies_multiply_the_urls_not_the_images(synth_corpus, tmp_path):
         with urllib.request.urlopen(server.base_url + copy, timeout=5) as response:
             expected = (synth_corpus / "images" / server.plan[copy].file).read_bytes()
             assert response.read() == expected
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a test certificate")
+def test_serves_https_on_several_loopback_hosts(synth_corpus, tmp_path):
+    """The benchmark's setup: one port on 127.0.0.1 and 127.0.0.2, TLS with a certificate for both."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1,IP:127.0.0.2"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    options = replace(OPTIONS, failure_rate=0)
+    hosts = ("127.0.0.1", "127.0.0.2")
+    with serve_in_background(synth_corpus, options, hosts=hosts, ssl_context=server_context) as server:
+        assert server.base_url == f"https://127.0.0.1:{server.port}"
+        path = next(p for p, o in server.plan.items() if o.kind == "ok")
+        for host in hosts:
+            url = f"https://{host}:{server.port}{path}"
+            with urllib.request.urlopen(url, timeout=5, context=client_context) as response:
+                assert response.status == 200 and response.read()[:3] in (b"\xff\xd8\xff", b"\x89PN")
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"https://127.0.0.1:{server.port}{path}", timeout=5)  # not trusted by default

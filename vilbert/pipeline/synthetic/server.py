@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -309,9 +310,18 @@ def _content_type(path: str) -> str:
 class ServerHandle:
     """A server running in a background thread with its own event loop (see `serve_in_background`)."""
 
-    def __init__(self, corpus_dir: str | Path, options: ServerOptions, port: int = 0):
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        options: ServerOptions,
+        port: int = 0,
+        *,
+        hosts: tuple[str, ...] = ("127.0.0.1",),
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         files, tsv_paths = load_corpus_files(corpus_dir)
         self.options = options
+        self.hosts, self.ssl_context = hosts, ssl_context
         self.plan: dict[str, Outcome] = _plan(sorted(files), tsv_paths, options)
         self._files, self._requested_port = files, port
         self.port = 0
@@ -325,8 +335,8 @@ class ServerHandle:
 
     @property
     def base_url(self) -> str:
-        """e.g. "http://127.0.0.1:43817" (no trailing slash)."""
-        return f"http://127.0.0.1:{self.port}"
+        """e.g. "http://127.0.0.1:43817" (no trailing slash; https with an `ssl_context`; the first host)."""
+        return f"{'https' if self.ssl_context else 'http'}://{self.hosts[0]}:{self.port}"
 
     @property
     def attempts(self) -> dict[str, int]:
@@ -377,9 +387,11 @@ class ServerHandle:
         runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", self._requested_port)
-            await site.start()
-            self.port = runner.addresses[0][1]
+            # Every host on one port (the first one's, when the port is chosen by the system).
+            for host in self.hosts:
+                port = self.port or self._requested_port
+                await web.TCPSite(runner, host, port, ssl_context=self.ssl_context).start()
+                self.port = runner.addresses[0][1]
             self._ready.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.options.max_runtime_s)
@@ -390,16 +402,24 @@ class ServerHandle:
 
 @contextlib.contextmanager
 def serve_in_background(
-    corpus_dir: str | Path, options: ServerOptions | None = None, port: int = 0
+    corpus_dir: str | Path,
+    options: ServerOptions | None = None,
+    port: int = 0,
+    *,
+    hosts: tuple[str, ...] = ("127.0.0.1",),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[ServerHandle]:
     """Serve `corpus_dir` on 127.0.0.1:`port` (0: a free port) while the block runs.
+
+    `hosts` are the loopback addresses listened on (all on the same port: several hosts for a
+    client, without any name resolution); `ssl_context` (a server context) serves HTTPS instead.
 
     Example:
         with serve_in_background(corpus, ServerOptions(failure_rate=0.3)) as server:
             write_cc_tsv(corpus, server.base_url, tmp / "cc.tsv")
             ...  # fetch, then compare with server.plan
     """
-    handle = ServerHandle(corpus_dir, options or ServerOptions(), port).start()
+    handle = ServerHandle(corpus_dir, options or ServerOptions(), port, hosts=hosts, ssl_context=ssl_context).start()
     try:
         yield handle
     finally:
