@@ -110,4 +110,4 @@ def test_cli_table_and_json(labelled: Path, finetuned: Path, tmp_path: Path, cli
     assert "AUROC" in proc.stdout and "classifier" in proc.stdout
     assert json.loads(out.read_text())["classifier"]["n"] == 24
     proc = subprocess.run([*cmd[:4], str(tmp_path / "nothing"), *cmd[5:]], capture_output=True, text=True, env=cli_env)
-    assert proc.returncode == 1 and "no run directory or checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "nothing" in proc.stderr  # a missing input path is a usage error
