@@ -151,8 +151,10 @@ def test_cli(labelled: Path, tmp_path: Path, cli_env: dict) -> None:
 
 
 def test_gradient_accumulation_matches_the_whole_batch(labelled: Path, tmp_path: Path) -> None:
-    # No dropout (the cpu recipe): two micro-batches of 8 then see exactly what one batch of 16 sees.
-    base = apply_overrides(cpu(tiny()), ["finetune.epochs=1", "finetune.log_every=1", "finetune.lr=1e-3"])
+    # No dropout (the cpu recipe): two micro-batches of 8 then see exactly what one batch of 16 sees,
+    # up to float summation order. Adam turns that rounding noise into steps of up to lr on parameters
+    # whose gradient is zero in exact arithmetic (key biases: softmax ignores them), hence atol ~ lr / 10.
+    base = apply_overrides(cpu(tiny()), ["finetune.epochs=1", "finetune.log_every=1"])
     runs = {}
     for name, overrides in (
         ("whole", ["finetune.batch_size=16"]),
