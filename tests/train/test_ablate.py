@@ -81,7 +81,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     dev = {name: results["final"]["dev"]["auroc"] for name, results in runs.items()}
     print(
         f"\nchain: pretraining eval {pre.last_eval}; dev AUROC pretrained {dev['pretrained']:.4f}, scratch "
-        f"{dev['scratch']:.4f}; gaps {[round(s.gap, 4) for s in report.layers]}; recall {report.retrieval}"
+        f"{dev['scratch']:.4f}; gaps before {report.before.gap:+.4f}, "
+        f"cross {[round(s.gap, 4) for s in report.layers]}; recall {report.retrieval}"
     )
     return {"root": root, "corpus": corpus, "memes": memes, "pretrain": pre, "runs": runs, "analysis": report}
 

@@ -63,7 +63,12 @@ def finetune_command(
     data: Path = typer.Option(
         ..., "--data", exists=True, help="Cache root with train/, dev_seen/, test_seen/ (labelled)."
     ),
-    init: str = typer.Option(..., "--init", help="Pretraining run dir or checkpoint, exported model dir, or 'none'."),
+    init: str = typer.Option(
+        ...,
+        "--init",
+        help="Pretraining run dir or checkpoint, exported model dir, or 'none' (the encoders from "
+        "model.text.pretrained / model.vision.pretrained, new cross layers and heads).",
+    ),
     run: Path = typer.Option(..., "--out", help="Run directory (runs/NAME) for checkpoints, metrics, results."),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base, vilbert_original (default: --init's)."),
     recipe_name: str = RECIPE_OPTION,
