@@ -62,6 +62,8 @@ def test_ten_sigkills_then_resume_leave_no_duplicate_and_no_missing_row(tmp_path
             os.killpg(process.pid, signal.SIGKILL)
             kills += 1
         process.wait()
+        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        assert process.returncode == -signal.SIGKILL, f"round {round_} exited {process.returncode}: {stderr[-2000:]}"
         assert not (out / "train" / "manifest.json").exists(), "the run finished before ten kills"
     assert kills == 10
 
