@@ -8,6 +8,7 @@ are checked, not checksums: re-hashing a 500 GB cache to resume is `vilbert cach
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -90,10 +91,8 @@ def close_inherited_locks() -> None:
     """In a forked child: close the copies of the parent's lock descriptors, so that the lock goes with
     the parent and a worker that outlives it (killed with it, still exiting) does not hold the cache."""
     for fd in _HELD_LOCKS:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     _HELD_LOCKS.clear()
 
 

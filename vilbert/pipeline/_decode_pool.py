@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import queue
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -91,17 +92,30 @@ def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
     """`decode_resize`, with a shortcut for upright JPEGs already at the size (fetch output).
 
     The shortcut is the same libjpeg-turbo decode `decode_resize` does, minus its identity resize:
-    the pixels are equal (tested), at a third of the cost.
+    the pixels are equal (tested), at a third of the cost. It decodes into this thread's reusable
+    buffer: a fresh 147 KiB array a decode costs 0.52 ms an image against 0.37 ms into a reused one
+    (1,000 fetched 224x224 JPEGs, one process; the fresh pages are faulted in and zeroed each time).
+    The result is a view of that buffer: valid until this thread's next decode (`_store` copies it).
     """
     if image_format(data) == "JPEG":  # the gate, as in decode_resize
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
             upright = jpeg_orientation(data) in (None, 1)
             if height == width == size and colorspace in ("YCbCr", "Gray", "RGB") and upright:
-                return simplejpeg.decode_jpeg(data, colorspace="RGB")
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=_rgb_buffer(size))
         except ValueError:
             pass  # decode_resize names the problem
     return decode_resize(data, size=size, mode=mode)
+
+
+_BUFFERS = threading.local()
+
+
+def _rgb_buffer(size: int) -> np.ndarray:
+    buffer = getattr(_BUFFERS, "rgb", None)
+    if buffer is None or buffer.shape[0] != size:
+        buffer = _BUFFERS.rgb = np.empty((size, size, 3), np.uint8)
+    return buffer
 
 
 def _store(rgb: np.ndarray, out: np.ndarray, lut: np.ndarray | None) -> None:
