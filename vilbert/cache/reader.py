@@ -18,7 +18,15 @@ import numpy as np
 import pyarrow as pa
 
 from vilbert.cache.checks import first_bad_row
-from vilbert.cache.format import TOKENIZER_NAME, Manifest, Normalization, normalization, read_manifest, sha256_file
+from vilbert.cache.format import (
+    TOKENIZER_NAME,
+    Manifest,
+    Normalization,
+    normalization,
+    numpy_column,
+    read_manifest,
+    sha256_file,
+)
 from vilbert.errors import CacheError
 
 __all__ = ["CacheReader", "NUMERIC_COLUMNS"]
@@ -80,17 +88,7 @@ def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
 
 def _numpy_view(batch: pa.RecordBatch, name: str) -> np.ndarray:
     """The column's values as a numpy array over the mapped buffer (no copy)."""
-    column = batch.column(name)
-    if isinstance(column, pa.FixedSizeListArray):
-        width = column.type.list_size
-        child = column.values
-        dtype = child.type.to_pandas_dtype()
-        start = (child.offset + column.offset * width) * np.dtype(dtype).itemsize
-        flat = np.frombuffer(child.buffers()[1], dtype=dtype, count=len(column) * width, offset=start)
-        return flat.reshape(len(column), width)
-    dtype = column.type.to_pandas_dtype()
-    offset = column.offset * np.dtype(dtype).itemsize
-    return np.frombuffer(column.buffers()[1], dtype=dtype, count=len(column), offset=offset)
+    return numpy_column(batch.column(name))
 
 
 class CacheReader:

@@ -25,6 +25,7 @@ from vilbert.cache.format import (
     ShardInfo,
     checksum_algorithm,
     file_checksum,
+    numpy_column,
     read_manifest,
     sha256_file,
 )
@@ -153,9 +154,9 @@ def _check_contents(batch: pa.RecordBatch, shard: ShardInfo, manifest: Manifest,
     if batch.num_rows == 0:
         return None
     n = batch.num_rows
-    columns = {name: batch.column(name).to_numpy() for name in ("num_tokens", "label") if name in batch.schema.names}
+    columns = {name: numpy_column(batch.column(name)) for name in ("num_tokens", "label") if name in batch.schema.names}
     for name in ("input_ids", "pixels"):
-        columns[name] = batch.column(name).values.to_numpy().reshape(n, -1)
+        columns[name] = numpy_column(batch.column(name)).reshape(n, -1)
     bad = first_bad_row(columns, manifest.vocab_size, manifest.max_len)
     if bad is not None:
         return f"row {bad[0]}: {bad[1]}"

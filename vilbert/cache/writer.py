@@ -52,6 +52,8 @@ from vilbert.cache.format import (
     TOKENIZER_NAME,
     Manifest,
     ShardInfo,
+    arrow_array,
+    arrow_strings,
     default_checksum_algorithm,
     fsync_dir,
     new_digest,
@@ -285,10 +287,10 @@ class CacheWriter:
         n, arrays = self._fill, []
         for field in self._schema:
             if field.name in self._strings:
-                arrays.append(pa.array(self._strings[field.name], type=pa.string()))
+                arrays.append(arrow_strings(self._strings[field.name]))
                 continue
             values = np.ascontiguousarray(self._buffers[field.name][:n])
-            flat = pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), values.size, [None, pa.py_buffer(values)])
+            flat = arrow_array(values.reshape(-1))
             if values.ndim == 2:
                 arrays.append(pa.FixedSizeListArray.from_arrays(flat, type=field.type))
             else:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from vilbert.cache.format import arrow_array, numpy_column
 from vilbert.errors import DataError
 from vilbert.pipeline.fetch import IMAGE_SCHEMA
 from vilbert.pipeline.fetch.shards import list_parts
@@ -42,7 +43,7 @@ def _line_index(dirs: Sequence[Path]) -> tuple[list[Path], np.ndarray]:
             with pa.memory_map(str(path)) as source:
                 reader = _open(source, path)
                 lines = np.concatenate(
-                    [reader.get_batch(i).column("line").to_numpy() for i in range(reader.num_record_batches)]
+                    [numpy_column(reader.get_batch(i).column("line")) for i in range(reader.num_record_batches)]
                     or [np.zeros(0, np.int64)]
                 )
             n = len(lines)
@@ -68,7 +69,7 @@ def _take(paths: list[Path], parts: np.ndarray, rows: np.ndarray) -> pa.RecordBa
         mask = parts == part
         with pa.memory_map(str(paths[part])) as source:
             table = _open(source, paths[part]).read_all()
-            pieces.append(table.take(pa.array(rows[mask])).combine_chunks())  # a copy: the map can go
+            pieces.append(table.take(arrow_array(rows[mask])).combine_chunks())  # a copy: the map can go
             del table
         positions.append(np.nonzero(mask)[0])
     merged = pa.concat_tables(pieces)
@@ -77,4 +78,4 @@ def _take(paths: list[Path], parts: np.ndarray, rows: np.ndarray) -> pa.RecordBa
         return merged.combine_chunks().to_batches()[0]
     inverse = np.empty(len(parts), dtype=np.int64)
     inverse[order] = np.arange(len(parts))
-    return merged.take(pa.array(inverse)).combine_chunks().to_batches()[0]
+    return merged.take(arrow_array(inverse)).combine_chunks().to_batches()[0]

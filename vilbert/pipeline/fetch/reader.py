@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from vilbert.cache.format import numpy_column
 from vilbert.errors import FetchError
 from vilbert.pipeline.fetch.shards import FAILURE_SCHEMA, IMAGE_SCHEMA, list_parts
 
@@ -55,7 +56,7 @@ def iter_fetched(out_dirs: str | Path | Sequence[str | Path], *, batch_size: int
                 raise FetchError(f"{path}: unexpected columns {table.schema.names}; expected {IMAGE_SCHEMA.names}")
             part = len(paths)
             paths.append(path)
-            lines.append(table.column("line").to_numpy().copy())  # a copy: the part is unmapped when closed
+            lines.append(numpy_column(table.column("line")).copy())  # a copy: the part is unmapped when closed
             sources.append(
                 np.stack([np.full(len(table), d_index), np.full(len(table), part), np.arange(len(table))], axis=1)
             )
@@ -111,14 +112,14 @@ def _latest_failures(out_dir: Path) -> pa.Table:
     if not parts:
         return FAILURE_SCHEMA.empty_table()
     table = pa.concat_tables(parts)
-    lines = table.column("line").to_numpy()
+    lines = numpy_column(table.column("line"))
     # Parts are in write order, so the last record of a line is its latest.
     _, last_reversed = np.unique(lines[::-1], return_index=True)
     return table.take(pa.array(len(lines) - 1 - last_reversed))
 
 
 def _saved_lines(out_dir: Path) -> np.ndarray:
-    parts = [_open(path).column("line").to_numpy() for _, path in list_parts(out_dir, "images")]
+    parts = [numpy_column(_open(path).column("line")) for _, path in list_parts(out_dir, "images")]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -128,7 +129,7 @@ def read_failures(out_dir: str | Path) -> pa.Table:
     latest = _latest_failures(out_dir)
     if latest.num_rows == 0:
         return latest
-    keep = ~np.isin(latest.column("line").to_numpy(), _saved_lines(out_dir))
+    keep = ~np.isin(numpy_column(latest.column("line")), _saved_lines(out_dir))
     return latest.filter(pa.array(keep)).sort_by("line")
 
 
@@ -174,6 +175,6 @@ def done_lines(out_dir: str | Path, *, retry_failed: bool = False) -> LineSet:
     done = LineSet(_saved_lines(out_dir))
     if not retry_failed:
         latest = _latest_failures(out_dir)
-        permanent = ~latest.column("transient").to_numpy(zero_copy_only=False)
-        done.add_many(latest.column("line").to_numpy()[permanent])
+        permanent = ~numpy_column(latest.column("transient"))
+        done.add_many(numpy_column(latest.column("line"))[permanent])
     return done
