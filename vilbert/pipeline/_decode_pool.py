@@ -93,9 +93,9 @@ def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
 
     The shortcut is the same libjpeg-turbo decode `decode_resize` does, minus its identity resize:
     the pixels are equal (tested), at a third of the cost. It decodes into this thread's reusable
-    buffer: a fresh 147 KiB array a decode costs 0.52 ms an image against 0.37 ms into a reused one
-    (1,000 fetched 224x224 JPEGs, one process; the fresh pages are faulted in and zeroed each time).
-    The result is a view of that buffer: valid until this thread's next decode (`_store` copies it).
+    array, not a fresh one each time (0.37 against 0.52 ms a decode in one process; docs/results.md,
+    appendix C). The result is a view of that array: valid until this thread's next decode (`_store`
+    copies it at once).
     """
     if image_format(data) == "JPEG":  # the gate, as in decode_resize
         try:
