@@ -4,10 +4,14 @@ The corpus (made once, cached under --work) is like Conceptual Captions: about 9
 (baseline, a fifth progressive) of 200-1,000 px with camera-like content (smooth gradients, edges,
 texture, sensor noise; no flat colours), and a few percent PNG, greyscale, CMYK and EXIF-rotated
 JPEG. URLs repeat the distinct images under distinct paths (`/copy/<k>/...`, each with its own
-planned failure), spread round-robin over several hosts: the loopback addresses 127.0.0.1-8, all
-served by one server on one port. Host *names* are not used: making names resolve to loopback needs
-the machine's resolver configuration (/etc/hosts), which a benchmark must not touch, so each host is
-an IP literal (distinct hosts for connection pools and per-host limits, no DNS lookups).
+planned failure), spread round-robin over `--hosts` hosts (default 32): the loopback addresses
+127.0.0.1, 127.0.0.2, ..., all served by one server on one port. Host *names* are not used: making
+names resolve to loopback needs the machine's resolver configuration (/etc/hosts), which a benchmark
+must not touch, so each host is an IP literal (distinct hosts for connection pools and per-host
+limits, no DNS lookups). Real CC spreads its URLs over tens of thousands of hosts; with few hosts,
+ours meets its per-host connection cap (`--per-host`, 32) before its in-flight limit: at 8 hosts
+(256 connections, ~80 of them held by stalled and slow responses) 300 ms of latency costs ours
+0.14-0.15 of its 0 ms throughput, at 32 hosts the in-flight limit is what binds, as on the web.
 
 HTTPS: a test CA and a server certificate for those addresses are made on the fly with the openssl
 CLI; the server serves TLS and both tools trust the CA through `SSL_CERT_FILE` (nothing else).
@@ -55,7 +59,14 @@ BASELINE_VENV = HERE / ".venv-img2dataset"
 BASELINE_PYTHON = BASELINE_VENV / "bin" / "python"
 KINDS_WITHOUT_ENDLESS = ("not-found,server-error-then-ok,rate-limited,unavailable,reset,truncated,html,"
                          "slow-first-byte,stall,redirect,noai")  # fmt: skip
-HOSTS = tuple(f"127.0.0.{i}" for i in range(1, 9))
+DEFAULT_HOSTS = 32
+
+
+def loopback_hosts(n: int) -> tuple[str, ...]:
+    """127.0.0.1, 127.0.0.2, ...: `n` distinct hosts (all of 127/8 is loopback on Linux)."""
+    return tuple(f"127.0.{i // 250}.{i % 250 + 1}" for i in range(n))
+
+
 SIZES = {"small": (2_000, 500), "full": (20_000, 3_000)}  # URLs, distinct images
 MISSING_EVERY = 50  # ~2% URLs of images that never existed, as in the synthetic cc.tsv
 
@@ -211,14 +222,16 @@ def corpus_summary(corpus: Path) -> dict:
             "variants": counts}  # fmt: skip
 
 
-def write_url_list(corpus: Path, n: int, scheme: str, port: int, path: Path, *, header: bool) -> Path:
+def write_url_list(
+    corpus: Path, n: int, scheme: str, port: int, path: Path, *, header: bool, hosts: tuple[str, ...]
+) -> Path:
     """`n` URLs (plus ~2% missing ones) over the corpus's copies, round-robin over the hosts."""
     pairs = [line.split("\t") for line in (corpus / "cc.tsv").read_text(encoding="utf-8").splitlines()]
     lines = ["caption\turl\n"] if header else []
     for i in range(n + n // MISSING_EVERY):
         copy, (caption, url) = divmod(i, len(pairs))[0], pairs[i % len(pairs)]
         prefix = f"/copy/{copy}" if copy else ""
-        lines.append(f"{caption}\t{scheme}://{HOSTS[i % len(HOSTS)]}:{port}{prefix}/{url.split('/', 3)[3]}\n")
+        lines.append(f"{caption}\t{scheme}://{hosts[i % len(hosts)]}:{port}{prefix}/{url.split('/', 3)[3]}\n")
     path.write_text("".join(lines), encoding="utf-8")
     return path
 
@@ -226,7 +239,7 @@ def write_url_list(corpus: Path, n: int, scheme: str, port: int, path: Path, *, 
 # ------------------------------------------------------------------------------------- TLS
 
 
-def make_test_ca(directory: Path) -> dict[str, str]:
+def make_test_ca(directory: Path, hosts: tuple[str, ...]) -> dict[str, str]:
     """A CA and a server certificate for every host address, by the openssl CLI (a throwaway CA).
 
     ECDSA P-256 keys, as most large image hosts and CDNs serve: the server's handshakes cost a tenth
@@ -235,7 +248,7 @@ def make_test_ca(directory: Path) -> dict[str, str]:
     ca_key, ca, key, csr, cert = (str(directory / n) for n in ("ca.key", "ca.pem", "server.key", "server.csr",
                                                                "server.pem"))  # fmt: skip
     ext = directory / "server.ext"
-    names = ",".join(f"IP:{h}" for h in HOSTS)
+    names = ",".join(f"IP:{h}" for h in hosts)
     ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
                    f"extendedKeyUsage=serverAuth\nsubjectAltName={names}\n")  # fmt: skip
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
@@ -260,7 +273,7 @@ class Server:
 
     def __init__(self, corpus: Path, latency_ms: float, args: argparse.Namespace, tls: dict | None) -> None:
         config = {"corpus": str(corpus), "latency_ms": latency_ms, "slow_first_byte_s": args.slow_first_byte_s,
-                  "kinds": args.kinds, "copies": args.copies, "hosts": list(HOSTS),
+                  "kinds": args.kinds, "copies": args.copies, "hosts": list(args.hosts),
                   "cert": tls["cert"] if tls else None, "key": tls["key"] if tls else None}  # fmt: skip
         command = [sys.executable, "-c", SERVER_SCRIPT, json.dumps(config)]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -324,7 +337,7 @@ def run_ours(corpus: Path, work: Path, out: Path, latency_ms: float, args, tls: 
     server = Server(corpus, latency_ms, args, tls)
     try:
         scheme = "https" if tls else "http"
-        urls = write_url_list(corpus, args.n, scheme, server.port, work / "ours.tsv", header=False)
+        urls = write_url_list(corpus, args.n, scheme, server.port, work / "ours.tsv", header=False, hosts=args.hosts)
         command = [sys.executable, "-m", "vilbert", "-q", "fetch", "cc", "--tsv", str(urls), "--out", str(out),
                    "--allow-private-networks", "--timeout", str(args.timeout)] + args.ours_args  # fmt: skip
         env = quiet_env(SSL_CERT_FILE=tls["ca"]) if tls else quiet_env()
@@ -340,7 +353,8 @@ def run_baseline(corpus: Path, work: Path, out: Path, latency_ms: float, args, t
     server = Server(corpus, latency_ms, args, tls)
     try:
         scheme = "https" if tls else "http"
-        urls = write_url_list(corpus, args.n, scheme, server.port, work / "img2dataset.tsv", header=True)
+        path = work / "img2dataset.tsv"
+        urls = write_url_list(corpus, args.n, scheme, server.port, path, header=True, hosts=args.hosts)
         processes = os.cpu_count() or 1
         per_shard = max(100, args.n // (8 * processes))
         command = [str(BASELINE_PYTHON), "-c", BASELINE_SCRIPT, str(urls), str(out), str(int(args.timeout)),
@@ -383,6 +397,12 @@ def parse_args() -> argparse.Namespace:
         help="Per-request timeout of both tools, s "
         "(default 10; small 3: the last stalled requests end every run, and end a small one sooner)",
     )
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=DEFAULT_HOSTS,
+        help=f"Loopback hosts the URLs are spread over, round-robin (default {DEFAULT_HOSTS}).",
+    )
     parser.add_argument("--ours-args", default="", help="Extra options of `vilbert fetch cc` (quoted).")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vilbert-bench-fetch"), help="Scratch directory.")
     args = parser.parse_args()
@@ -395,6 +415,7 @@ def parse_args() -> argparse.Namespace:
     args.latencies = [float(x) for x in args.latencies.split(",") if x]
     args.protocols = [x for x in args.protocols.split(",") if x]
     args.ours_args = args.ours_args.split()
+    args.hosts = loopback_hosts(args.hosts)
     args.slow_first_byte_s = min(2.0, args.timeout / 2)
     args.run_timeout = 900.0
     if args.kinds == "all":
@@ -430,9 +451,9 @@ def main() -> None:
     if "https" in args.protocols and shutil.which("openssl") is None:
         print("the openssl CLI is not installed: no test CA, so no HTTPS runs", flush=True)
         args.protocols = [p for p in args.protocols if p != "https"]
-    tls = make_test_ca(work / "tls") if "https" in args.protocols else None
+    tls = make_test_ca(work / "tls", args.hosts) if "https" in args.protocols else None
     print(f"fetch benchmark: {args.n} URLs (+~2% missing) over {args.distinct} distinct photo-like images "
-          f"({summary['mean_kb']} KB, {summary['mean_megapixels']} MP on average), {len(HOSTS)} loopback hosts, "
+          f"({summary['mean_kb']} KB, {summary['mean_megapixels']} MP on average), {len(args.hosts)} loopback hosts, "
           f"failure kinds {args.kinds}, timeout {args.timeout:g} s, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     results: dict[str, dict] = {"ours": {}, "img2dataset": {}}
@@ -470,7 +491,7 @@ def summarize(results: dict, args: argparse.Namespace, corpus: dict) -> dict:
                 ratios[f"ours_{key}ms_over_http_0ms"] = round(
                     figures["images_per_s"] / ours["http_0"]["images_per_s"], 2
                 )
-    return {"benchmark": "fetch", "size": args.size, "n": args.n, "corpus": corpus, "hosts": len(HOSTS),
+    return {"benchmark": "fetch", "size": args.size, "n": args.n, "corpus": corpus, "hosts": len(args.hosts),
             "kinds": args.kinds, "timeout_s": args.timeout, "ours_args": " ".join(args.ours_args), "ours": ours,
             "img2dataset": theirs or None, "ratios": ratios}  # fmt: skip
 

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vilbert.cache.format import write_json_atomic
@@ -140,7 +140,7 @@ def fetch_rows(
     Returns:
         The report also written to `out_dir/fetch-report.json`.
     """
-    options = options or FetchOptions()
+    options = _fit_open_files(options or FetchOptions())
     out = Path(out_dir)
     with _locked(out):
         _check_state(out, options, source)
@@ -151,6 +151,37 @@ def fetch_rows(
             gc.freeze()  # torch and the decoders, imported by the pool just now, too
             _run_event_loop(_Run(options, writer, pool, stats, progress).main(rows(), done), options.event_loop)
         return _finish(out, options, source, stats)
+
+
+FILES_BESIDES_SOCKETS = 256
+"""Descriptors a fetch holds besides its sockets: output parts, the decode pool's pipes, libraries."""
+
+
+def _fit_open_files(options: FetchOptions) -> FetchOptions:
+    """Raise this process's soft open-file limit to what `max_in_flight` sockets need, up to the hard
+    limit (as servers do: a soft limit of 1,024 is a common default); where the hard limit is lower,
+    fetch with fewer requests in flight and say so, rather than fail them as "Too many open files"."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to read
+        return options
+    need = options.network.max_in_flight + FILES_BESIDES_SOCKETS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft != unlimited and soft < need:
+        target = need if hard == unlimited else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft == unlimited or soft >= need:
+        return options
+    fitted = max(1, soft - FILES_BESIDES_SOCKETS)
+    log.warning(
+        "the open-file limit (ulimit -n: %d, hard limit %s) allows %d requests in flight, not %d; "
+        "raise it to fetch faster (see the README, 'Fetching at scale')",
+        soft, "unlimited" if hard == unlimited else hard, fitted, options.network.max_in_flight,
+    )  # fmt: skip
+    return replace(options, network=replace(options.network, max_in_flight=fitted))
 
 
 @contextlib.contextmanager
