@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 
-from vilbert.cache import MANIFEST_NAME, CacheReader, resume
+from vilbert.cache import MANIFEST_NAME, CacheReader
 from vilbert.errors import CacheError, UsageError
 
 from .conftest import build_cache, make_rows, new_writer, shard_files, write_rows
@@ -26,8 +22,7 @@ def test_existing_directory_is_refused_unless_overwrite(tmp_path, cache_f16):
     assert reader.gather(range(9))["pixels"].tobytes() == rows["pixels"].tobytes()
 
 
-def test_a_second_writer_on_the_same_directory_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(resume, "LOCK_WAIT_S", 0.2)
+def test_a_second_writer_on_the_same_directory_is_refused(tmp_path):
     second = new_writer(tmp_path / "c", mode="resume")  # making a writer touches nothing
     assert not (tmp_path / "c").exists()
     with new_writer(tmp_path / "c"), pytest.raises(UsageError, match=r"another process is writing .*c \(it holds"):
@@ -35,41 +30,6 @@ def test_a_second_writer_on_the_same_directory_is_refused(tmp_path, monkeypatch)
     assert not (tmp_path / "c" / ".lock").exists()
     with new_writer(tmp_path / "c", mode="resume") as again:
         assert again.rows_done == 0
-
-
-def test_a_writer_waits_for_a_killed_holder_that_is_still_exiting(tmp_path):
-    # After `kill -9` of a run, a forked child that kept the lock's descriptor may outlive the parent by a
-    # moment; the next `--resume` waits for it instead of failing "another process is writing".
-    fd = resume.lock_directory(tmp_path / "c")
-    child = os.fork()
-    if child == 0:  # holds the inherited lock for 0.5 s, then exits
-        time.sleep(0.5)
-        os._exit(0)
-    resume._HELD_LOCKS.discard(fd)
-    os.close(fd)  # the parent is gone; the child still holds the lock
-    started = time.monotonic()
-    with new_writer(tmp_path / "c", mode="resume") as writer:
-        assert writer.rows_done == 0
-    assert 0.3 < time.monotonic() - started < resume.LOCK_WAIT_S
-    os.waitpid(child, 0)
-
-
-def test_a_forked_worker_does_not_keep_the_lock_after_its_parent_lets_go(tmp_path):
-    fd = resume.lock_directory(tmp_path / "c")
-    child = os.fork()
-    if child == 0:  # what the decode pool's worker initializer does, then a long life
-        resume.close_inherited_locks()
-        time.sleep(30)
-        os._exit(0)
-    try:
-        resume.unlock_directory(tmp_path / "c", fd)
-        started = time.monotonic()
-        with new_writer(tmp_path / "c", mode="resume"):
-            pass
-        assert time.monotonic() - started < 0.2  # no wait: the live child holds nothing
-    finally:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_cache(tmp_path):

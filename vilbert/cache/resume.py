@@ -8,12 +8,10 @@ are checked, not checksums: re-hashing a 500 GB cache to resume is `vilbert cach
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +27,7 @@ from vilbert.cache.format import (
 )
 from vilbert.errors import CacheError, UsageError
 
-__all__ = [
-    "PROGRESS_NAME",
-    "LOCK_NAME",
-    "prepare_directory",
-    "lock_directory",
-    "unlock_directory",
-    "close_inherited_locks",
-]
+__all__ = ["PROGRESS_NAME", "LOCK_NAME", "prepare_directory", "lock_directory", "unlock_directory"]
 
 log = logging.getLogger(__name__)
 
@@ -47,53 +38,28 @@ _LEGACY_FILES = (*LEGACY_MANIFEST_NAMES, "tokenizer.json")
 """Side files of format version 1, removed by `overwrite`."""
 
 
-_HELD_LOCKS: set[int] = set()
-"""Descriptors of the locks this process holds; a forked worker closes its copies (`close_inherited_locks`)."""
-
-LOCK_WAIT_S = 5.0
-"""How long a new writer waits for a lock whose holder is exiting: after `kill -9` of a run, its forked
-workers may outlive the parent by a moment, and their inherited descriptor keeps the lock until they go."""
-
-
 def lock_directory(path: Path) -> int:
     """Create `path` if needed and hold an exclusive lock on it for this writer's lifetime.
 
     Raises:
-        UsageError: another process still holds the cache after `LOCK_WAIT_S` seconds.
+        UsageError: another process is writing this cache.
     """
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            os.close(fd)
-            raise UsageError(
-                f"another process is writing the cache {path} (it holds {path / LOCK_NAME}); "
-                "wait for it to finish or stop it"
-            ) from None
-    _HELD_LOCKS.add(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(
+            f"another process is writing the cache {path} (it holds {path / LOCK_NAME}); "
+            "wait for it to finish or stop it"
+        ) from None
     return fd
 
 
 def unlock_directory(path: Path, fd: int) -> None:
     (path / LOCK_NAME).unlink(missing_ok=True)
-    _HELD_LOCKS.discard(fd)
     os.close(fd)
-
-
-def close_inherited_locks() -> None:
-    """In a forked child: close the copies of the parent's lock descriptors, so that the lock goes with
-    the parent and a worker that outlives it (killed with it, still exiting) does not hold the cache."""
-    for fd in _HELD_LOCKS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD_LOCKS.clear()
 
 
 def prepare_directory(path: Path, mode: str, config: dict[str, Any], schema: pa.Schema) -> list[ShardInfo]:

@@ -36,7 +36,6 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import simplejpeg
 
-from vilbert.cache.resume import close_inherited_locks
 from vilbert.errors import DataError
 from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, image_format, jpeg_orientation
 from vilbert.pipeline.local_files import LocalFile, LocalFileError
@@ -134,7 +133,6 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(pixels: np.ndarray, size: int, mode: str, lut: np.ndarray | None) -> None:
     # `pixels` views the parent's anonymous shared mapping, inherited through fork (not pickled).
-    close_inherited_locks()
     # One thread per worker: the pool already uses every core (decode_resize may run torch ops).
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
