@@ -10,8 +10,8 @@ names resolve to loopback needs the machine's resolver configuration (/etc/hosts
 must not touch, so each host is an IP literal (distinct hosts for connection pools and per-host
 limits, no DNS lookups). Real CC spreads its URLs over tens of thousands of hosts; with few hosts,
 ours meets its per-host connection cap (`--per-host`, 32) before its in-flight limit: at 8 hosts
-(256 connections, ~80 of them held by stalled and slow responses) 300 ms of latency costs ours
-0.14-0.15 of its 0 ms throughput, at 32 hosts the in-flight limit is what binds, as on the web.
+(256 connections in all) 300 ms of latency cost ours 0.05-0.15 of its 0 ms throughput in four runs,
+and nothing with `--per-host 64`. benchmarks/RESULTS.md has the runs.
 
 HTTPS: a test CA and a server certificate for those addresses are made on the fly with the openssl
 CLI; the server serves TLS and both tools trust the CA through `SSL_CERT_FILE` (nothing else).
