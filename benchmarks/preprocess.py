@@ -26,8 +26,8 @@ or a copy of it in another layout, and run in fresh subprocesses, one after anot
 
 Ratios: against the loop, against the decode-only ceiling, and against the **machine ceiling**:
 the smaller of the decode-only ceiling and the disk bound of the same dtype. The decode-only ceiling
-alone assumes a disk that is free; where the disk bound measured 500-730 MB/s (this VM, 2026-12-03), a
-float16 cache of 301 KB a row could not be written faster than 1,680-2,410 rows/s whatever the CPU did.
+alone assumes a disk that is free: a float16 cache of 301 KB a row cannot be written faster than the
+disk takes it, whatever the CPU does (benchmarks/RESULTS.md, preprocess, has the disk's figures).
 
 Figures: images/s, CPU seconds per image (the process tree's user+system time; both timed from
 after the same library imports, for every contender), and the process tree's peak RSS (sampled

@@ -438,7 +438,7 @@ def fsync_dir(directory: Path) -> None:
 def numpy_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A numeric, boolean or fixed-size-list Arrow column without nulls as numpy: a view of the Arrow
     buffer where it can be (one chunk), else a copy. Unlike `to_numpy`, it does not import pandas
-    (pyarrow looks it up on the first call: 0.3-0.45 s of a command's start-up here). A fixed-size
+    (pyarrow looks it up on the first call; the cost: docs/results.md, appendix C). A fixed-size
     list comes back as `[rows, width]`."""
     if isinstance(column, pa.ChunkedArray):
         if column.num_chunks == 1:
@@ -463,7 +463,7 @@ def numpy_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def arrow_array(values: np.ndarray) -> pa.Array:
     """A 1-D numeric numpy array as an Arrow array over the same memory, without `pa.array`, which
-    imports pandas on its first call with a numpy argument (0.3-0.45 s of start-up here)."""
+    imports pandas on its first call (see `numpy_column`)."""
     values = np.ascontiguousarray(values)
     if values.ndim != 1 or values.dtype.kind not in "iuf":
         raise TypeError(f"not a 1-D numeric array: {values.dtype}{list(values.shape)}")

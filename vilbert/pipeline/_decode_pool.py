@@ -92,9 +92,8 @@ def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
 
     The shortcut is the same libjpeg-turbo decode `decode_resize` does, minus its identity resize:
     the pixels are equal (tested), at a third of the cost. It decodes into this thread's reusable
-    array, not a fresh one each time (0.37 against 0.52 ms a decode in one process; docs/results.md,
-    appendix C). The result is a view of that array: valid until this thread's next decode (`_store`
-    copies it at once).
+    array, not a fresh one each time (faster in one process: docs/results.md, appendix C). The result
+    is a view of that array: valid until this thread's next decode (`_store` copies it at once).
     """
     if image_format(data) == "JPEG":  # the gate, as in decode_resize
         try:

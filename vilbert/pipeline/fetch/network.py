@@ -89,9 +89,9 @@ class NetworkOptions:
     """How fetch talks to servers."""
 
     max_in_flight: int = 1024
-    """Requests open at once: enough to hide 300 ms of latency at several hundred images/s (512 kept
-    0.86-0.90 of the 0 ms throughput at 300 ms in benchmarks/fetch.py, 1,024 all of it). Fewer where
-    the open-file limit cannot be raised to fit (`run._fit_open_files`)."""
+    """Requests open at once: enough to hide 300 ms of latency at several hundred images/s (512 was not:
+    docs/results.md, appendix C). Fewer where the open-file limit cannot be raised to fit
+    (`run._fit_open_files`)."""
     per_host: int = 32
     """Requests open at once to one host: polite, and still fast on big CDNs. 0: no limit."""
     timeout_s: float = 10.0
