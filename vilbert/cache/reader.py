@@ -64,7 +64,7 @@ class _Shard:
             raise CacheError(f"shard {path} holds {found}; the manifest says one batch of {rows} rows")
         self.path = path
         self.batch = batch
-        self.views = {name: _numpy_view(batch, name) for name in NUMERIC_COLUMNS if name in batch.schema.names}
+        self.views = {name: numpy_column(batch.column(name)) for name in NUMERIC_COLUMNS if name in batch.schema.names}
         size = manifest.image_size
         self.views["pixels"] = self.views["pixels"].reshape(rows, manifest.channels, size, size)
 
@@ -84,11 +84,6 @@ def _check_schema(path: Path, actual: pa.Schema, expected: pa.Schema) -> None:
     raise CacheError(
         f"shard {path} has an unexpected schema: {actual.remove_metadata()} (expected {expected.remove_metadata()})"
     )
-
-
-def _numpy_view(batch: pa.RecordBatch, name: str) -> np.ndarray:
-    """The column's values as a numpy array over the mapped buffer (no copy)."""
-    return numpy_column(batch.column(name))
 
 
 class CacheReader:
