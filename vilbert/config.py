@@ -20,6 +20,7 @@ __all__ = [
     "VisionConfig",
     "CrossConfig",
     "ModelConfig",
+    "check_frozen_parts",
     "DataConfig",
     "PretrainConfig",
     "FinetuneConfig",
@@ -251,6 +252,23 @@ class ModelConfig:
                 list(before),
                 f"layer indices 0..{layers} (model.{stream}.num_layers={layers}: {layers} means after the last)",
             )
+
+
+def check_frozen_parts(config: ModelConfig) -> None:
+    """Refuse, at a run's start, to freeze an encoder that would stay random.
+
+    Raises:
+        ConfigError: `freeze` names `text` or `vision` while its `pretrained` is unset and
+            `allow_random_frozen` is off; one line naming the keys to set.
+    """
+    random = [part for part in ("text", "vision") if part in config.freeze and getattr(config, part).pretrained is None]
+    if random and not config.allow_random_frozen:
+        keys = " and ".join(f"model.{part}.pretrained" for part in random)
+        streams = " and ".join(random) + (" streams" if len(random) > 1 else " stream")
+        raise ConfigError(
+            f"model.freeze={list(config.freeze)} would keep the {streams} random: set {keys} to the weights, "
+            "leave it out of model.freeze, or set model.allow_random_frozen=true"
+        )
 
 
 # ---------------------------------------------------------------------------------------- training

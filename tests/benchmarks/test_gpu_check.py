@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # ~16 s: a loader pass, an eager and a torch.compile'd run on the CPU
 def test_gpu_check_dry_run_prints_figures_and_appends_them(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     repo_results = ROOT / "benchmarks" / "RESULTS.md"

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from vilbert.cache import CacheReader
-from vilbert.config import tiny
+from vilbert.config import check_frozen_parts, tiny
 from vilbert.errors import ConfigError
-from vilbert.model import VisionEncoder, check_frozen_parts
+from vilbert.model import VisionEncoder
 from vilbert.pipeline.synthetic.caches import scene_caches
 from vilbert.train.backbone import save_vision_weights
 from vilbert.train.checkpoint import load_checkpoint

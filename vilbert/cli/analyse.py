@@ -37,6 +37,9 @@ def analyse_command(
     """Before the cross stack and after every cross layer: mean cosine(pooled text, pooled image) of
     aligned and of mismatched pairs, their gap, and each layer's gap against the before row's;
     image->text and text->image recall@1/5/10 scored by the alignment head."""
+    from vilbert.train.splits import open_cache
+
+    open_cache(data)  # a wrong --data answers before torch and the model load
     from vilbert.train.analyse import analyse, plot_analysis
     from vilbert.train.distributed import resolve_device
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
 from vilbert.cli.console import ProgressDisplay, add_log_file, console
-from vilbert.config import Config, preset
+from vilbert.config import Config, check_frozen_parts, preset
 from vilbert.errors import UsageError
 from vilbert.overrides import apply_overrides, config_from_dict, load_config
 from vilbert.recipes import apply_recipe
@@ -26,14 +26,15 @@ __all__ = ["finetune_command", "metrics_table", "register"]
 
 def _base_config(preset_name: str | None, init: Path | None, run: Path, resume: bool) -> Config:
     """`--preset` when given; else the config of the run being resumed, or of the `--init` run."""
-    from vilbert.train.checkpoint import load_checkpoint
-    from vilbert.train.loading import load_model
-
     if preset_name is not None:
         return preset(preset_name)
     if resume:
+        from vilbert.train.checkpoint import load_checkpoint
+
         return config_from_dict(load_checkpoint(run)["config"])
     if init is not None:
+        from vilbert.train.loading import load_model
+
         loaded = load_model(init)
         if loaded.config is not None:
             return loaded.config
@@ -82,12 +83,14 @@ def finetune_command(
     verify_cache: bool = VERIFY_CACHE_OPTION,
 ) -> None:
     """Fine-tune a binary classifier; accuracy and AUROC on train and dev every epoch, test at the end."""
-    from vilbert.train.finetune import RESULTS_NAME, FinetuneOptions, finetune
-
     init_path = _init_path(init)
     base = apply_recipe(_base_config(preset_name, init_path, run, resume), recipe_name)
     verify = ["data.verify_cache=true"] if verify_cache else []
     config = apply_overrides(load_config(config_file, overrides or (), base=base), _freeze_override(freeze) + verify)
+    if init_path is None and not resume:
+        check_frozen_parts(config.model)  # the run's own check, here before torch and the model load
+    from vilbert.train.finetune import RESULTS_NAME, FinetuneOptions, finetune
+
     options = FinetuneOptions(data=data, run_dir=run, init=init_path, resume=resume, device=device, max_steps=max_steps)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and prints
     handler = None

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION, resolve_config
 from vilbert.cli.console import ProgressDisplay, add_log_file, console
-from vilbert.config import Config
+from vilbert.config import Config, check_frozen_parts
 from vilbert.errors import UsageError
 from vilbert.overrides import apply_overrides, load_config
 
@@ -58,7 +58,8 @@ def pretrain_command(
     config, data = _config_and_data(run_dir, data, preset_name, recipe_name, config_file, overrides or [], resume)
     flags = {"pretrain.compile=true": compile_model, "data.verify_cache=true": verify_cache}
     config = apply_overrides(config, [override for override, given in flags.items() if given])
-    from vilbert.train.pretrain import PretrainOptions, pretrain  # torch and the model load only when used
+    check_frozen_parts(config.model)  # the run's own check, here before torch and the model load
+    from vilbert.train.pretrain import PretrainOptions, pretrain
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     handler = None

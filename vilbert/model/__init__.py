@@ -10,7 +10,6 @@ from vilbert.model.text import TextEncoder, text_config_from_hf
 from vilbert.model.vilbert import (
     ViLBERT,
     ViLBERTOutput,
-    check_frozen_parts,
     cross_schedule,
     parameter_counts,
     without_pretrained_sources,
@@ -36,7 +35,6 @@ __all__ = [
     "read_state_dict",
     "normalization_metadata",
     "read_normalization",
-    "check_frozen_parts",
     "cross_schedule",
     "parameter_counts",
     "without_pretrained_sources",

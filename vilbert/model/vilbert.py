@@ -44,7 +44,6 @@ __all__ = [
     "ViLBERTOutput",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
-    "check_frozen_parts",
     "MODEL_TYPE",
     "MODEL_FORMAT",
     "cross_schedule",
@@ -372,23 +371,6 @@ def cross_schedule(config: ModelConfig) -> list[tuple[int, int]]:
     text = cross.before_text_layer or (config.text.num_layers,) * count
     vision = cross.before_vision_layer or (config.vision.num_layers,) * count
     return list(zip(text, vision, strict=True))
-
-
-def check_frozen_parts(config: ModelConfig) -> None:
-    """Refuse, at a run's start, to freeze an encoder that would stay random.
-
-    Raises:
-        ConfigError: `freeze` names `text` or `vision` while its `pretrained` is unset and
-            `allow_random_frozen` is off; one line naming the keys to set.
-    """
-    random = [part for part in ("text", "vision") if part in config.freeze and getattr(config, part).pretrained is None]
-    if random and not config.allow_random_frozen:
-        keys = " and ".join(f"model.{part}.pretrained" for part in random)
-        streams = " and ".join(random) + (" streams" if len(random) > 1 else " stream")
-        raise ConfigError(
-            f"model.freeze={list(config.freeze)} would keep the {streams} random: set {keys} to the weights, "
-            "leave it out of model.freeze, or set model.allow_random_frozen=true"
-        )
 
 
 def without_pretrained_sources(config: ModelConfig) -> ModelConfig:

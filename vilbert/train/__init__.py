@@ -1,56 +1,43 @@
 """Consumers of the cache: one training loop (`Trainer`) with pretraining and fine-tuning plugged in,
 evaluation, analysis and the task ablation. See README.md beside this file; the pieces (masking,
-tasks, checkpoints, metrics, DDP) are imported from their modules."""
+tasks, checkpoints, metrics, DDP) are imported from their modules.
 
-from vilbert.train.ablate import AblationOptions, run_ablation
-from vilbert.train.analyse import AnalysisReport, analyse, analyse_model, plot_analysis
-from vilbert.train.checkpoint import export_checkpoint, load_checkpoint
-from vilbert.train.evaluate import evaluate, predict
-from vilbert.train.export import ExportResult, export_run
-from vilbert.train.finetune import FinetuneOptions, Finetuning, finetune
-from vilbert.train.loading import LoadedModel, load_model
-from vilbert.train.metrics import read_metrics
-from vilbert.train.pretrain import Pretraining, PretrainOptions, pretrain, run_config
-from vilbert.train.trainer import Objective, Trainer, TrainOptions, TrainResult, train
+The names below load on first use (PEP 562), so `vilbert.train.splits` or `vilbert.train.scoring`
+cost what they import themselves, not torch, timm and matplotlib for everything here: a CLI usage
+error answers in about a second instead of after the whole training stack has loaded."""
 
-__all__ = [
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
     # the loop and its two objectives
-    "Trainer",
-    "Objective",
-    "TrainOptions",
-    "TrainResult",
-    "train",
-    "PretrainOptions",
-    "Pretraining",
-    "pretrain",
-    "run_config",
-    "FinetuneOptions",
-    "Finetuning",
-    "finetune",
+    "trainer": ("Trainer", "Objective", "TrainOptions", "TrainResult", "train"),
+    "pretrain": ("PretrainOptions", "Pretraining", "pretrain", "run_config"),
+    "finetune": ("FinetuneOptions", "Finetuning", "finetune"),
     # runs and models
-    "load_checkpoint",
-    "export_checkpoint",
-    "ExportResult",
-    "export_run",
-    "read_metrics",
-    "plot_runs",
-    "LoadedModel",
-    "load_model",
+    "checkpoint": ("load_checkpoint", "export_checkpoint"),
+    "export": ("ExportResult", "export_run"),
+    "metrics": ("read_metrics",),
+    "plot": ("plot_runs",),
+    "loading": ("LoadedModel", "load_model"),
     # downstream: evaluation, analysis, the task ablation
-    "evaluate",
-    "predict",
-    "AnalysisReport",
-    "analyse",
-    "analyse_model",
-    "plot_analysis",
-    "AblationOptions",
-    "run_ablation",
-]
+    "evaluate": ("evaluate", "predict"),
+    "analyse": ("AnalysisReport", "analyse", "analyse_model", "plot_analysis"),
+    "ablate": ("AblationOptions", "run_ablation"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
 
 
-def __getattr__(name: str):
-    if name == "plot_runs":  # matplotlib loads only when plotting
-        from vilbert.train.plot import plot_runs
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vilbert.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"vilbert.train.{module}"), name)
 
-        return plot_runs
-    raise AttributeError(f"module 'vilbert.train' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vilbert.cache import CacheReader
-from vilbert.config import Config
+from vilbert.config import Config, check_frozen_parts
 from vilbert.errors import UsageError
-from vilbert.model import ViLBERT, check_frozen_parts
+from vilbert.model import ViLBERT
 from vilbert.model.attention import init_bert_weights
 from vilbert.overrides import config_from_dict, config_to_dict
 from vilbert.train.checkpoint import FINETUNE_FORMAT, model_from_checkpoint

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from vilbert.cache import BatchLoader
-from vilbert.config import Config
+from vilbert.config import Config, check_frozen_parts
 from vilbert.errors import CacheError, CheckpointError
-from vilbert.model import ViLBERT, check_frozen_parts
+from vilbert.model import ViLBERT
 from vilbert.overrides import config_from_dict, config_to_dict
 from vilbert.train.checkpoint import PRETRAIN_FORMAT, load_checkpoint
 from vilbert.train.distributed import DistContext, all_reduce_sums
