@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,28 +92,12 @@ def test_the_before_row_sees_the_streams_before_any_co_attention(small_cache: Pa
     assert all(a.aligned != b.aligned for a, b in zip(layers, layers_again, strict=True))
 
 
-def test_cli_writes_json_and_png(small_cache: Path, tmp_path: Path, cli_env: dict) -> None:
+def test_cli_writes_json_and_png(small_cache: Path, tmp_path: Path, run_cli) -> None:
     reader = CacheReader(small_cache / "test")
     export = _random_model(reader, 0).save_pretrained(tmp_path / "export")
     out = tmp_path / "analysis"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vilbert",
-        "analyse",
-        str(export),
-        "--data",
-        str(small_cache / "test"),
-        "--pairs",
-        "40",
-        "--retrieval-pairs",
-        "16",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300)
+    options = ["--pairs", "40", "--retrieval-pairs", "16", "--device", "cpu", "--out", str(out)]
+    proc = run_cli("analyse", str(export), "--data", str(small_cache / "test"), *options)
     assert proc.returncode == 0, proc.stderr
     assert "mismatched" in proc.stdout and "R@10" in proc.stdout
     assert "before" in proc.stdout and "vs before" in proc.stdout
@@ -123,6 +105,6 @@ def test_cli_writes_json_and_png(small_cache: Path, tmp_path: Path, cli_env: dic
     assert report["pairs"] == 40 and len(report["layers"]) == 4
     assert report["before"]["kind"] == "before" and "gap_vs_before" in report["layers"][0]
     assert (out / "analysis.png").stat().st_size > 1000
-    proc = subprocess.run([*cmd[:6], str(small_cache), *cmd[7:]], capture_output=True, text=True, env=cli_env)
+    proc = run_cli("analyse", str(export), "--data", str(small_cache), *options)
     assert proc.returncode == 1
     assert "not a cache directory" in proc.stderr and "test, train" in proc.stderr

@@ -4,8 +4,6 @@ baseline; freezing an encoder without weights is refused at the run's start, not
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,16 +74,15 @@ def encoder_weights(labelled: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return {"text": root / "bert", "vision": save_vision_weights(vision, root / "vit.safetensors")}
 
 
-def _finetune(labelled: Path, run: Path, config_file: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vilbert", "finetune", "--data", str(labelled), "--init", "none"]
-    cmd += ["--preset", "vilbert_base", "--config", str(config_file), "--device", "cpu", "--out", str(run), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def _finetune(run_cli, labelled: Path, run: Path, config_file: Path, *extra: str):
+    args = ["finetune", "--data", str(labelled), "--init", "none", "--preset", "vilbert_base"]
+    return run_cli(*args, "--config", str(config_file), "--device", "cpu", "--out", str(run), *extra)
 
 
-def test_baseline_without_encoder_weights_exits_2_naming_the_keys(labelled: Path, tmp_path: Path, cli_env) -> None:
+def test_baseline_without_encoder_weights_exits_2_naming_the_keys(labelled: Path, tmp_path: Path, run_cli) -> None:
     config_file = tmp_path / "sizes.toml"
     config_file.write_text(TINY_SIZES)
-    proc = _finetune(labelled, tmp_path / "run", config_file, cli_env)
+    proc = _finetune(run_cli, labelled, tmp_path / "run", config_file)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -95,14 +92,14 @@ def test_baseline_without_encoder_weights_exits_2_naming_the_keys(labelled: Path
 
 
 def test_baseline_with_encoder_weights_runs_with_them_frozen(
-    labelled: Path, encoder_weights: dict[str, Path], tmp_path: Path, cli_env
+    labelled: Path, encoder_weights: dict[str, Path], tmp_path: Path, run_cli
 ) -> None:
     config_file = tmp_path / "sizes.toml"
     vocab = CacheReader(labelled / "train").manifest.vocab_size
     config_file.write_text(TINY_SIZES.replace("[model.text]", f"[model.text]\nvocab_size = {vocab}"))
     run = tmp_path / "run"
     sources = [f"--set=model.{part}.pretrained={path}" for part, path in encoder_weights.items()]
-    proc = _finetune(labelled, run, config_file, cli_env, *sources)
+    proc = _finetune(run_cli, labelled, run, config_file, *sources)
     assert proc.returncode == 0, proc.stderr
     state = load_checkpoint(run)
     assert state["config"]["model"]["freeze"] == ["text", "vision"]

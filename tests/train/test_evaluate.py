@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -90,24 +88,12 @@ def test_errors_name_the_problem(labelled: Path, finetuned: Path, tmp_path: Path
         evaluate(finetuned, small_cache / "test", device="cpu")
 
 
-def test_cli_table_and_json(labelled: Path, finetuned: Path, tmp_path: Path, cli_env: dict) -> None:
+def test_cli_table_and_json(labelled: Path, finetuned: Path, tmp_path: Path, run_cli) -> None:
     out = tmp_path / "eval.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vilbert",
-        "evaluate",
-        str(finetuned),
-        "--data",
-        str(labelled / "dev_seen"),
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300)
+    options = ["--data", str(labelled / "dev_seen"), "--device", "cpu", "--out", str(out)]
+    proc = run_cli("evaluate", str(finetuned), *options)
     assert proc.returncode == 0, proc.stderr
     assert "AUROC" in proc.stdout and "classifier" in proc.stdout
     assert json.loads(out.read_text())["classifier"]["n"] == 24
-    proc = subprocess.run([*cmd[:4], str(tmp_path / "nothing"), *cmd[5:]], capture_output=True, text=True, env=cli_env)
+    proc = run_cli("evaluate", str(tmp_path / "nothing"), *options)
     assert proc.returncode == 2 and "nothing" in proc.stderr  # a missing input path is a usage error

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -113,40 +111,17 @@ def test_refuses_another_tokenizer_and_unlabelled_caches(labelled: Path, small_c
         finetune(CONFIG, FinetuneOptions(data=small_cache, run_dir=tmp_path / "ft2", device="cpu"))
 
 
-def test_cli(labelled: Path, tmp_path: Path, cli_env: dict) -> None:
+def test_cli(labelled: Path, tmp_path: Path, run_cli) -> None:
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vilbert",
-        "finetune",
-        "--data",
-        str(labelled),
-        "--init",
-        "none",
-        "--preset",
-        "tiny",
-        "--set",
-        "data.max_len=32",
-        "--set",
-        "finetune.epochs=1",
-        "--set",
-        "finetune.batch_size=20",
-        "--freeze",
-        "text",
-        "--set",
-        "model.allow_random_frozen=true",  # a random text stream, frozen: mechanics only
-        "--device",
-        "cpu",
-        "--out",
-        str(run),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300)
+    args = ["finetune", "--data", str(labelled), "--init", "none", "--preset", "tiny", "--set", "data.max_len=32"]
+    args += ["--set", "finetune.epochs=1", "--set", "finetune.batch_size=20", "--freeze", "text"]
+    args += ["--set", "model.allow_random_frozen=true", "--device", "cpu"]  # a random text stream, frozen
+    proc = run_cli(*args, "--out", str(run))
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1 dev" in proc.stdout and "test" in proc.stdout and "AUROC" in proc.stdout
     assert json.loads((run / "config.json").read_text())["model"]["freeze"] == ["text"]
-    bad = [*cmd[:7], str(tmp_path / "missing-run"), *cmd[8:-1], str(tmp_path / "run2")]
-    proc = subprocess.run(bad, capture_output=True, text=True, env=cli_env, timeout=300)
+    bad = [*args[:4], str(tmp_path / "missing-run"), *args[5:]]
+    proc = run_cli(*bad, "--out", str(tmp_path / "run2"))
     assert proc.returncode == 2 and "--init" in proc.stderr and "none" in proc.stderr
 
 
