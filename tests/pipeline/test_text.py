@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -195,3 +198,39 @@ def test_special_ids_and_training_errors(tmp_path: Path) -> None:
         train_wordpiece(["", "   "], vocab_size=50)
     with pytest.raises(UsageError, match="max_len=2"):
         CaptionEncoder(plain, max_len=2)
+
+
+_THREADS_SCRIPT = """
+import os, sys
+from tokenizers import Tokenizer
+from vilbert.pipeline.text import tokenizer_on_one_thread
+tokenizer = Tokenizer.from_file(sys.argv[1])
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+with tokenizer_on_one_thread():
+    tokenizer.encode_batch_fast(["a red circle on the left"] * 2000)
+inside = threads()
+left = os.environ.get("TOKENIZERS_PARALLELISM")
+tokenizer.encode_batch_fast(["a red circle on the left"] * 2000)
+print(before, inside, threads(), left)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or (os.cpu_count() or 1) < 2, reason="counts Linux threads")
+def test_tokenizer_on_one_thread_starts_no_rust_thread_pool(trained: Tokenizer, tmp_path: Path) -> None:
+    # A fresh interpreter: the pool starts once per process, at the first parallel batch.
+    path = tmp_path / "tokenizer.json"
+    trained.save(str(path))
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    before, inside, after, left = done.stdout.split()
+    assert inside == before and int(after) > int(before), done.stdout  # then the pool starts, outside the block
+    assert left == "None"  # the variable is restored (unset)
+
+
+def test_tokenizer_on_one_thread_leaves_the_users_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    with text.tokenizer_on_one_thread():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"

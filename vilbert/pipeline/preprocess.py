@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -48,7 +48,7 @@ from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
 from vilbert.pipeline._preprocess_io import REPORT_NAME, SKIPS_NAME, BackgroundWriter, SkipLog, remove_stale_caches
 from vilbert.pipeline.keys import KeyIndex
 from vilbert.pipeline.sources import Sample, Skip, Source, assign_splits
-from vilbert.pipeline.text import CaptionEncoder, EncodedCaptions
+from vilbert.pipeline.text import CaptionEncoder, EncodedCaptions, tokenizer_on_one_thread
 
 __all__ = [
     "PIXEL_DTYPES",
@@ -214,11 +214,13 @@ def preprocess(
     items = drop_empty_captions(assign_splits(source, options.train_ratio))
     total = source.size_hint()
     norm = options.normalize
-    pool = DecodePool(workers=_default_workers(options.workers), chunk_size=options.chunk_size,
+    workers = _default_workers(options.workers)
+    pool = DecodePool(workers=workers, chunk_size=options.chunk_size,
                       image_size=options.image_size, resize_mode=options.resize_mode,
                       pixel_dtype=options.pixel_dtype, mean=norm.mean, std=norm.std)  # fmt: skip
+    one_thread = tokenizer_on_one_thread() if workers > 0 else nullcontext()  # the pool has the cores
     try:
-        with pool, BackgroundWriter() as background:
+        with one_thread, pool, BackgroundWriter() as background:
             chunks = _batched(run.plan(items), options.chunk_size)
             prepare = lambda chunk: encoder([s.caption for _, s in chunk])  # noqa: E731 - tokenize while decoding
             for result in pool.map_ordered(chunks, image=lambda item: item[1].image, prepare=prepare):
