@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,6 @@ from vilbert.overrides import apply_overrides
 from vilbert.train.pretrain import PretrainOptions, pretrain
 
 from ..cache.conftest import corrupt_in_place
-from ..conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,18 +50,14 @@ def test_a_corrupted_row_stops_training_before_any_step_uses_it(cache_builder, t
     assert used == order[:2], "the steps before the bad batch ran, the bad batch never reached one"
 
 
-def test_verify_cache_refuses_a_corrupt_cache_before_the_first_step(cache_builder, tmp_path: Path, cli_env) -> None:
+def test_verify_cache_refuses_a_corrupt_cache_before_the_first_step(cache_builder, tmp_path: Path, run_cli) -> None:
     data = cache_builder(tmp_path / "data", 60, seed=5)
     shutil.copytree(data, tmp_path / "intact")
     corrupt_in_place(data / "train" / "shard-00000.arrow", "pixels", 5, np.uint8(7))  # a value in range
 
-    def pretrain_cli(cache: Path, run: Path) -> subprocess.CompletedProcess:
-        settings = [arg for setting in SETTINGS for arg in ("--set", setting)]
-        command = [sys.executable, "-m", "vilbert", "pretrain", "--data", str(cache), "--out", str(run),
-                   "--preset", "tiny", "--device", "cpu", "--max-steps", "1", "--verify-cache", *settings]  # fmt: skip
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=cli_env)
-
-    done = pretrain_cli(data, tmp_path / "run")
+    settings = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    done = run_cli("pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                   "--device", "cpu", "--max-steps", "1", "--verify-cache", *settings)  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "is corrupt: shard-00000.arrow: checksum mismatch" in done.stderr.splitlines()[-1], done.stderr
     assert logged_batches(tmp_path / "run") == [], "no step ran"
