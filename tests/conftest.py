@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -27,16 +28,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def run_cli(capsys):
-    """Run `vilbert ARGS` in this process (the CLI's own entry point, exit code included)."""
+    """Run `vilbert ARGS` in this process (the CLI's own entry point, exit code included). The CLI
+    routes the `vilbert` loggers to this test's captured stderr; they are put back after each call, so
+    no later test logs into a closed stream (or, with propagation off, past `caplog`)."""
     from vilbert.cli.app import main
 
     def run(*args: str) -> subprocess.CompletedProcess:
         capsys.readouterr()
+        logger = logging.getLogger("vilbert")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
         try:
             main(list(args))
             code = 0
         except SystemExit as exit_:
             code = exit_.code or 0
+        finally:
+            logger.handlers[:], logger.level, logger.propagate = saved
         out = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 

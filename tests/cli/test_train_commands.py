@@ -84,31 +84,21 @@ def test_sigterm_checkpoints_then_resume_continues(tiny_cache: Path, tmp_path: P
     assert "resumed" in (run / "train.log").read_text()
 
 
-def _cli(*args: str) -> int:
-    """Run the CLI in this process (no interpreter start-up); returns the exit code."""
-    from vilbert.cli.app import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    return exit_info.value.code or 0
-
-
-def test_export_and_plot_commands(tiny_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_and_plot_commands(tiny_cache: Path, tmp_path: Path, run_cli) -> None:
     run = tmp_path / "run"
-    assert _cli("pretrain", "--data", tiny_cache, "--out", run, *SETTINGS, "--max-steps", "2") == 0
-    assert "max_steps at step 2" in capsys.readouterr().out
+    done = run_cli("pretrain", "--data", str(tiny_cache), "--out", str(run), *SETTINGS, "--max-steps", "2")
+    assert done.returncode == 0 and "max_steps at step 2" in done.stdout, done.stderr
     assert "train: step=2" in (run / "train.log").read_text()
-    assert _cli("export", run, "--out", tmp_path / "export") == 0
+    assert run_cli("export", str(run), "--out", str(tmp_path / "export")).returncode == 0
     model = ViLBERT.from_pretrained(tmp_path / "export")
     state = load_checkpoint(run)["model"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
     assert json.loads((tmp_path / "export" / "config.json").read_text())["text"]["vocab_size"] < 1000
 
-    assert _cli("plot", run, "--out", tmp_path / "plots") == 0
+    assert run_cli("plot", str(run), "--out", str(tmp_path / "plots")).returncode == 0
     assert (tmp_path / "plots" / "curves.png").stat().st_size > 5000
-    capsys.readouterr()
-    assert _cli("pretrain", "--resume", run, "--preset", "tiny") == 2
-    assert "--preset does not apply to --resume" in capsys.readouterr().err
-    assert _cli("pretrain", "--data", tiny_cache) == 2
-    assert "no run directory" in capsys.readouterr().err
+    done = run_cli("pretrain", "--resume", str(run), "--preset", "tiny")
+    assert done.returncode == 2 and "--preset does not apply to --resume" in done.stderr
+    done = run_cli("pretrain", "--data", str(tiny_cache))
+    assert done.returncode == 2 and "no run directory" in done.stderr

@@ -127,8 +127,13 @@ def test_cli(labelled: Path, tmp_path: Path, run_cli) -> None:
 
 def test_gradient_accumulation_matches_the_whole_batch(labelled: Path, tmp_path: Path) -> None:
     # No dropout (the cpu recipe): two micro-batches of 8 then see exactly what one batch of 16 sees,
-    # up to float summation order. Adam turns that rounding noise into steps of up to lr on parameters
-    # whose gradient is zero in exact arithmetic (key biases: softmax ignores them), hence atol ~ lr / 10.
+    # up to float summation order. Adam divides by the gradient's own size, so on an element whose
+    # gradient is zero or near it in exact arithmetic (key biases: softmax ignores them) that rounding
+    # noise becomes a step of up to about lr (seen once in a full local run, on the patch embedding).
+    # So: 99% of each tensor's elements agree to rtol 1e-4 / atol 1e-5, none differs by more than the
+    # 3 steps' 3 lr, and the mean difference stays under lr / 10 (measured: at most 2.5e-7 = lr / 400),
+    # where a real accumulation error (a micro-batch counted twice or dropped) moves most elements by
+    # about lr. The per-step losses must agree to 1e-5.
     base = apply_overrides(cpu(tiny()), ["finetune.epochs=1", "finetune.log_every=1"])
     runs = {}
     for name, overrides in (
@@ -139,7 +144,11 @@ def test_gradient_accumulation_matches_the_whole_batch(labelled: Path, tmp_path:
         runs[name] = finetune(apply_overrides(base, overrides), options)
     assert runs["whole"].step == runs["accum"].step == 3  # 40 rows: 16 + 16 + 8
     a, b = load_checkpoint(tmp_path / "whole")["model"], load_checkpoint(tmp_path / "accum")["model"]
+    lr = base.finetune.lr
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+        diff = (a[name] - b[name]).abs()
+        loose = diff > 1e-5 + 1e-4 * b[name].abs()
+        detail = (name, int(loose.sum()), a[name].numel(), float(diff.max()), float(diff.mean()))
+        assert loose.float().mean() <= 0.01 and diff.max() <= 3 * lr and diff.mean() <= lr / 10, detail
     losses = [[r["loss"] for r in read_metrics(tmp_path / n) if r["kind"] == "train"] for n in ("whole", "accum")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
