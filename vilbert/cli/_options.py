@@ -1,4 +1,4 @@
-"""Options shared by the commands that take a run configuration."""
+"""Options shared by the commands that take a run configuration or run on a device."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ SET_OPTION = typer.Option(None, "--set", help="Override one key, e.g. --set pret
 VERIFY_CACHE_OPTION = typer.Option(
     False, "--verify-cache", help="Check every shard's checksum and values before training (data.verify_cache)."
 )
+
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+MAX_STEPS_OPTION = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after N optimizer steps.")
 
 
 def resolve_config(

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION
+from vilbert.cli._options import CONFIG_OPTION, DEVICE_OPTION, RECIPE_OPTION, SET_OPTION
 from vilbert.cli.console import ProgressDisplay, console
 from vilbert.config import preset
 from vilbert.errors import UsageError
@@ -72,7 +72,7 @@ def ablate_command(
     recipe_name: str = RECIPE_OPTION,
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print ablation.json instead of the table."),
 ) -> None:
     """The thesis's task-combination experiment, ending in a mean +- std table of downstream accuracy and AUROC."""

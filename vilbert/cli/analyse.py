@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from vilbert.cli._options import DEVICE_OPTION
 from vilbert.cli.console import ProgressDisplay, console
 
 __all__ = ["analyse_command", "register"]
@@ -26,7 +27,7 @@ def analyse_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Chooses the sample and the mismatching derangement."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass (retrieval uses 4x)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     out: Path = typer.Option(
         None,
         "--out",

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from vilbert.cli._options import DEVICE_OPTION
 from vilbert.cli.console import ProgressDisplay, add_log_file, console
 
 
@@ -15,7 +16,7 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for everything the demo makes."),
     quick: bool = typer.Option(False, "--quick", help="Smaller corpus and fewer epochs: about two minutes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo in --out."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seeds the corpus, the server's failure plan and training."),
     recipe_name: str = typer.Option("cpu", "--recipe", help="The named recipe applied to the tiny preset."),
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from vilbert.cli._options import DEVICE_OPTION
 from vilbert.cli.console import console
 from vilbert.cli.finetune import metrics_table
 
@@ -21,7 +22,7 @@ def evaluate_command(
     ),
     data: Path = typer.Option(..., "--data", exists=True, help="One cache split, e.g. caches/memes/dev_seen."),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DEVICE_OPTION,
     max_batches: int = typer.Option(None, "--max-batches", help="Evaluate only this many batches."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON report here."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of tables."),

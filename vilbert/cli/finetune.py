@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION
+import vilbert.cli._options as shared
 from vilbert.cli.console import ProgressDisplay, add_log_file, console
 from vilbert.config import Config, check_frozen_parts, preset
 from vilbert.errors import UsageError
@@ -72,15 +73,15 @@ def finetune_command(
     ),
     run: Path = typer.Option(..., "--out", help="Run directory (runs/NAME) for checkpoints, metrics, results."),
     preset_name: str = typer.Option(None, "--preset", help="tiny, vilbert_base, vilbert_original (default: --init's)."),
-    recipe_name: str = RECIPE_OPTION,
-    config_file: Path = CONFIG_OPTION,
-    overrides: list[str] = SET_OPTION,
+    recipe_name: str = shared.RECIPE_OPTION,
+    config_file: Path = shared.CONFIG_OPTION,
+    overrides: list[str] = shared.SET_OPTION,
     freeze: str = typer.Option(None, "--freeze", help="Parts kept frozen: e.g. text,vision or none."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after this many steps."),
+    device: str = shared.DEVICE_OPTION,
+    max_steps: int = shared.MAX_STEPS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print results.json instead of the table."),
-    verify_cache: bool = VERIFY_CACHE_OPTION,
+    verify_cache: bool = shared.VERIFY_CACHE_OPTION,
 ) -> None:
     """Fine-tune a binary classifier; accuracy and AUROC on train and dev every epoch, test at the end."""
     init_path = _init_path(init)
@@ -98,8 +99,8 @@ def finetune_command(
         run.mkdir(parents=True, exist_ok=True)
         handler = add_log_file(run / "train.log")
     try:
-        with _Display(enabled=main_rank) as display:
-            result = finetune(config, options, progress=display.update)
+        with _Display() if main_rank else nullcontext() as display:  # other ranks show nothing
+            result = finetune(config, options, progress=display.update if display else None)
     finally:
         if handler is not None:
             handler.close()
@@ -149,23 +150,18 @@ class _Display:
     """Progress over optimizer steps (a bar, or a line at a steady interval in a batch job); a line per
     evaluation with the train and dev metrics."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self) -> None:
         self.display = ProgressDisplay("finetune", unit="steps", heartbeat=True)
         self.info = ""
 
     def __enter__(self) -> _Display:
-        if self.enabled:
-            self.display.__enter__()
+        self.display.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.display.__exit__(*exc)
+        self.display.__exit__(*exc)
 
     def update(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         kind = record.get("kind")
         if kind == "start":
             self.display.update(record["step"], record["total_steps"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,15 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from vilbert.cli._options import CONFIG_OPTION, RECIPE_OPTION, SET_OPTION, VERIFY_CACHE_OPTION, resolve_config
+from vilbert.cli._options import (
+    CONFIG_OPTION,
+    DEVICE_OPTION,
+    MAX_STEPS_OPTION,
+    RECIPE_OPTION,
+    SET_OPTION,
+    VERIFY_CACHE_OPTION,
+    resolve_config,
+)
 from vilbert.cli.console import ProgressDisplay, add_log_file, console
 from vilbert.config import Config, check_frozen_parts
 from vilbert.errors import UsageError
@@ -48,8 +57,8 @@ def pretrain_command(
     config_file: Path = CONFIG_OPTION,
     overrides: list[str] = SET_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its newest checkpoint, exactly."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Stop (with a checkpoint) after N optimizer steps."),
+    device: str = DEVICE_OPTION,
+    max_steps: int = MAX_STEPS_OPTION,
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     verify_cache: bool = VERIFY_CACHE_OPTION,
 ) -> None:
@@ -69,8 +78,8 @@ def pretrain_command(
         records_log.addHandler(handler)
     options = PretrainOptions(data=data, run_dir=run_dir, resume=resume, device=device, max_steps=max_steps)
     try:
-        with _Display(enabled=main_rank) as display:
-            result = pretrain(config, options, progress=display.update)
+        with _Display() if main_rank else nullcontext() as display:  # other ranks show nothing
+            result = pretrain(config, options, progress=display.update if display else None)
     finally:
         if handler is not None:
             _remove_log_file(handler)
@@ -143,8 +152,7 @@ class _Display:
     """Renders progress records: a live table on a terminal, one line per record otherwise; each
     record also goes to train.log."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self) -> None:
         self.live: Live | None = None
         self.lines: ProgressDisplay | None = None
         self.start: dict[str, Any] = {}
@@ -152,10 +160,10 @@ class _Display:
         self.eval: dict[str, Any] = {}
 
     def __enter__(self) -> _Display:
-        if self.enabled and console.is_terminal:
+        if console.is_terminal:
             self.live = Live(self._table(), console=console, refresh_per_second=4, transient=False)
             self.live.start()
-        elif self.enabled:  # a batch job: a progress line at a steady interval besides the records
+        else:  # a batch job: a progress line at a steady interval besides the records
             self.lines = ProgressDisplay("pretrain", unit="steps", force_lines=True, heartbeat=True).__enter__()
         return self
 
@@ -166,8 +174,6 @@ class _Display:
             self.lines.__exit__(*exc)
 
     def update(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         kind = record.get("kind")
         if kind == "step":
             if self.lines is not None:
