@@ -59,8 +59,8 @@ def tokenizer_on_one_thread() -> Iterator[None]:
 
     For a stage whose worker processes already keep every core busy (preprocess): there the Rust pool
     only competes with them, and the batch waits for its threads to be scheduled. Measured on 2 cores,
-    10,000 images: 2-10% less CPU per image, and 10,000 captions cost 0.26 s of CPU serially against
-    0.51 s on the pool (docs/results.md, appendix C).
+    10,000 images: 3-5% less wall time and 5% less CPU, and 10,000 captions cost 0.26 s of CPU
+    serially against 0.51 s on the pool (docs/results.md, appendix C).
     """
     if PARALLELISM_ENV in os.environ:
         yield
