@@ -42,7 +42,7 @@ SAMPLES = 4000
 OVERRIDES = [*CPU.overrides, "pretrain.epochs=10", "pretrain.log_every=10"]
 PRETRAINED_VISION = [
     "model.vision.stem=conv",  # the tiny ViT alone reaches only 0.26-0.37 on shape labels in 800-2,000 steps
-    "model.freeze=[vision]",  # trainable, pretraining overwrites the shape features (README, "What learns on a CPU")
+    "model.freeze=[vision]",  # trainable, pretraining overwrites the shape features (docs/results.md, appendix A)
     "pretrain.lr=2e-3",  # fewer parameters to train: 1e-3 read shape words at 0.29-0.64 by caption kind, 2e-3 0.36-0.73
     # MIM could only train the cross stack's side of a frozen stream, and its target view costs a second forward:
     "pretrain.tasks=[mlm,ap,itc]",
@@ -175,7 +175,7 @@ def test_masked_colour_words_are_read_off_the_image(learned: dict) -> None:
     strict=True,
     reason="from scratch, shape words stay near chance (0.17-0.22 after 1,000-3,000 steps): the cross stack reads "
     "shapes from a frozen vision stream trained on shape labels (the run above), but pretraining neither builds nor "
-    "keeps shape features in the patches (see vilbert/train/README.md, 'What learns on a CPU')",
+    "keeps shape features in the patches (see docs/results.md, appendix A)",
 )
 def test_masked_shape_words_are_read_off_the_image(learned: dict) -> None:
     assert learned["shape"] >= 2 * CHANCE
