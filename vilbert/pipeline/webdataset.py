@@ -3,9 +3,9 @@ CC3M/CC12M copies made with it.
 
 A shard is a tar file; a sample is a run of consecutive members sharing a key (the member's name up
 to the first dot of its base name; the rest is the field: `000000012.jpg`, `000000012.txt`,
-`000000012.json`), as `webdataset` groups them. Members are read in one streaming pass (`r|*`:
-plain or compressed), so memory holds one sample at a time whatever the shard size; members larger
-than `max_member_bytes` are never read. Image bytes go to preprocess's decode gate untouched.
+`000000012.json`), as `webdataset` groups them. Members are read in one streaming pass
+(`tar_stream`: plain, gzip, bzip2 or xz), so memory holds one sample at a time whatever the shard
+size; members larger than `max_member_bytes` are never kept. Image bytes go to preprocess's decode gate untouched.
 
 Dirty input is a counted skip naming the shard and member, never a crash: a sample without an image
 (`no-image`), without a caption (`no-caption`), with an undecodable caption, label or key
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 import os
 import re
-import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from typing import Any
 from vilbert.pipeline.local_files import DEFAULT_MAX_FILE_BYTES
 from vilbert.pipeline.shard_inputs import Columns, describe_shards, expand_shards, key_prefixes
 from vilbert.pipeline.sources import Sample, Skip, Source, integer_label
+from vilbert.pipeline.tar_stream import TarFormatError, TarMember, TarStream, open_tar_stream
 
 __all__ = ["WEBDATASET_SUFFIXES", "WEBDATASET_COLUMNS", "MAX_MEMBER_BYTES", "TarSample", "WebDatasetSource", "iter_tar"]
 
@@ -170,20 +171,20 @@ def iter_tar(path: Path, wanted: frozenset[str], max_member_bytes: int) -> Itera
     current: TarSample | None = None
     name = "(the first member)"
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for info in tar:
-                tar.members = []  # stream mode keeps every header otherwise: memory grows with the shard
-                name = info.name
-                parsed = _KEY_AND_FIELD.match(info.name) if info.isfile() else None
-                if parsed is None or os.path.basename(info.name).startswith("__"):
+        with open(path, "rb") as raw:
+            tar = open_tar_stream(raw)
+            for member in tar:
+                name = member.name
+                parsed = _KEY_AND_FIELD.match(name) if member.regular else None
+                if parsed is None or os.path.basename(name).startswith("__"):
                     continue  # directories, names without a field, webdataset's __meta__ members
                 key, field_name = parsed.group(1), parsed.group(2).lower()
                 if current is not None and key != current.key:
                     yield current
                     current = None
                 current = current or TarSample(key)
-                _read_member(tar, info, field_name, current, wanted, max_member_bytes)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+                _read_member(tar, member, field_name, current, wanted, max_member_bytes)
+    except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
         started = current is not None or name != "(the first member)"
         reason = "truncated-shard" if started else "unreadable-shard"
         detail = f"the tar breaks while reading {name} ({type(err).__name__}: {err}); earlier samples are kept"
@@ -194,22 +195,17 @@ def iter_tar(path: Path, wanted: frozenset[str], max_member_bytes: int) -> Itera
 
 
 def _read_member(
-    tar: tarfile.TarFile, info: tarfile.TarInfo, field_name: str, sample: TarSample, wanted: frozenset[str], cap: int
+    tar: TarStream, member: TarMember, field_name: str, sample: TarSample, wanted: frozenset[str], cap: int
 ) -> None:
-    sample.names.append(os.path.basename(info.name))
+    sample.names.append(os.path.basename(member.name))
     if field_name not in wanted:
-        return  # never read: the stream skips its blocks
+        return  # never kept: the stream reads past it
     if field_name in sample.members or field_name in sample.oversized:
         sample.repeated.append(field_name)
-    elif info.size > cap:
+    elif member.size > cap:
         sample.oversized.append(field_name)
     else:
-        handle = tar.extractfile(info)
-        assert handle is not None  # a regular file
-        data = handle.read()
-        if len(data) != info.size:
-            raise tarfile.ReadError(f"unexpected end of data in {info.name}")
-        sample.members[field_name] = data
+        sample.members[field_name] = tar.read()
 
 
 class _FieldError(ValueError):
