@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image, ImageOps
 
 from vilbert.errors import DataError
@@ -257,6 +258,7 @@ def test_encode_jpeg_round_trips() -> None:
     pixels = photo(224, 224)
     data = encode_jpeg(pixels, quality=90)
     assert data[:2] == b"\xff\xd8"
+    assert simplejpeg.decode_jpeg_header(data)[2:] == ("YCbCr", "444")  # full-resolution colour
     back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     assert mad(back, pixels) < TOLERANCE
     with pytest.raises(ValueError, match="uint8"):
