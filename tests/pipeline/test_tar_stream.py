@@ -113,3 +113,16 @@ def test_read_takes_the_current_member_once() -> None:
     assert tar.read() == b"" and first.size == 0
     with pytest.raises(ValueError, match="once"):
         tar.read()
+
+
+@pytest.mark.parametrize("size", [b"-5", b"5x", b"99999999999999999999" * 300])
+def test_a_pax_size_that_is_not_a_count_is_refused(size: bytes) -> None:
+    """A negative size would make the member's read take the rest of the stream."""
+    record = b" size=" + size + b"\n"
+    record = b"%d%s" % (len(record) + len(str(len(record))), record)
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(record)
+    member = tarfile.TarInfo("x.jpg")
+    data = info.tobuf(tarfile.USTAR_FORMAT) + record + bytes(-len(record) % 512) + member.tobuf(tarfile.USTAR_FORMAT)
+    with pytest.raises(TarFormatError, match="bad pax (size|record)"):
+        _ours(data + bytes(1024))

@@ -87,10 +87,10 @@ class TarStream:
                 name = f"{prefix}/{name}" if prefix else name
             name = _text(pax[b"path"]) if b"path" in pax else long_name if long_name is not None else name
             if b"size" in pax:
-                try:
-                    size = int(pax[b"size"])
-                except ValueError:
-                    raise TarFormatError(f"bad pax size {pax[b'size']!r} at byte {start}") from None
+                value = pax[b"size"]
+                size = int(value) if value.isdigit() and len(value) <= 20 else -1
+                if size < 0:
+                    raise TarFormatError(f"bad pax size {pax[b'size'][:40]!r} at byte {start}")
             regular = kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))
             if kind == b"5":
                 name = name.rstrip("/")  # as tarfile names directories
@@ -174,7 +174,7 @@ def _pax_records(data: bytes, start: int) -> dict[bytes, bytes]:
         except ValueError:
             raise TarFormatError(f"bad pax record in the header at byte {start}") from None
         record = data[space + 1 : pos + length]
-        if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
+        if space < 0 or not 0 < length <= len(data) - pos or not record.endswith(b"\n") or b"=" not in record:
             raise TarFormatError(f"bad pax record in the header at byte {start}")
         key, value = record[:-1].split(b"=", 1)
         records[key] = value
