@@ -20,15 +20,14 @@ or a copy of it in another layout, and run in fresh subprocesses, one after anot
 - **ours, uint8 pixels** (context, without --quick): ours storing raw uint8 (`--pixel-dtype uint8`):
   half the bytes to write and hash, and a transpose instead of the normalization lookup.
 - **disk bound, float16 / uint8**: the disk alone: the bytes a cache of these rows holds (301 KB a
-  row in float16, 151 KB in uint8) in 128 MiB files, each fsynced, written the fastest way tried
-  here (4 O_DIRECT writes in flight), in one process with no other work.
+  row in float16, 151 KB in uint8), written the way the cache writes them (128 MiB shards of 64-row
+  `write()`s, each fsynced, then dropped from the page cache), in one process with no other work.
   No preprocess that keeps its promise (a shard is on disk before it counts) beats it.
 
 Ratios: against the loop, against the decode-only ceiling, and against the **machine ceiling**:
 the smaller of the decode-only ceiling and the disk bound of the same dtype. The decode-only ceiling
 alone assumes a disk that is free: a float16 cache of 301 KB a row cannot be written faster than the
-disk takes it, whatever the CPU does. The machine ceiling is itself optimistic where the two share
-the CPU (on a VM the disk's work can take CPU from the guest): benchmarks/RESULTS.md, preprocess.
+disk takes it, whatever the CPU does (benchmarks/RESULTS.md, preprocess, has the disk's figures).
 
 Figures: images/s, CPU seconds per image (the process tree's user+system time; both timed from
 after the same library imports, for every contender), and the process tree's peak RSS (sampled
@@ -45,7 +44,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import mmap
 import os
 import resource
 import shutil
@@ -299,34 +297,24 @@ def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
 
 
 def run_disk_bound(data: Path, out: Path, pixel_dtype: str) -> int:
-    """The disk alone: the bytes a cache of these rows holds, in 128 MiB files, each fsynced, written
-    the fastest way tried on this machine (4 writes of 8 MiB in flight, O_DIRECT; one write in
-    flight, or the page cache, were 10-25% slower), no other work. Every preprocess must put these
-    bytes on the disk, so no preprocess is faster than this."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """The disk alone: the bytes a cache of these rows holds, written as the cache writes them (128 MiB
+    shards, each `write()` of a 64-row chunk, fsynced and dropped from the page cache), no other work.
+    Every preprocess must put these bytes on the disk, so no preprocess is faster than this."""
     from vilbert.pipeline.fetch import count_fetched
 
     n = count_fetched(data)
     row_bytes = 3 * SIZE * SIZE * np.dtype(pixel_dtype).itemsize + MAX_LEN * 4 + 8
-    block, in_flight = 8 << 20, 4
-    buffers = [mmap.mmap(-1, block) for _ in range(in_flight)]  # page-aligned, as O_DIRECT wants
-    for buffer in buffers:
-        buffer.write(np.random.default_rng(len(buffers)).bytes(block))  # incompressible
-    shard_bytes = (128 << 20) // row_bytes * row_bytes
+    chunk = np.random.default_rng(0).integers(0, 256, CHUNK * row_bytes, dtype=np.uint8)  # not compressible
+    shard_rows = (128 << 20) // row_bytes
     out.mkdir(parents=True, exist_ok=True)
-    total = n * row_bytes
-    with ThreadPoolExecutor(in_flight) as pool:
-        for shard, first in enumerate(range(0, total, shard_bytes)):
-            size = min(shard_bytes, total - first)
-            fd = os.open(out / f"shard-{shard:05d}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-            offsets = range(0, size, block)  # the last block is written whole, then cut to the size
-            writes = [pool.submit(os.pwrite, fd, buffers[i % in_flight], o) for i, o in enumerate(offsets)]
-            for write in writes:
-                write.result()
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-            os.close(fd)
+    for shard, first in enumerate(range(0, n, shard_rows)):
+        rows = min(shard_rows, n - first)
+        with open(out / f"shard-{shard:05d}.bin", "wb") as handle:
+            for start in range(0, rows, CHUNK):
+                handle.write(chunk[: min(CHUNK, rows - start) * row_bytes])
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return n
 
 

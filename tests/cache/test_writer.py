@@ -160,15 +160,13 @@ def test_a_failed_shard_commit_fails_the_build_and_keeps_the_earlier_shards(tmp_
     import vilbert.cache.writer as writer_module
 
     calls = []
-    write_durably = writer_module.write_durably
 
-    def failing_second_commit(path, chunks, size):
-        calls.append(path)
+    def failing_second_commit(fd: int) -> None:
+        calls.append(fd)
         if len(calls) == 2:
             raise OSError(5, "Input/output error")
-        return write_durably(path, chunks, size)
 
-    monkeypatch.setattr(writer_module, "write_durably", failing_second_commit)
+    monkeypatch.setattr(writer_module, "_drop_from_page_cache", failing_second_commit)
     rows = make_rows(20, "float16")
     path = tmp_path / "c"
     with pytest.raises(OSError, match="Input/output error"), new_writer(path) as writer:

@@ -91,8 +91,7 @@ class PreprocessOptions:
     mode: str = "create"
     """`create`, `overwrite` or `resume` (keep the completed shards of an interrupted build)."""
     target_shard_bytes: int = 128 << 20
-    """Half the cache writer's default: one writer per split is open at once, each holding two shards'
-    rows (one filling while the other is written)."""
+    """Half the cache writer's default: one writer per split is open at once, each buffering a shard."""
 
     def __post_init__(self) -> None:
         checks = (
