@@ -30,8 +30,10 @@ alone assumes a disk that is free: a float16 cache of 301 KB a row cannot be wri
 disk takes it, whatever the CPU does (benchmarks/RESULTS.md, preprocess, has the disk's figures).
 
 Figures: images/s, CPU seconds per image (the process tree's user+system time; both timed from
-after the same library imports, for every contender), and the process tree's peak RSS (sampled
-every 20 ms; shared pages count once per process). The machine is shared:
+after the same library imports, for every contender), the machine's steal and idle shares over the
+same interval (/proc/stat: time the hypervisor gave this VM's busy CPUs to something else, and
+time no process wanted; on a VM, writing to the disk can show up as steal), and the process tree's
+peak RSS (sampled every 20 ms; shared pages count once per process). The machine is shared:
 compare the ratios, which are measured in the same run.
 
     python benchmarks/preprocess.py --quick          # under a minute: 2,000 images
@@ -334,10 +336,22 @@ def _import_libraries() -> None:
     import vilbert.pipeline.text  # noqa: F401
 
 
+def _machine_times() -> tuple[int, int, int] | None:
+    """The whole machine's CPU time so far (all cores, clock ticks): stolen, idle (with I/O wait), total.
+    Steal is time the hypervisor ran something else while this VM's CPUs had work."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return fields[7], fields[3] + fields[4], sum(fields)
+
+
 def contender_main(args: argparse.Namespace) -> None:
     """Runs in a fresh subprocess: one contender, prints its JSON figures."""
     _import_libraries()
     before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    machine_before = _machine_times()
     start = time.perf_counter()
     if args.contender == "ours":
         rows = run_ours(args.data, args.out, args.tokenizer, args.workers)
@@ -355,8 +369,13 @@ def contender_main(args: argparse.Namespace) -> None:
         rows = run_ceiling(args.data, args.contender.split("-", 1)[1], args.workers or os.cpu_count() or 1)
     seconds = time.perf_counter() - start
     after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    machine_after = _machine_times()
     cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before, strict=True))
-    print(json.dumps({"rows": rows, "seconds": seconds, "cpu_s": cpu}))
+    figures = {"rows": rows, "seconds": seconds, "cpu_s": cpu}
+    if machine_before is not None and machine_after is not None:
+        steal, idle, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
+        figures |= {"steal_share": steal / max(total, 1), "idle_share": idle / max(total, 1)}
+    print(json.dumps(figures))
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -425,6 +444,8 @@ def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / seconds, 1),
         "cpu_ms_per_image": round(1000 * figures["cpu_s"] / rows, 3),
+        "machine_steal_share": round(figures.get("steal_share", float("nan")), 3),
+        "machine_idle_share": round(figures.get("idle_share", float("nan")), 3),
         "peak_rss_mib": round(peak.get("rss", 0) / 2**20, 1),
         "peak_pss_mib": round(peak.get("pss", 0) / 2**20, 1),
         "peak_rss_anon_mib": round(peak.get("anon", 0) / 2**20, 1),
@@ -449,12 +470,16 @@ _MEMORY = ("peak_rss_mib", "peak_pss_mib", "peak_rss_anon_mib", "peak_rss_file_m
 
 
 def _table(results: dict[str, dict]) -> str:
-    head = f"{'contender':<22}{'images/s':>10}{'CPU ms/img':>12}{'RSS MiB':>9}{'PSS MiB':>9}{'seconds':>9}"
+    head = (
+        f"{'contender':<22}{'images/s':>10}{'CPU ms/img':>12}{'steal %':>9}{'idle %':>8}"
+        f"{'RSS MiB':>9}{'PSS MiB':>9}{'seconds':>9}"
+    )
     lines = [head]
     for name, r in results.items():
         lines.append(
-            f"{name:<22}{r['images_per_s']:>10.0f}{r['cpu_ms_per_image']:>12.2f}{r['peak_rss_mib']:>9.0f}"
-            f"{r['peak_pss_mib']:>9.0f}{r['seconds']:>9.2f}"
+            f"{name:<22}{r['images_per_s']:>10.0f}{r['cpu_ms_per_image']:>12.2f}"
+            f"{100 * r['machine_steal_share']:>9.1f}{100 * r['machine_idle_share']:>8.1f}"
+            f"{r['peak_rss_mib']:>9.0f}{r['peak_pss_mib']:>9.0f}{r['seconds']:>9.2f}"
         )
     return "\n".join(lines)
 
