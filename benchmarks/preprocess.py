@@ -389,8 +389,8 @@ def _tree_memory(pid: int, pss: bool = True) -> dict[str, int]:
     """Sums over `pid` and its descendants, in bytes: RSS (and its anonymous, file-backed and
     shared-memory parts) and, if `pss`, PSS (shared pages divided among the processes that map them).
 
-    PSS is costly to read: the kernel walks every page table of the process (3.9 ms of CPU for three
-    processes of 250 MB each), so it is sampled less often than RSS (see `measure`)."""
+    PSS is costly to read: the kernel walks every page table of the process, so it is sampled less
+    often than RSS (see `measure`; the cost is in docs/results.md, appendix C)."""
     total = dict.fromkeys([*_FIELDS.values(), "pss"], 0)
     stack = [pid]
     while stack:
@@ -430,8 +430,8 @@ def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int
     done = threading.Event()
 
     def sample() -> None:
-        # RSS every 20 ms, PSS every 0.2 s: sampling PSS every 20 ms took ~0.16 of the 2 cores while
-        # ours ran (its page tables are large), CPU that the contender lost and the ceiling did not.
+        # RSS every 20 ms, PSS every 0.2 s: PSS every 20 ms took a share of the cores from ours (its
+        # page tables are large) that the ceiling did not lose.
         for tick in itertools.count():
             if done.is_set():
                 return
