@@ -17,7 +17,9 @@ CLI; the server serves TLS and both tools trust the CA through `SSL_CERT_FILE` (
 
 For each run the script starts a fresh server (both tools meet the same planned failures) and runs
 the tool as a subprocess: images saved per second of wall time (start-up included), CPU ms per saved
-image (the whole process tree: `getrusage(RUSAGE_CHILDREN)`), peak RSS of the tree (from /proc).
+image (the whole process tree: `getrusage(RUSAGE_CHILDREN)`), peak RSS of the tree (from /proc),
+and the machine's steal and idle shares of the run (`machine_share.py`): with the server on the
+same cores, a tool using 1.2 of 2 cores may still have had the whole machine.
 The server's own CPU is not counted, but it shares the machine's cores with the tool.
 
     python benchmarks/fetch.py --install-baseline   # once: img2dataset into benchmarks/.venv-img2dataset
@@ -51,6 +53,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from machine_share import cpu_times, shares
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -311,7 +314,7 @@ def tree_rss_bytes(root_pid: int) -> int:
 
 def run_measured(command: list[str], timeout_s: float, env: dict[str, str]) -> dict:
     """Run `command`; wall time, CPU of the whole tree, peak tree RSS, exit code and output tail."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, machine_before = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_times()
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
     peak = [0]
@@ -324,12 +327,13 @@ def run_measured(command: list[str], timeout_s: float, env: dict[str, str]) -> d
             proc.kill()
         time.sleep(0.1)
     wall = time.perf_counter() - start
+    machine = shares(machine_before, cpu_times())
     reader.join(5)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak[0] / 2**20, "returncode": proc.returncode,
             "load_avg_1min": os.getloadavg()[0],  # other work on the box: images/s is a share of the cores
-            "tail": "".join(output)[-2000:]}  # fmt: skip
+            **machine, "tail": "".join(output)[-2000:]}  # fmt: skip
 
 
 def run_ours(corpus: Path, work: Path, out: Path, latency_ms: float, args, tls: dict | None) -> dict:
@@ -465,7 +469,9 @@ def main() -> None:
         print(f"{name:12s} {protocol:5s} {latency:5g} ms: {result['saved']:6d} saved, "
               f"{result['images_per_s']:7.1f} img/s, {result['cpu_ms_per_image']:6.2f} ms CPU/img, "
               f"{result['cores_used']:.2f} cores, peak RSS {result['peak_rss_mb']:7.1f} MB, "
-              f"wall {result['wall_s']:6.1f} s, load {result['load_avg_1min']:.1f}", flush=True)  # fmt: skip
+              f"wall {result['wall_s']:6.1f} s, load {result['load_avg_1min']:.1f}, machine steal "
+              f"{100 * result.get('machine_steal_share', math.nan):.0f}% idle "
+              f"{100 * result.get('machine_idle_share', math.nan):.0f}%", flush=True)  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
     figures = summarize(results, args, summary)
     for key, value in figures["ratios"].items():

@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine_share import cpu_times, shares
 
 SIZE, MAX_LEN, CHUNK = 224, 36, 64
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -337,22 +338,11 @@ def _import_libraries() -> None:
     import vilbert.pipeline.text  # noqa: F401
 
 
-def _machine_times() -> tuple[int, int, int] | None:
-    """The whole machine's CPU time so far (all cores, clock ticks): stolen, idle (with I/O wait), total.
-    Steal is time the hypervisor ran something else while this VM's CPUs had work."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError):
-        return None
-    return fields[7], fields[3] + fields[4], sum(fields)
-
-
 def contender_main(args: argparse.Namespace) -> None:
     """Runs in a fresh subprocess: one contender, prints its JSON figures."""
     _import_libraries()
     before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    machine_before = _machine_times()
+    machine_before = cpu_times()
     start = time.perf_counter()
     if args.contender == "ours":
         rows = run_ours(args.data, args.out, args.tokenizer, args.workers)
@@ -370,13 +360,9 @@ def contender_main(args: argparse.Namespace) -> None:
         rows = run_ceiling(args.data, args.contender.split("-", 1)[1], args.workers or os.cpu_count() or 1)
     seconds = time.perf_counter() - start
     after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    machine_after = _machine_times()
+    machine_after = cpu_times()
     cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before, strict=True))
-    figures = {"rows": rows, "seconds": seconds, "cpu_s": cpu}
-    if machine_before is not None and machine_after is not None:
-        steal, idle, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
-        figures |= {"steal_share": steal / max(total, 1), "idle_share": idle / max(total, 1)}
-    print(json.dumps(figures))
+    print(json.dumps({"rows": rows, "seconds": seconds, "cpu_s": cpu} | shares(machine_before, machine_after)))
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -453,8 +439,8 @@ def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int
         "seconds": round(seconds, 3),
         "images_per_s": round(rows / seconds, 1),
         "cpu_ms_per_image": round(1000 * figures["cpu_s"] / rows, 3),
-        "machine_steal_share": round(figures.get("steal_share", float("nan")), 3),
-        "machine_idle_share": round(figures.get("idle_share", float("nan")), 3),
+        "machine_steal_share": round(figures.get("machine_steal_share", float("nan")), 3),
+        "machine_idle_share": round(figures.get("machine_idle_share", float("nan")), 3),
         "peak_rss_mib": round(peak.get("rss", 0) / 2**20, 1),
         "peak_pss_mib": round(peak.get("pss", 0) / 2**20, 1),
         "peak_rss_anon_mib": round(peak.get("anon", 0) / 2**20, 1),
