@@ -18,9 +18,9 @@ CLI; the server serves TLS and both tools trust the CA through `SSL_CERT_FILE` (
 For each run the script starts a fresh server (both tools meet the same planned failures) and runs
 the tool as a subprocess: images saved per second of wall time (start-up included), CPU ms per saved
 image (the whole process tree: `getrusage(RUSAGE_CHILDREN)`), peak RSS of the tree (from /proc),
-and the machine's steal and idle shares of the run (`machine_share.py`): with the server on the
-same cores, a tool using 1.2 of 2 cores may still have had the whole machine.
-The server's own CPU is not counted, but it shares the machine's cores with the tool.
+and the machine's steal and idle shares of the run (`machine_share.py`). The server's own CPU is
+not counted, but it shares the machine's cores with the tool: the idle share says whether the tool
+was short of CPU.
 
     python benchmarks/fetch.py --install-baseline   # once: img2dataset into benchmarks/.venv-img2dataset
     python benchmarks/fetch.py --size small         # a few minutes: 2,000 URLs, timeout 3 s

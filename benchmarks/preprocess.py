@@ -31,10 +31,9 @@ disk takes it, whatever the CPU does (benchmarks/RESULTS.md, preprocess, has the
 
 Figures: images/s, CPU seconds per image (the process tree's user+system time; both timed from
 after the same library imports, for every contender), the machine's steal and idle shares over the
-same interval (/proc/stat: time the hypervisor gave this VM's busy CPUs to something else, and
-time no process wanted; on a VM, writing to the disk can show up as steal), and the process tree's
-peak RSS (sampled every 20 ms; shared pages count once per process) and PSS (every 0.2 s). The
-machine is shared: compare the ratios, which are measured in the same run.
+same interval (`machine_share.py`), and the process tree's peak RSS (sampled every 20 ms; shared
+pages count once per process) and PSS (every 0.2 s). The machine is shared: compare the ratios,
+which are measured in the same run.
 
     python benchmarks/preprocess.py --quick          # under a minute: 2,000 images
     python benchmarks/preprocess.py                  # 10,000 images
