@@ -192,19 +192,36 @@ def main() -> None:
         "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
         "torch": torch.__version__,
     }
+    failed = False
     with tempfile.TemporaryDirectory(prefix="vilbert-gpu-check-") as tmp:
         reader = CacheReader(write_cache(Path(tmp), config, rows))
         figures["loader_samples_per_s"] = round(
             loader_samples_per_s(reader, device, args.batch_size, args.warmup + args.steps), 1
         )
+        progress("loader_samples_per_s", figures["loader_samples_per_s"])
         figures["eager"], flops = train_step_figures(config, reader, device, args, False, None)
+        progress("eager", figures["eager"])
         if not args.no_compile:
-            figures["compiled"], _ = train_step_figures(config, reader, device, args, True, flops)
+            try:
+                figures["compiled"], _ = train_step_figures(config, reader, device, args, True, flops)
+            except Exception as error:  # noqa: BLE001 - a compiler failure is a figure of this card, not a crash
+                figures["compiled"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+                failed = True
+            progress("compiled", figures["compiled"])
         command = "bash benchmarks/gpu_check.sh " + " ".join(sys.argv[1:])
         results = args.results or (Path(tmp) / "RESULTS.md" if args.dry_run else HERE / "RESULTS.md")
         append_results(results, figures, command.strip())
         figures["results_file"] = str(results) if args.results or not args.dry_run else None
     print(json.dumps(figures), flush=True)
+    if failed:
+        raise SystemExit(
+            "gpu_check: torch.compile failed on this card (figures.compiled.error); the eager figures stand"
+        )
+
+
+def progress(stage: str, value) -> None:
+    """One line on stderr as each stage ends, so a run cut off by the time limit still leaves its figures."""
+    print(f"gpu_check: {stage} {json.dumps(value)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
