@@ -4,10 +4,12 @@ On one CUDA device, for `vilbert_base` (random weights, a random uint8 cache of 
 
 - `loader`: samples/s of `BatchLoader` delivering batches to the GPU (pinned buffers, `non_blocking`
   copies on a side stream), the model not running;
-- `eager` and `compiled`: the trainer's step (`benchmarks/train_step.py`'s `Stepper`) under bf16
-  autocast, fed by that loader, without and with `torch.compile`: samples/s, step ms, the fraction
-  of the step spent waiting for data, model FLOPs utilization against the card's dense bf16 peak,
-  and peak GPU memory.
+- `eager`, `compiled` and `compiled_reduce_overhead`: the trainer's step (`benchmarks/train_step.py`'s
+  `Stepper`) under bf16 autocast, fed by that loader, without `torch.compile`, with its default mode
+  and with `mode="reduce-overhead"` (CUDA graphs: one launch replays the model's kernels, where eager
+  PyTorch launches each of several thousand from Python): samples/s, step ms, the fraction of the step
+  spent waiting for data, model FLOPs utilization against the card's dense bf16 peak, and peak GPU
+  memory.
 
 It prints one JSON line and appends the figures, with the card's name and the command, to
 `benchmarks/RESULTS.md`. `--dry-run` does the same on the CPU with the tiny preset and a few steps
@@ -50,7 +52,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (dry run: 8)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 30; dry run 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; dry run 1)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile mode")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes")
+    parser.add_argument(
+        "--compile-modes", default="default,reduce-overhead", help="torch.compile modes timed, comma-separated"
+    )
     parser.add_argument("--results", type=Path, default=None, help="file the figures are appended to")
     args = parser.parse_args()
     args.preset = args.preset or ("tiny" if args.dry_run else "vilbert_base")
@@ -106,7 +111,7 @@ def loader_samples_per_s(reader: CacheReader, device: torch.device, batch_size: 
 
 
 def train_step_figures(
-    config: Config, reader: CacheReader, device: torch.device, args, compile_model: bool, flops: float | None
+    config: Config, reader: CacheReader, device: torch.device, args, compile_mode: str | None, flops: float | None
 ) -> tuple[dict, float | None]:
     """The loader-fed step: samples/s, step ms, data-wait fraction, MFU and peak memory (CUDA).
 
@@ -117,8 +122,8 @@ def train_step_figures(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     stepper = Stepper(config, device, compile_model=False)
-    if compile_model:  # inductor on the GPU; the dry run takes the same path with the eager backend
-        stepper.model.compile(backend="inductor" if device.type == "cuda" else "eager")
+    if compile_mode:  # inductor on the GPU; the dry run takes the same path with the eager backend (no mode)
+        stepper.model.compile(backend="inductor" if device.type == "cuda" else "eager", mode=compile_mode)
     loader = BatchLoader(reader, args.batch_size, shuffle=True, seed=0, drop_last=True, device=device)
     batches = iter(loader)
     times, waits = [], []
@@ -199,15 +204,16 @@ def main() -> None:
             loader_samples_per_s(reader, device, args.batch_size, args.warmup + args.steps), 1
         )
         progress("loader_samples_per_s", figures["loader_samples_per_s"])
-        figures["eager"], flops = train_step_figures(config, reader, device, args, False, None)
+        figures["eager"], flops = train_step_figures(config, reader, device, args, None, None)
         progress("eager", figures["eager"])
-        if not args.no_compile:
+        for mode in [] if args.no_compile else args.compile_modes.split(","):
+            name = "compiled" if mode == "default" else "compiled_" + mode.replace("-", "_")
             try:
-                figures["compiled"], _ = train_step_figures(config, reader, device, args, True, flops)
+                figures[name], _ = train_step_figures(config, reader, device, args, mode, flops)
             except Exception as error:  # noqa: BLE001 - a compiler failure is a figure of this card, not a crash
-                figures["compiled"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+                figures[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
                 failed = True
-            progress("compiled", figures["compiled"])
+            progress(name, figures[name])
         command = "bash benchmarks/gpu_check.sh " + " ".join(sys.argv[1:])
         results = args.results or (Path(tmp) / "RESULTS.md" if args.dry_run else HERE / "RESULTS.md")
         append_results(results, figures, command.strip())
@@ -215,7 +221,7 @@ def main() -> None:
     print(json.dumps(figures), flush=True)
     if failed:
         raise SystemExit(
-            "gpu_check: torch.compile failed on this card (figures.compiled.error); the eager figures stand"
+            "gpu_check: torch.compile failed on this card (an `error` among the figures); the others stand"
         )
 
 

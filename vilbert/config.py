@@ -295,6 +295,7 @@ class DataConfig:
 
 PRETRAIN_TASKS = ("mlm", "ap", "mim", "itc")
 MIM_NEGATIVES = ("image", "batch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,6 +381,9 @@ class PretrainConfig:
     """Checkpoints kept in runs/NAME/checkpoints (older ones are deleted); 0 keeps all."""
     compile: bool = False
     """torch.compile the model (checkpoints keep the uncompiled parameter names)."""
+    compile_mode: str = "default"
+    """`torch.compile`'s mode where `compile` is on: `reduce-overhead` replays the model's kernels as CUDA
+    graphs (benchmarks/RESULTS.md, gpu_check), `max-autotune` also tunes matmuls (slow to compile)."""
     tensorboard: bool = False
     """Also write every metrics.jsonl value as a TensorBoard scalar under runs/NAME/tensorboard/ (needs the
     `tensorboard` extra)."""
@@ -419,6 +423,7 @@ class PretrainConfig:
         _positive("pretrain.pretrained_lr_scale", self.pretrained_lr_scale)
         _check(self.grad_clip >= 0, "pretrain.grad_clip", self.grad_clip, ">= 0 (0 disables)")
         _choice("pretrain.schedule", self.schedule, ("linear", "cosine", "constant"))
+        _choice("pretrain.compile_mode", self.compile_mode, COMPILE_MODES)
         _check(0 < self.mlm_probability < 1, "pretrain.mlm_probability", self.mlm_probability, "0 < p < 1")
         _check(0 < self.mim_mask_ratio < 1, "pretrain.mim_mask_ratio", self.mim_mask_ratio, "0 < r < 1")
         _choice("pretrain.mim_positions", self.mim_positions, ("masked", "unmasked", "all"))
@@ -459,6 +464,9 @@ class FinetuneConfig:
     so seeds differ in the head as they do from scratch."""
     compile: bool = False
     """torch.compile the model (checkpoints keep the uncompiled parameter names)."""
+    compile_mode: str = "default"
+    """`torch.compile`'s mode where `compile` is on: `reduce-overhead` replays the model's kernels as CUDA
+    graphs (benchmarks/RESULTS.md, gpu_check), `max-autotune` also tunes matmuls (slow to compile)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr", "grad_accum", "eval_batch_size", "log_every"):
@@ -467,6 +475,7 @@ class FinetuneConfig:
         _check(self.warmup_steps >= 0, "finetune.warmup_steps", self.warmup_steps, ">= 0")
         _check(self.grad_clip >= 0, "finetune.grad_clip", self.grad_clip, ">= 0 (0 disables)")
         _choice("finetune.schedule", self.schedule, ("linear", "cosine", "constant"))
+        _choice("finetune.compile_mode", self.compile_mode, COMPILE_MODES)
         for name in ("checkpoint_every", "keep_last"):
             _check(getattr(self, name) >= 0, f"finetune.{name}", getattr(self, name), ">= 0")
 

@@ -160,13 +160,19 @@ def test_compiled_model_checkpoints_uncompiled_names(
 ) -> None:
     # Dynamo captures the graphs as with the default backend; "eager" skips inductor's C++ compilation
     # (over ten minutes on 2 shared cores), which is not what this test is about.
-    compile_ = torch.compile
+    compile_, modes, step_marks = torch.compile, [], []
 
     def eager_compile(model=None, **kwargs):
+        modes.append(kwargs.get("mode"))
         return compile_(model, **{**kwargs, "backend": "eager"})
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    result = _run(tiny_cache, tmp_path / "run", _config("pretrain.compile=true", "pretrain.tasks=mlm,ap"), 2)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: step_marks.append(1))
+    overrides = ("pretrain.compile=true", "pretrain.compile_mode=reduce-overhead", "pretrain.tasks=mlm,ap")
+    config = _config(*overrides)
+    result = _run(tiny_cache, tmp_path / "run", config, 2)
+    # The mode reaches torch.compile; each micro-batch starts a new step for CUDA graphs (outputs reusable).
+    assert modes == ["reduce-overhead"] and len(step_marks) == 2 * config.pretrain.grad_accum > 2
     state = load_checkpoint(result.checkpoint)
     assert not any("_orig_mod" in k for k in state["model"])
     ViLBERT(run_config(tmp_path / "run").model).load_state_dict(state["model"])  # strict: the same names

@@ -59,7 +59,9 @@ def pretrain_command(
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its newest checkpoint, exactly."),
     device: str = DEVICE_OPTION,
     max_steps: int = MAX_STEPS_OPTION,
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the model (CUDA graphs: --set pretrain.compile_mode=reduce-overhead)."
+    ),
     verify_cache: bool = VERIFY_CACHE_OPTION,
 ) -> None:
     """Pretrain ViLBERT (MLM, alignment prediction, contrastive MIM) on a cache."""

@@ -74,6 +74,7 @@ class LoopSettings:
     checkpoint_every: int
     keep_last: int
     compile: bool
+    compile_mode: str
     drop_last: bool
     """Pretraining drops the short last batch (every task sub-batch full); fine-tuning sees every row."""
     log_sample_indices: bool
@@ -224,7 +225,7 @@ class Trainer:
         torch.manual_seed(settings.seed)  # the same initial weights on every rank
         self.model = objective.build(ctx, resumed)
         if settings.compile:
-            self.model.compile()  # in place: parameter names (and checkpoints) stay uncompiled
+            self.model.compile(mode=settings.compile_mode)  # in place: parameter names stay uncompiled
         self.wrapped = wrap_ddp(objective.module, ctx)
         self.loader = self._loader()
         self.steps_per_epoch = -(-len(self.loader) // settings.grad_accum)
@@ -407,6 +408,8 @@ class Trainer:
     def _optimizer_step(self, batches: Any, window: int) -> None:
         samples = 0
         for micro in range(window):
+            if self.settings.compile:  # CUDA graphs (reduce-overhead) may reuse the last step's outputs now
+                torch.compiler.cudagraph_mark_step_begin()
             batch = self.clock.next_from(batches)
             self._log_samples(batch.indices)
             sync = micro == window - 1 or not self.ctx.distributed
