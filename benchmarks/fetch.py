@@ -27,7 +27,7 @@ was short of CPU.
     python benchmarks/fetch.py                      # full size: 20,000 URLs
 
 Runs: ours over HTTP at 0, 50 and 300 ms latency, three rounds interleaved, each latency's median
-run reported (one run's images/s moves by ~15% on a shared machine: more than latency does); at 50
+run reported (on a shared machine one run's images/s moves more than latency does: benchmarks/RESULTS.md, fetch); at 50
 ms img2dataset over HTTP, then ours and img2dataset over HTTPS, once each. Settings: the same
 per-request timeout; img2dataset with processes_count = cores, thread_count 64, shards of n / (8 x
 cores) rows (every process busy to the end), image_size 224, center_crop, JPEG quality 90, a header
@@ -394,8 +394,8 @@ def parse_args() -> argparse.Namespace:
         "--repeats",
         type=int,
         default=3,
-        help="Rounds of ours' latency runs, interleaved; each latency's median run is reported (default 3: one "
-        "run's images/s moves by 15%% on a shared machine, more than latency does).",
+        help="Rounds of ours' latency runs, interleaved; each latency's median run is reported (default 3: on a "
+        "shared machine one run's images/s moves more than latency does).",
     )
     parser.add_argument("--compare-at", type=float, default=50.0, help="Latency of the head-to-head runs, ms.")
     parser.add_argument("--protocols", default="http,https", help="Protocols of the head-to-head runs.")

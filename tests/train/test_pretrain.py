@@ -179,8 +179,7 @@ def test_compiled_model_checkpoints_uncompiled_names(
     ViLBERT(run_config(tmp_path / "run").model).load_state_dict(state["model"])  # strict: the same names
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 def test_cuda_graphs_train_as_eager_does(tiny_cache: Path, tmp_path: Path) -> None:
     # The trainer under torch.compile(mode="reduce-overhead") on CUDA, through an epoch-end evaluation:
     # a replay overwrites the last step's outputs, so anything the loop kept of them would fail to read
