@@ -180,3 +180,78 @@ def test_a_failed_shard_commit_fails_the_build_and_keeps_the_earlier_shards(tmp_
         write_rows(writer, rows, writer.rows_done, 20)
     build_cache(tmp_path / "clean", n=20)
     assert [f.read_bytes() for f in shard_files(path)] == [f.read_bytes() for f in shard_files(tmp_path / "clean")]
+
+
+def _lend_rows(writer, rows: dict, chunk: int, released: list[int], detach_after: int | None = None) -> list:
+    """Write `rows` in chunks whose pixels are lent (copies the test owns); returns the copies."""
+    lent = []
+    for s in range(0, len(rows["keys"]), chunk):
+        pixels = rows["pixels"][s : s + chunk].copy()
+        lent.append(pixels)
+        writer.write(
+            rows["keys"][s : s + chunk],
+            pixels,
+            rows["input_ids"][s : s + chunk],
+            rows["num_tokens"][s : s + chunk],
+            rows["labels"][s : s + chunk],
+            rows["captions"][s : s + chunk],
+            release=lambda s=s: released.append(s),
+        )
+        if detach_after is not None and s == detach_after:
+            writer.detach()
+    return lent
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_lent_pixels_give_the_same_bytes_and_are_released_once_written(tmp_path, dtype):
+    copied = build_cache(tmp_path / "copied", n=20, dtype=dtype, chunk=5)  # 7 rows per shard: 7 + 7 + 6
+    released: list[int] = []
+    with new_writer(tmp_path / "lent", dtype) as writer:
+        lent = _lend_rows(writer, make_rows(20, dtype), 5, released)
+        # Shards hold rows 0-6, 7-13 and 14-19: the third is written by finish, so the writes of
+        # rows 10-14 (row 14) and 15-19 are still lent.
+        assert released == [0, 5]
+        for pixels in lent[:2]:  # a released lender may reuse its memory: the shards hold copies
+            pixels[...] = 0
+    assert released == [0, 5, 10, 15]
+    a, b = shard_files(tmp_path / "copied"), shard_files(tmp_path / "lent")
+    assert [f.read_bytes() for f in a] == [f.read_bytes() for f in b]
+    assert CacheReader(tmp_path / "lent").gather(np.arange(20))["pixels"].tobytes() == copied["pixels"].tobytes()
+
+
+def test_detach_copies_lent_rows_and_releases_them_at_once(tmp_path):
+    rows = make_rows(20, "float16")
+    build_cache(tmp_path / "copied", n=20, chunk=5)
+    released: list[int] = []
+    with new_writer(tmp_path / "lent") as writer:
+        lent = _lend_rows(writer, rows, 5, released, detach_after=15)
+        # detach after the last write: row 14 (lent by the write of 10-14) and rows 15-19 are copied.
+        assert released == [0, 5, 10, 15]
+        lent[3][...] = 0  # the lender's memory no longer matters
+        assert writer.detach() == 0
+    assert [f.read_bytes() for f in shard_files(tmp_path / "copied")] == [
+        f.read_bytes() for f in shard_files(tmp_path / "lent")
+    ]
+
+
+def test_an_aborted_build_does_not_release_lent_rows(tmp_path):
+    released: list[int] = []
+    with pytest.raises(RuntimeError), new_writer(tmp_path / "c") as writer:
+        _lend_rows(writer, make_rows(5, "float16"), 5, released)
+        raise RuntimeError("producer failed")
+    assert released == [] and not (tmp_path / "c" / MANIFEST_NAME).exists()
+
+
+def test_lent_rows_are_copied_if_the_ipc_writer_hands_over_copies(tmp_path, monkeypatch):
+    from vilbert.cache import writer as writer_module
+
+    build_cache(tmp_path / "copied", n=20, chunk=5)
+    original = writer_module._CollectingSink.write
+    monkeypatch.setattr(writer_module._CollectingSink, "write", lambda self, data: original(self, bytes(data)))
+    released: list[int] = []
+    with new_writer(tmp_path / "lent") as writer:
+        _lend_rows(writer, make_rows(20, "float16"), 5, released)
+    assert released == [0, 5, 10, 15]
+    assert [f.read_bytes() for f in shard_files(tmp_path / "copied")] == [
+        f.read_bytes() for f in shard_files(tmp_path / "lent")
+    ]

@@ -26,6 +26,13 @@ byte-identical shards. The manifest's `created_at` is the only timestamp. The si
 A full shard is hashed on one thread while it is written on another; its fsync, rename and
 progress record run on a commit thread while the next shard fills (at most one waits), and its
 pages then leave the page cache, so the next shard reuses them instead of taking fresh memory.
+
+Pixels are the bulk of a row (301 KB in float16 at 224x224). `write` copies them into the shard's
+buffer, unless the caller lends them (`release=`): then the shard keeps views of the caller's
+arrays, the file and the checksum read them where they are, and `release` runs once the rows are in
+a written shard (or copied by `detach`, when the caller needs its memory back sooner). The Arrow
+file is the same byte for byte: the writer lays the record batch out around a placeholder of the
+pixels' size and writes the lent pieces in its place.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,12 +111,16 @@ class CacheWriter:
         self._config = {key: everything[key] for key in SETTINGS_KEYS}
         self._schema = self._settings.schema()
         self._rows_per_shard = self._settings.rows_per_shard
+        self._pixel_values = CHANNELS * self._settings.image_size**2
         self._lock: int | None = None
         self._shards: list[ShardInfo] = []
         self._checksum_algorithm = default_checksum_algorithm()
         self.rows_done = 0
         """Rows in completed shards kept by `resume` (set on entering): the producer skips this many."""
-        self._buffers: dict[str, np.ndarray] | None = None
+        self._buffers: dict[str, np.ndarray] = {}
+        """The unflushed shard's columns (lazily allocated, reused): all but lent pixels."""
+        self._pixels: list[_Piece] = []
+        """The unflushed shard's pixel rows, in order: views of `_buffers["pixels"]` or lent arrays."""
         self._strings: dict[str, list[str]] = {"key": [], "caption": []}
         self._fill = 0
         self._committer: ThreadPoolExecutor | None = None
@@ -154,6 +165,8 @@ class CacheWriter:
         num_tokens: np.ndarray,
         labels: np.ndarray | None = None,
         captions: Sequence[str] | None = None,
+        *,
+        release: Callable[[], None] | None = None,
     ) -> None:
         """Append N rows.
 
@@ -165,19 +178,39 @@ class CacheWriter:
             num_tokens: `[N]` real tokens per row (including special tokens), `<= max_len`.
             labels: `[N]` integer labels, required iff `has_labels`.
             captions: N caption strings, required iff `has_captions`.
+            release: Lend `pixels` instead of having them copied: the caller keeps them unchanged
+                until `release()` is called (from the thread that calls `write`, `detach` or
+                `finish`), once every row is in a written shard. Not called after `abort`.
 
         Raises:
             UsageError: shapes, dtypes or presence of labels/captions do not match the cache.
         """
         self._require_open()
         columns = self._validated(keys, pixels, input_ids, num_tokens, labels, captions)
+        loan = _Loan(release) if release is not None else None
         n, start = len(keys), 0
         while start < n:
             take = min(self._rows_per_shard - self._fill, n - start)
-            self._append(columns, start, take)
+            self._append(columns, start, take, loan)
             start += take
             if self._fill == self._rows_per_shard:
                 self._flush_shard()
+        if loan is not None:
+            loan.returned()  # write's own hold: released now if every piece is already written
+
+    def detach(self) -> int:
+        """Copy the lent pixel rows of the unflushed shard into the writer's own buffer and release
+        their lenders. Returns the number of rows copied."""
+        self._require_open()
+        copied = 0
+        for index, piece in enumerate(self._pixels):
+            if piece.loan is not None:
+                owned = self._pixel_buffer(piece.rows.dtype)[piece.start : piece.start + len(piece.rows)]
+                owned[...] = piece.rows
+                self._pixels[index] = _Piece(piece.start, owned, None)
+                piece.loan.returned()
+                copied += len(owned)
+        return copied
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> Manifest:
         """Flush the last shard and write `_manifest.json` (last, atomically). Idempotent."""
@@ -203,7 +236,7 @@ class CacheWriter:
     def abort(self) -> None:
         """Drop unflushed rows; completed shards and the progress file stay for `resume`."""
         self._closed = True
-        self._buffers = None
+        self._buffers, self._pixels = {}, []  # lent rows are dropped without their release
         self._stop_committer()
         for tmp in self.path.glob(".shard-*.arrow.tmp"):
             tmp.unlink(missing_ok=True)
@@ -267,29 +300,43 @@ class CacheWriter:
             )
         return pixels.reshape(n, -1)
 
-    def _append(self, columns: dict[str, Any], start: int, take: int) -> None:
-        if self._buffers is None:
-            self._buffers = {
-                name: np.empty((self._rows_per_shard, *value.shape[1:]), value.dtype)
-                for name, value in columns.items()
-                if isinstance(value, np.ndarray)
-            }
+    def _append(self, columns: dict[str, Any], start: int, take: int, loan: _Loan | None) -> None:
         stop, fill = start + take, self._fill
-        for name, buffer in self._buffers.items():
-            buffer[fill : fill + take] = columns[name][start:stop]
+        for name, value in columns.items():
+            if not isinstance(value, np.ndarray) or name == "pixels":
+                continue
+            if name not in self._buffers:
+                self._buffers[name] = np.empty((self._rows_per_shard, *value.shape[1:]), value.dtype)
+            self._buffers[name][fill : fill + take] = value[start:stop]
+        pixels = columns["pixels"][start:stop]
+        if loan is None:
+            owned = self._pixel_buffer(pixels.dtype)[fill : fill + take]
+            owned[...] = pixels
+            self._pixels.append(_Piece(fill, owned, None))
+        else:
+            loan.lent()
+            self._pixels.append(_Piece(fill, np.ascontiguousarray(pixels), loan))
         for name, values in self._strings.items():
             if name in columns:
                 values.extend(columns[name][start:stop])
         self._fill += take
 
-    def _record_batch(self) -> pa.RecordBatch:
-        assert self._buffers is not None
+    def _pixel_buffer(self, dtype: np.dtype) -> np.ndarray:
+        if "pixels" not in self._buffers:
+            self._buffers["pixels"] = np.empty((self._rows_per_shard, self._pixel_values), dtype)
+        return self._buffers["pixels"]
+
+    def _record_batch(self, placeholder: np.ndarray | None) -> pa.RecordBatch:
+        """The unflushed rows as one batch; its pixels are `placeholder` when given, else the buffer."""
         n, arrays = self._fill, []
         for field in self._schema:
             if field.name in self._strings:
                 arrays.append(arrow_strings(self._strings[field.name]))
                 continue
-            values = np.ascontiguousarray(self._buffers[field.name][:n])
+            if field.name == "pixels":
+                values = placeholder if placeholder is not None else self._pixel_buffer(self._pixels[0].rows.dtype)[:n]
+            else:
+                values = np.ascontiguousarray(self._buffers[field.name][:n])
             flat = arrow_array(values.reshape(-1))
             if values.ndim == 2:
                 arrays.append(pa.FixedSizeListArray.from_arrays(flat, type=field.type))
@@ -304,13 +351,11 @@ class CacheWriter:
         index = len(self._shards)
         name = shard_name(index)
         tmp = self.path / f".{name}.tmp"
-        sink = _CollectingSink()
-        with pa.ipc.new_file(sink, self._schema) as ipc:
-            ipc.write_batch(self._record_batch())
-        digest = _Digest(sink.chunks, self._checksum_algorithm)
+        chunks, size = self._shard_bytes()
+        digest = _Digest(chunks, self._checksum_algorithm)
         handle = open(tmp, "wb")  # noqa: SIM115 - closed by the commit
         try:
-            for chunk in sink.chunks:
+            for chunk in chunks:
                 handle.write(chunk)
             handle.flush()
         except BaseException:
@@ -318,11 +363,36 @@ class CacheWriter:
             raise
         finally:
             checksum = digest.result()  # the rows' buffers are reused once this returns
-        self._shards.append(ShardInfo(name=name, rows=self._fill, bytes=sink.size, checksum=checksum))
+        self._shards.append(ShardInfo(name=name, rows=self._fill, bytes=size, checksum=checksum))
         self._fill = 0
         for values in self._strings.values():
             values.clear()
+        pieces, self._pixels = self._pixels, []
+        for piece in pieces:
+            if piece.loan is not None:
+                piece.loan.returned()
         self._commit_later(handle, tmp, list(self._shards))
+
+    def _shard_bytes(self) -> tuple[list[memoryview], int]:
+        """The unflushed shard's Arrow file as memory views, in order, and its size.
+
+        With lent pixels, the batch is laid out around an untouched placeholder of their size (the
+        IPC writer hands over each large buffer as a view of its memory, found here by address),
+        and the lent pieces take the placeholder's place."""
+        lent = any(piece.loan is not None for piece in self._pixels)
+        placeholder = np.empty((self._fill, self._pixel_values), self._pixels[0].rows.dtype) if lent else None
+        sink = _CollectingSink()
+        with pa.ipc.new_file(sink, self._schema) as ipc:
+            ipc.write_batch(self._record_batch(placeholder))
+        if placeholder is None:
+            return sink.chunks, sink.size
+        address = placeholder.ctypes.data
+        found = [i for i, chunk in enumerate(sink.chunks) if pa.py_buffer(chunk).address == address]
+        if len(found) != 1 or sink.chunks[found[0]].nbytes != placeholder.nbytes:
+            self.detach()  # an IPC writer that copies: write the shard from the writer's own buffer
+            return self._shard_bytes()
+        pieces = [memoryview(piece.rows).cast("B") for piece in self._pixels]
+        return sink.chunks[: found[0]] + pieces + sink.chunks[found[0] + 1 :], sink.size
 
     def _commit_later(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
         if self._committer is None:
@@ -377,6 +447,33 @@ class CacheWriter:
         if self._committer is not None:
             self._committer.shutdown(wait=True)
             self._committer = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """Consecutive pixel rows of the unflushed shard, from row `start`: `[rows, pixel_values]`."""
+
+    start: int
+    rows: np.ndarray
+    loan: _Loan | None
+    """None: a view of the writer's own buffer."""
+
+
+class _Loan:
+    """One `write` call's lent pixels, as pieces in one or two shards: `release` runs when the last
+    piece is written or copied (and `write` itself has returned: it holds the first count)."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._held = 1
+
+    def lent(self) -> None:
+        self._held += 1
+
+    def returned(self) -> None:
+        self._held -= 1
+        if self._held == 0:
+            self._release()
 
 
 class _CollectingSink:
