@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from PIL import Image
 from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
-from vilbert.cache import CacheReader, verify_cache
+from vilbert.cache import CacheReader, CacheWriter, verify_cache
 from vilbert.errors import DataError, UsageError
+from vilbert.pipeline._decode_pool import DecodePool
 from vilbert.pipeline.fetch import IMAGE_SCHEMA, sample_key
 from vilbert.pipeline.images import encode_jpeg
 from vilbert.pipeline.preprocess import (
     REPORT_NAME,
     PreprocessOptions,
+    _RunState,
     parse_normalization,
     preprocess,
 )
@@ -246,6 +249,45 @@ def test_resume_after_a_crash_gives_the_same_shards(tmp_path: Path, fetched: dic
     other = PreprocessOptions(**{**resumed.__dict__, "max_len": 12})
     with pytest.raises(UsageError, match="other inputs or options"):
         preprocess(FetchSource([fetched["dir"]]), tmp_path / "crashed", fetched["tokenizer"], other)
+
+
+def test_a_pool_short_of_slots_has_the_caches_copy_what_they_borrowed(
+    tmp_path: Path, fetched: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each cache borrows its unwritten shard's rows from the decode slots; with more splits than
+    the slots were planned for, the caches copy them instead of the run stalling."""
+    options = PreprocessOptions(**{**small(chunk_size=4).__dict__, "target_shard_bytes": 400_000})  # 63 rows a shard
+    preprocess(FetchSource([fetched["dir"]]), tmp_path / "planned", fetched["tokenizer"], options)
+    monkeypatch.setattr(_RunState, "lent_slots", lambda self: 0)  # 8 slots for 15 chunks of train rows
+    monkeypatch.setattr(DecodePool, "WAIT_S", 0.01)
+    with caplog.at_level(logging.INFO, logger="vilbert.pipeline.preprocess"):
+        preprocess(FetchSource([fetched["dir"]]), tmp_path / "short", fetched["tokenizer"], options)
+    assert "borrowed rows: the decode slots ran short" in caplog.text
+    for split in ("train", "test"):
+        assert shard_digests(tmp_path / "short" / split) == shard_digests(tmp_path / "planned" / split)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_write_ends_the_run_while_every_slot_is_lent(
+    tmp_path: Path, fetched: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_RunState, "lent_slots", lambda self: 0)
+    monkeypatch.setattr(_RunState, "detach", lambda self: None)  # the slots stay lent
+    monkeypatch.setattr(DecodePool, "WAIT_S", 0.01)
+    calls = []
+    write = CacheWriter.write
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # in the 8th chunk (failures cut some chunks in two): all 8 slots lent
+            raise OSError(28, "No space left on device")
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(CacheWriter, "write", failing)
+    options = PreprocessOptions(**{**small(chunk_size=4).__dict__, "target_shard_bytes": 400_000})
+    with pytest.raises(OSError, match="No space left"):
+        preprocess(FetchSource([fetched["dir"]]), tmp_path / "out", fetched["tokenizer"], options)
+    assert not (tmp_path / "out" / "train" / "_manifest.json").exists()
 
 
 def test_existing_output_needs_overwrite_or_resume(tmp_path: Path, fetched: dict) -> None:

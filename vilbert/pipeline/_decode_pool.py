@@ -6,8 +6,10 @@ encoded images (bytes, or `LocalFile`s: compact, read and checked by the worker,
 time per worker is in memory); the worker decodes each image with
 `vilbert.pipeline.images.decode_resize` and writes the normalized pixels straight into the slot, so
 no pixel array is pickled. Results come back in submission order; a slot is reused only after the
-consumer releases it (possibly from another thread, once the rows are written), and at most `slots`
-chunks are in flight or being written, so memory stays bounded.
+consumer releases it (possibly from another thread, once the rows are written: preprocess lends
+them to the cache writer until their shard is on disk), and at most `slots` chunks are in flight,
+being written or lent, so memory stays bounded. Free slots are reused last-in first-out, so a run
+that needs few of them touches few pages.
 
 Normalization to float16 is a per-channel lookup table of the 256 possible values, computed in
 float64 and rounded once: exact to float16 precision, and cheaper than float arithmetic (numpy's
@@ -170,8 +172,13 @@ class DecodePool:
         pixel_dtype: `float16` (normalized with `normalization`) or `uint8`.
         mean: Per-channel mean (of pixel / 255) for float16 output.
         std: Per-channel standard deviation for float16 output.
-        slots: Chunks decoding or being written at most (default `2 * workers + 4`).
+        slots: Chunks decoding, being written or lent to a writer at most (default `2 * workers + 4`).
     """
+
+    IN_FLIGHT_PER_WORKER = 2
+    """Chunks per worker in flight (plus 4) by default: one decoding, one queued."""
+    WAIT_S = 0.25
+    """How long `map_ordered` waits for a free slot, with nothing in flight, before calling `on_wait`."""
 
     def __init__(
         self,
@@ -186,16 +193,21 @@ class DecodePool:
         slots: int | None = None,
     ) -> None:
         self.workers = workers
-        self.slots = slots or 2 * max(workers, 1) + 4
+        self.slots = slots or self.in_flight(workers)
         self.shape = (self.slots, chunk_size, 3, image_size, image_size)
         self.dtype = np.dtype(pixel_dtype)
         self.lut = normalization_lut(mean, std) if pixel_dtype == "float16" else None
         self.image_size, self.resize_mode = image_size, resize_mode
-        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for slot in range(self.slots):
+        self._free: queue.LifoQueue[int] = queue.LifoQueue()
+        for slot in reversed(range(self.slots)):
             self._free.put(slot)
         self._executor: ProcessPoolExecutor | None = None
         self.pixels: np.ndarray | None = None
+
+    @classmethod
+    def in_flight(cls, workers: int) -> int:
+        """The slots that keep `workers` busy (the default number of slots)."""
+        return cls.IN_FLIGHT_PER_WORKER * max(workers, 1) + 4
 
     def __enter__(self) -> DecodePool:
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
@@ -225,14 +237,19 @@ class DecodePool:
         self.pixels = None
 
     def map_ordered(
-        self, chunks: Iterable[list[Any]], image: Callable[[Any], bytes | LocalFile], prepare: Callable[[list[Any]], T]
+        self,
+        chunks: Iterable[list[Any]],
+        image: Callable[[Any], bytes | LocalFile],
+        prepare: Callable[[list[Any]], T],
+        on_wait: Callable[[], None] | None = None,
     ) -> Iterator[Decoded[T]]:
         """Decode each chunk's images; yield a `Decoded` per chunk, in order.
 
         `prepare(chunk)` runs in this process while the workers decode (tokenization goes there).
         Each result's `pixels` (`[len(chunk), 3, H, W]`) is a view into a slot that stays reserved
         until `release(result)` is called (from any thread); with every slot reserved, the next
-        submission waits for a release.
+        submission waits for a release, calling `on_wait()` every `WAIT_S` seconds while nothing is
+        in flight (to raise the consumer's error, or to have it give slots back).
         """
         assert self.pixels is not None, "use DecodePool as a context manager"
         pending: deque[tuple[list[Any], int, Future[Failures], T]] = deque()
@@ -240,9 +257,8 @@ class DecodePool:
         exhausted = False
         while True:
             while not exhausted:
-                try:
-                    slot = self._free.get(block=not pending)
-                except queue.Empty:
+                slot = self._next_slot(wait=not pending, on_wait=on_wait)
+                if slot is None:
                     break
                 chunk = next(source, None)
                 if chunk is None:
@@ -262,6 +278,17 @@ class DecodePool:
                     "shards are kept: rerun with --resume, with fewer --workers if memory is short"
                 ) from err
             yield Decoded(chunk, prepared, self.pixels[slot, : len(chunk)], failures, slot)
+
+    def _next_slot(self, *, wait: bool, on_wait: Callable[[], None] | None) -> int | None:
+        """A free slot; None if there is none and not `wait`."""
+        while True:
+            try:
+                return self._free.get(block=wait, timeout=self.WAIT_S if wait else None)
+            except queue.Empty:
+                if not wait:
+                    return None
+                if on_wait is not None:
+                    on_wait()
 
     def release(self, result: Decoded[Any]) -> None:
         """Give `result`'s slot back for reuse (its `pixels` must not be read afterwards)."""

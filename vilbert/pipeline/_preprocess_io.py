@@ -118,9 +118,13 @@ class BackgroundWriter:
 
     def submit(self, job: Callable[[], None], done: Callable[[], None]) -> None:
         """Run `job`, then `done` (always, even after a failure)."""
+        self.check()
+        self._jobs.put((job, done))
+
+    def check(self) -> None:
+        """Raise the error a job raised, if any."""
         if self._error is not None:
             raise self._error
-        self._jobs.put((job, done))
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:

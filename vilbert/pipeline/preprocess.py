@@ -4,10 +4,12 @@
 source (Sample | Skip, deterministic order)
   -> assign_splits (key hash, sources without splits) -> drop empty captions
   -> fast-forward what a resumed build already holds
-  -> chunks of `chunk_size` samples -> worker processes: decode + resize + normalize, written
-     straight into a shared-memory slot (no pixel bytes pickled); at most `2 * workers + 1`
-     chunks in flight, so memory is bounded whatever the corpus size
-  -> in order: tokenize the chunk (Rust, batched), CacheWriter.write per split
+  -> chunks of `chunk_size` samples of one split -> worker processes: decode + resize + normalize,
+     written straight into a shared-memory slot (no pixel bytes pickled); `2 * workers + 4`
+     chunks in flight, plus per split a shard's worth lent to its cache: memory is bounded
+     whatever the corpus size
+  -> in order: tokenize the chunk (Rust, batched), CacheWriter.write of the slot's rows, lent:
+     the shard is written from the slots, which go back to the pool once it is
 OUT/<split>/           a cache (see vilbert.cache)
 OUT/preprocess-report.json    rows per split, skips by reason with examples, options
 OUT/preprocess-skips.jsonl    every image skipped by the workers (split, ordinal, key, reason);
@@ -28,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +44,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from vilbert.cache import CacheWriter, Normalization, normalization
+from vilbert.cache import CacheSpec, CacheWriter, Normalization, normalization
 from vilbert.cache.format import write_json_atomic
 from vilbert.errors import DataError, UsageError
 from vilbert.pipeline._decode_pool import RESIZE_MODES, DecodePool
@@ -215,17 +218,25 @@ def preprocess(
     total = source.size_hint()
     norm = options.normalize
     workers = _default_workers(options.workers)
+    slots = DecodePool.in_flight(workers) + run.lent_slots()
     pool = DecodePool(workers=workers, chunk_size=options.chunk_size,
                       image_size=options.image_size, resize_mode=options.resize_mode,
-                      pixel_dtype=options.pixel_dtype, mean=norm.mean, std=norm.std)  # fmt: skip
+                      pixel_dtype=options.pixel_dtype, mean=norm.mean, std=norm.std, slots=slots)  # fmt: skip
     one_thread = tokenizer_on_one_thread() if workers > 0 else nullcontext()  # the pool has the cores
     try:
         with one_thread, pool, BackgroundWriter() as background:
             chunks = _batched(run.plan(items), options.chunk_size)
             prepare = lambda chunk: encoder([s.caption for _, s in chunk])  # noqa: E731 - tokenize while decoding
-            for result in pool.map_ordered(chunks, image=lambda item: item[1].image, prepare=prepare):
-                writes = run.take_chunk(result.chunk, result.prepared, result.pixels, result.failures)
-                background.submit(writes, done=partial(pool.release, result))
+
+            def on_wait() -> None:  # every slot is lent or queued: more splits than the slots allow for
+                background.check()
+                background.submit(run.detach, done=lambda: None)
+
+            results = pool.map_ordered(chunks, image=lambda item: item[1].image, prepare=prepare, on_wait=on_wait)
+            for result in results:
+                hold = _SlotHold(partial(pool.release, result))
+                writes = run.take_chunk(result.chunk, result.prepared, result.pixels, result.failures, hold)
+                background.submit(writes, done=hold.returned)
                 if progress is not None:
                     progress(run.progress(total))
         report = run.finish(time.perf_counter() - started)
@@ -251,16 +262,38 @@ def _default_workers(workers: int | None) -> int:
 
 
 def _batched(items: Iterable[tuple[int, Sample]], size: int) -> Iterator[list[tuple[int, Sample]]]:
-    """Chunks of `size` samples, each grouped by split (a stable sort: each split keeps its order),
-    so that a split's rows are one contiguous range of the chunk's pixels: written without a copy."""
-    batch: list[tuple[int, Sample]] = []
+    """Chunks of `size` samples of one split each, as they fill (each split keeps its order), then
+    each split's last, shorter chunk. A chunk's slot is lent to one cache, and only until that
+    split's shard is written: a chunk mixing splits would wait for the slowest split to fill one."""
+    pending: dict[str, list[tuple[int, Sample]]] = {}
     for item in items:
+        batch = pending.setdefault(item[1].split, [])
         batch.append(item)
         if len(batch) == size:
-            yield sorted(batch, key=lambda x: x[1].split)
-            batch = []
-    if batch:
-        yield sorted(batch, key=lambda x: x[1].split)
+            yield pending.pop(item[1].split)
+    yield from pending.values()
+
+
+class _SlotHold:
+    """A decoded chunk's slot: given back once the write job has run and every cache that borrowed
+    rows from it has written (or copied) them. Lent from the main thread, returned from the writer's."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._count = 1  # the write job's own hold, returned when it has run
+        self._lock = threading.Lock()
+
+    def lend(self) -> Callable[[], None]:
+        with self._lock:
+            self._count += 1
+        return self.returned
+
+    def returned(self) -> None:
+        with self._lock:
+            self._count -= 1
+            done = self._count == 0
+        if done:
+            self._release()
 
 
 class _RunState:
@@ -315,17 +348,29 @@ class _RunState:
             else:
                 yield ordinal, item
 
-    def _open_writer(self, split: str) -> CacheWriter:
-        spec = self.encoder.cache_spec(
+    def _spec(self, split: str, has_labels: bool) -> CacheSpec:
+        return self.encoder.cache_spec(
             split=split,
             image_size=self.options.image_size,
             pixel_dtype=self.options.pixel_dtype,
             normalization=self.options.normalize,
-            has_labels=self.labelled.setdefault(split, self._has_labels(split)),
+            has_labels=has_labels,
             has_captions=True,
             command=self.command,
             target_shard_bytes=self.options.target_shard_bytes,
         )
+
+    def lent_slots(self) -> int:
+        """Slots the caches may borrow at once: per split, the chunks of one unwritten shard (plus one
+        that straddles two shards), for the source's splits (2 if it does not say). With more splits,
+        the pool runs short and the caches copy what they borrowed (`detach`)."""
+        names = self.source.split_names()
+        rows = self._spec("train", has_labels=False).rows_per_shard
+        assert rows is not None
+        return (len(names) if names else 2) * (-(-rows // self.options.chunk_size) + 1)
+
+    def _open_writer(self, split: str) -> CacheWriter:
+        spec = self._spec(split, self.labelled.setdefault(split, self._has_labels(split)))
         writer = self.open_writers.enter_context(CacheWriter(self.out / split, spec, mode=self.options.mode))
         if writer.rows_done:
             log.info("%s: resuming after %d rows in completed shards", self.out / split, writer.rows_done)
@@ -362,8 +407,10 @@ class _RunState:
         encoded: EncodedCaptions,
         pixels: np.ndarray,
         failures: dict[int, tuple[str, str]],
+        hold: _SlotHold,
     ) -> Callable[[], None]:
-        """Log the chunk's skips now; return the writes of its rows, split by split, to run later."""
+        """Log the chunk's skips now; return the writes of its rows to run later, split by split and
+        run by run of consecutive rows, each lending its view of the slot `hold` stands for."""
         for index, (reason, detail) in sorted(failures.items()):
             ordinal, sample = samples[index]
             self.log.append(sample.split, ordinal, sample.key, reason, detail)
@@ -376,21 +423,20 @@ class _RunState:
                 by_split.setdefault(sample.split, []).append(index)
         writes = []
         for split, rows in by_split.items():
-            take = _index(rows)
-            chosen = [samples[i][1] for i in rows]
             writer = self.writers[split]
-            labels = np.array([s.label for s in chosen], np.int64) if self.labelled[split] else None
-            args = (
-                [s.key for s in chosen],
-                pixels[take],
-                ids[take],
-                num_tokens[take],
-                labels,
-                [s.caption for s in chosen],
-            )
-            writes.append(partial(writer.write, *args))
-            self.count_rows(split, chosen)
+            for take in _runs(rows):
+                chosen = [sample for _, sample in samples[take]]
+                labels = np.array([s.label for s in chosen], np.int64) if self.labelled[split] else None
+                args = ([s.key for s in chosen], pixels[take], ids[take], num_tokens[take], labels)
+                writes.append(partial(writer.write, *args, [s.caption for s in chosen], release=hold.lend()))
+            self.count_rows(split, [samples[i][1] for i in rows])
         return partial(_run_all, writes)
+
+    def detach(self) -> None:
+        """Have every cache copy the rows it borrowed, giving their slots back (on the writer thread)."""
+        copied = sum(writer.detach() for writer in list(self.writers.values()))
+        if copied:
+            log.info("copied %d borrowed rows: the decode slots ran short (%d splits)", copied, len(self.writers))
 
     def progress(self, total: int | None) -> dict[str, Any]:
         skipped = sum(sum(c.values()) for c in self.skipped.values())
@@ -458,11 +504,15 @@ def _run_all(calls: list[Callable[[], None]]) -> None:
         call()
 
 
-def _index(rows: list[int]) -> slice | np.ndarray:
-    """A slice (a view, no copy) when the rows are consecutive, else an index array."""
-    if rows[-1] - rows[0] + 1 == len(rows):
-        return slice(rows[0], rows[-1] + 1)
-    return np.asarray(rows)
+def _runs(rows: list[int]) -> Iterator[slice]:
+    """`rows` (ascending) as slices of consecutive rows: views of the chunk's pixels, no copy."""
+    start = previous = rows[0]
+    for row in rows[1:]:
+        if row != previous + 1:
+            yield slice(start, previous + 1)
+            start = row
+        previous = row
+    yield slice(start, previous + 1)
 
 
 def _option_record(options: PreprocessOptions) -> dict[str, Any]:
