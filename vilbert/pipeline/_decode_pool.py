@@ -7,8 +7,9 @@ time per worker is in memory); the worker decodes each image with
 `vilbert.pipeline.images.decode_resize` and writes the normalized pixels straight into the slot, so
 no pixel array is pickled. Results come back in submission order; a slot is reused only after the
 consumer releases it (possibly from another thread, once the rows are written: preprocess lends
-them to the cache writer until their shard is on disk), and at most `slots` chunks are in flight,
-being written or lent, so memory stays bounded. Free slots are reused last-in first-out, so a run
+them to the cache writer until their shard is on disk). At most `in_flight` chunks are submitted
+and not yet yielded (their encoded images wait in the executor's queue), and at most `in_flight +
+lendable` slots exist, so memory stays bounded. Free slots are reused last-in first-out, so a run
 that needs few of them touches few pages.
 
 Normalization to float16 is a per-channel lookup table of the 256 possible values, computed in
@@ -172,7 +173,8 @@ class DecodePool:
         pixel_dtype: `float16` (normalized with `normalization`) or `uint8`.
         mean: Per-channel mean (of pixel / 255) for float16 output.
         std: Per-channel standard deviation for float16 output.
-        slots: Chunks decoding, being written or lent to a writer at most (default `2 * workers + 4`).
+        in_flight: Chunks submitted and not yet yielded, at most (default `2 * workers + 4`).
+        lendable: Slots beyond `in_flight`, for chunks the consumer holds after they are yielded.
     """
 
     IN_FLIGHT_PER_WORKER = 2
@@ -190,10 +192,12 @@ class DecodePool:
         pixel_dtype: str,
         mean: Sequence[float],
         std: Sequence[float],
-        slots: int | None = None,
+        in_flight: int | None = None,
+        lendable: int = 0,
     ) -> None:
         self.workers = workers
-        self.slots = slots or self.in_flight(workers)
+        self.in_flight = in_flight or self.IN_FLIGHT_PER_WORKER * max(workers, 1) + 4
+        self.slots = self.in_flight + lendable
         self.shape = (self.slots, chunk_size, 3, image_size, image_size)
         self.dtype = np.dtype(pixel_dtype)
         self.lut = normalization_lut(mean, std) if pixel_dtype == "float16" else None
@@ -203,11 +207,6 @@ class DecodePool:
             self._free.put(slot)
         self._executor: ProcessPoolExecutor | None = None
         self.pixels: np.ndarray | None = None
-
-    @classmethod
-    def in_flight(cls, workers: int) -> int:
-        """The slots that keep `workers` busy (the default number of slots)."""
-        return cls.IN_FLIGHT_PER_WORKER * max(workers, 1) + 4
 
     def __enter__(self) -> DecodePool:
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
@@ -256,7 +255,7 @@ class DecodePool:
         source = iter(chunks)
         exhausted = False
         while True:
-            while not exhausted:
+            while not exhausted and len(pending) < self.in_flight:
                 slot = self._next_slot(wait=not pending, on_wait=on_wait)
                 if slot is None:
                     break

@@ -90,7 +90,8 @@ class PreprocessOptions:
     workers: int | None = None
     """Decoding processes; None = all cores, 0 = decode in this process."""
     chunk_size: int = 32
-    """Images per task sent to a worker; `2 * workers + 4` chunks of pixels exist at most."""
+    """Images per task sent to a worker (all of one split); `2 * workers + 4` chunks in flight, plus
+    per split those of one unwritten shard, exist at most."""
     mode: str = "create"
     """`create`, `overwrite` or `resume` (keep the completed shards of an interrupted build)."""
     target_shard_bytes: int = 128 << 20
@@ -218,10 +219,10 @@ def preprocess(
     total = source.size_hint()
     norm = options.normalize
     workers = _default_workers(options.workers)
-    slots = DecodePool.in_flight(workers) + run.lent_slots()
     pool = DecodePool(workers=workers, chunk_size=options.chunk_size,
                       image_size=options.image_size, resize_mode=options.resize_mode,
-                      pixel_dtype=options.pixel_dtype, mean=norm.mean, std=norm.std, slots=slots)  # fmt: skip
+                      pixel_dtype=options.pixel_dtype, mean=norm.mean, std=norm.std,
+                      lendable=run.lent_slots())  # fmt: skip
     one_thread = tokenizer_on_one_thread() if workers > 0 else nullcontext()  # the pool has the cores
     try:
         with one_thread, pool, BackgroundWriter() as background:
