@@ -26,9 +26,11 @@ was short of CPU.
     python benchmarks/fetch.py --size small         # a few minutes: 2,000 URLs, timeout 3 s
     python benchmarks/fetch.py                      # full size: 20,000 URLs
 
-Runs: ours over HTTP at 0, 50 and 300 ms latency, three rounds interleaved, each latency's median
-run reported (on a shared machine one run's images/s moves more than latency does: benchmarks/RESULTS.md, fetch); at 50
-ms img2dataset over HTTP, then ours and img2dataset over HTTPS, once each. Settings: the same
+Runs, in three interleaved rounds: ours over HTTP at 0, 50 and 300 ms latency; at 50 ms img2dataset
+over HTTP, then ours and img2dataset over HTTPS. Each (tool, protocol, latency)'s median run is
+reported (its images/s, and the median CPU per image of the tries), and the ratios are of these:
+on a shared machine one run's images/s and CPU per image move by more than latency does
+(benchmarks/RESULTS.md, fetch). Settings: the same
 per-request timeout; img2dataset with processes_count = cores, thread_count 64, shards of n / (8 x
 cores) rows (every process busy to the end), image_size 224, center_crop, JPEG quality 90, a header
 row added to its copy of the list, other options at their defaults; ours with its defaults
@@ -394,8 +396,8 @@ def parse_args() -> argparse.Namespace:
         "--repeats",
         type=int,
         default=3,
-        help="Rounds of ours' latency runs, interleaved; each latency's median run is reported (default 3: on a "
-        "shared machine one run's images/s moves more than latency does).",
+        help="Rounds of every run, interleaved; each run's median is reported (default 3: on a shared machine "
+        "one run's images/s moves more than latency does).",
     )
     parser.add_argument("--compare-at", type=float, default=50.0, help="Latency of the head-to-head runs, ms.")
     parser.add_argument("--protocols", default="http,https", help="Protocols of the head-to-head runs.")
@@ -440,15 +442,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def plan_runs(args: argparse.Namespace, baseline: bool) -> list[tuple[str, str, float]]:
-    """(tool, protocol, latency) in order: ours over HTTP at every latency, `--repeats` rounds of them
-    interleaved (0, 50, 300, 0, 50, 300, ...), then head to head, once each."""
-    runs = [("ours", "http", latency) for _ in range(args.repeats) for latency in args.latencies]
+    """(tool, protocol, latency) in order: `--repeats` rounds, each of ours over HTTP at every latency,
+    then head to head at `--compare-at` per protocol (ours' HTTP run there is the latency run's)."""
+    one_round = [("ours", "http", latency) for latency in args.latencies]
     for protocol in args.protocols:
-        if ("ours", protocol, args.compare_at) not in runs:
-            runs.append(("ours", protocol, args.compare_at))
+        if ("ours", protocol, args.compare_at) not in one_round:
+            one_round.append(("ours", protocol, args.compare_at))
         if baseline:
-            runs.append(("img2dataset", protocol, args.compare_at))
-    return runs
+            one_round.append(("img2dataset", protocol, args.compare_at))
+    return one_round * args.repeats
 
 
 def main() -> None:
@@ -497,8 +499,11 @@ def median_run(tries: list[dict]) -> dict:
     and machine shares, not averages of several runs; with the images/s of every try beside it."""
     ranked = sorted(tries, key=lambda result: result["images_per_s"])
     chosen = dict(ranked[(len(ranked) - 1) // 2])
+    cpu = sorted(result["cpu_ms_per_image"] for result in tries)
+    chosen["median_cpu_ms_per_image"] = cpu[(len(cpu) - 1) // 2]
     if len(tries) > 1:
         chosen["tries_images_per_s"] = [result["images_per_s"] for result in tries]
+        chosen["tries_cpu_ms_per_image"] = [result["cpu_ms_per_image"] for result in tries]
     return chosen
 
 
@@ -511,7 +516,7 @@ def summarize(results: dict, args: argparse.Namespace, corpus: dict) -> dict:
                 ours[key]["images_per_s"] / figures["images_per_s"], 2
             )
             ratios[f"cpu_ms_per_image_ours_over_img2dataset_{key}ms"] = round(
-                ours[key]["cpu_ms_per_image"] / figures["cpu_ms_per_image"], 2
+                ours[key]["median_cpu_ms_per_image"] / figures["median_cpu_ms_per_image"], 3
             )
     if ours.get("http_0", {}).get("images_per_s", 0) > 0:
         for key, figures in ours.items():
