@@ -23,15 +23,18 @@ from vilbert.pipeline.fetch.shards import list_parts
 __all__ = ["iter_fetched_rows"]
 
 
-def iter_fetched_rows(dirs: Sequence[Path], batch_size: int = 256) -> Iterator[pa.RecordBatch]:
-    """The saved rows of fetch outputs `dirs` as RecordBatches of `IMAGE_SCHEMA`, in line order."""
+def iter_fetched_rows(
+    dirs: Sequence[Path], batch_size: int = 256, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The saved rows of fetch outputs `dirs` as RecordBatches of `IMAGE_SCHEMA` (or its `columns`),
+    in line order."""
     paths, index = _line_index(dirs)
     if not paths:
         return
     order = np.lexsort((index[:, 1], index[:, 0]))  # by line, then by output
     for start in range(0, len(order), batch_size):
         picked = index[order[start : start + batch_size]]
-        yield _take(paths, picked[:, 2], picked[:, 3])
+        yield _take(paths, picked[:, 2], picked[:, 3], columns)
 
 
 def _line_index(dirs: Sequence[Path]) -> tuple[list[Path], np.ndarray]:
@@ -62,13 +65,16 @@ def _open(source: pa.NativeFile, path: Path) -> pa.ipc.RecordBatchFileReader:
     return reader
 
 
-def _take(paths: list[Path], parts: np.ndarray, rows: np.ndarray) -> pa.RecordBatch:
-    """Rows (parts[i], rows[i]) in the given order, copied out of mappings closed right after."""
+def _take(paths: list[Path], parts: np.ndarray, rows: np.ndarray, columns: list[str] | None = None) -> pa.RecordBatch:
+    """Rows (parts[i], rows[i]) in the given order (all columns, or `columns`), copied out of mappings
+    closed right after."""
     pieces, positions = [], []
     for part in np.unique(parts):
         mask = parts == part
         with pa.memory_map(str(paths[part])) as source:
             table = _open(source, paths[part]).read_all()
+            if columns is not None:
+                table = table.select(columns)
             pieces.append(table.take(arrow_array(rows[mask])).combine_chunks())  # a copy: the map can go
             del table
         positions.append(np.nonzero(mask)[0])

@@ -540,7 +540,7 @@ def iter_captions(
         elif path.is_dir():
             from vilbert.pipeline._fetched_rows import iter_fetched_rows
 
-            for batch in iter_fetched_rows([path]):
+            for batch in iter_fetched_rows([path], columns=["caption"]):  # the JPEGs stay on disk
                 yield from (c or "" for c in batch.column("caption").to_pylist())
         elif path.is_file() and _is_jsonl(path):
             yield from _jsonl_captions(path, _CAPTION_FIELDS)
