@@ -20,8 +20,9 @@ and palette become RGB.
 
 Resize modes (`RESIZE_MODES`): `center-crop` (shorter side to `size`, then the centre square),
 `pad` (longer side to `size`, centred on black), `stretch` (both sides to `size`). The filter is
-antialiased bicubic (`torch.nn.functional.interpolate(antialias=True)`, PIL's filter with a SIMD
-uint8 kernel: 3-5x faster than PIL's own resize here).
+antialiased bicubic (the kernel of `torch.nn.functional.interpolate(antialias=True)`, PIL's filter
+with a SIMD uint8 kernel: 3-5x faster than PIL's own resize here), reading the crop in place and
+writing HWC pixels.
 
 The gate: before any decoder sees bytes, their leading bytes must announce one of `IMAGE_FORMATS`
 (JPEG, PNG, WebP, GIF, BMP, TIFF) and PIL may only open that one format (`Image.open(formats=...)`);
@@ -362,15 +363,17 @@ def _resize(pixels: np.ndarray, size: int, mode: str) -> np.ndarray:
     if pixels.shape[:2] == inner:
         out = np.array(pixels, order="C")  # already the target size: a writable copy, no resampling
     else:
-        # A contiguous HWC array is a channels-last tensor: torch's uint8 kernel for that layout is
-        # the fast one, and its output is HWC already (a crop's copy is a memcpy, writable for torch).
-        if not (pixels.flags.c_contiguous and pixels.flags.writeable):
+        # An HWC array, or a crop of one, is a channels-last tensor: torch's uint8 kernel for that
+        # layout is the fast one. It reads the crop in place (torch needs writable memory and strides
+        # that are not negative), and writes into an HWC array given as `out`: `interpolate` would
+        # return planes, to be interleaved by another pass (docs/results.md, appendix C).
+        if not pixels.flags.writeable or min(pixels.strides) < 0:
             pixels = np.array(pixels, order="C")
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (1, 3, H, W)
-        out = torch.nn.functional.interpolate(tensor, size=inner, mode="bicubic", antialias=True)
-        # torch returns planes, (1, 3, h, w): interleaving them plane by plane is ~8x cheaper than a
-        # transposing copy of the (h, w, 3) view (0.06 against 0.5 ms at 224x224, as much as the resize).
-        out = np.stack(out[0].numpy(), axis=-1)  # (h, w, 3)
+        out = np.empty((*inner, 3), np.uint8)
+        planes = torch.from_numpy(out).permute(2, 0, 1)[None]  # (1, 3, h, w) over `out`
+        torch.ops.aten._upsample_bicubic2d_aa.out(  # interpolate(mode="bicubic", antialias=True)'s kernel
+            torch.from_numpy(pixels).permute(2, 0, 1)[None], list(inner), False, None, None, out=planes
+        )
     if mode != "pad":
         return np.ascontiguousarray(out)
     canvas = np.zeros((size, size, 3), np.uint8)
