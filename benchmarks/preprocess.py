@@ -253,24 +253,29 @@ def run_loop(data: Path, out: Path, tokenizer: Path) -> int:
     return rows
 
 
-def _decode_share(args: tuple[list[str], int, int, str]) -> int:
+def _jpegs_of_worker(paths: list[str], worker: int, workers: int):
+    """Worker `worker`'s share of the fetch output's JPEGs (every `workers`-th row of each part)."""
     import pyarrow as pa
 
-    paths, worker, workers, decoder = args
-    count, buffer = 0, np.empty((SIZE, SIZE, 3), np.uint8)
     for path in paths:
         column = pa.ipc.open_file(pa.memory_map(path)).read_all().column("jpeg")
         for i in range(worker, len(column), workers):
-            data = column[i].as_py()
-            if decoder == "simplejpeg":  # into a reused buffer, as ours: the fastest this decoder goes
-                import simplejpeg
+            yield column[i].as_py()
 
-                simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=buffer)
-            else:
-                from PIL import Image
 
-                np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-            count += 1
+def _decode_share(args: tuple[list[str], int, int, str]) -> int:
+    paths, worker, workers, decoder = args
+    count, buffer = 0, np.empty((SIZE, SIZE, 3), np.uint8)
+    for data in _jpegs_of_worker(paths, worker, workers):
+        if decoder == "simplejpeg":  # into a reused buffer, as ours: the fastest this decoder goes
+            import simplejpeg
+
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=buffer)
+        else:
+            from PIL import Image
+
+            np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        count += 1
     return count
 
 
@@ -279,10 +284,9 @@ def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
     float16 lookup or the uint8 transpose, as ours), and append the rows, 64 to a `write()`, to 128 MiB
     shards of its own, each fsynced (on a thread of its own, as the cache writer does) and dropped
     from the page cache."""
-    import pyarrow as pa
     import simplejpeg
 
-    from vilbert.pipeline._decode_pool import normalization_lut
+    from vilbert.pipeline._decode_pool import _store, normalization_lut
 
     paths, worker, workers, pixel_dtype, out = args
     lut = normalization_lut(MEAN, STD) if pixel_dtype == "float16" else None
@@ -313,22 +317,16 @@ def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
             handle, shard = None, shard + 1
 
     committer, commits = ThreadPoolExecutor(1), []
-    for path in paths:
-        column = pa.ipc.open_file(pa.memory_map(path)).read_all().column("jpeg")
-        for i in range(worker, len(column), workers):
-            simplejpeg.decode_jpeg(column[i].as_py(), colorspace="RGB", buffer=rgb)
-            if lut is None:
-                pixels[fill] = rgb.transpose(2, 0, 1)
-            else:
-                for c in range(3):
-                    np.take(lut[c], rgb[:, :, c], out=pixels[fill, c], mode="clip")
-            count, fill, in_shard = count + 1, fill + 1, in_shard + 1
-            if fill == CHUNK or in_shard == shard_rows:
-                write_rows()
-                fill = 0
-            if in_shard == shard_rows:
-                close_shard()
-                in_shard = 0
+    for data in _jpegs_of_worker(paths, worker, workers):
+        simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=rgb)
+        _store(rgb, pixels[fill], lut)  # ours' conversion: the float16 lookup or the uint8 transpose
+        count, fill, in_shard = count + 1, fill + 1, in_shard + 1
+        if fill == CHUNK or in_shard == shard_rows:
+            write_rows()
+            fill = 0
+        if in_shard == shard_rows:
+            close_shard()
+            in_shard = 0
     if fill:
         write_rows()
     close_shard()

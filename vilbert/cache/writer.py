@@ -112,6 +112,7 @@ class CacheWriter:
         self._schema = self._settings.schema()
         self._rows_per_shard = self._settings.rows_per_shard
         self._pixel_values = CHANNELS * self._settings.image_size**2
+        self._pixel_dtype = np.dtype(self._settings.pixel_dtype)  # what `_validated_pixels` lets through
         self._lock: int | None = None
         self._shards: list[ShardInfo] = []
         self._checksum_algorithm = default_checksum_algorithm()
@@ -205,7 +206,7 @@ class CacheWriter:
         copied = 0
         for index, piece in enumerate(self._pixels):
             if piece.loan is not None:
-                owned = self._pixel_buffer(piece.rows.dtype)[piece.start : piece.start + len(piece.rows)]
+                owned = self._pixel_buffer()[piece.start : piece.start + len(piece.rows)]
                 owned[...] = piece.rows
                 self._pixels[index] = _Piece(piece.start, owned, None)
                 piece.loan.returned()
@@ -310,7 +311,7 @@ class CacheWriter:
             self._buffers[name][fill : fill + take] = value[start:stop]
         pixels = columns["pixels"][start:stop]
         if loan is None:
-            owned = self._pixel_buffer(pixels.dtype)[fill : fill + take]
+            owned = self._pixel_buffer()[fill : fill + take]
             owned[...] = pixels
             self._pixels.append(_Piece(fill, owned, None))
         else:
@@ -321,9 +322,9 @@ class CacheWriter:
                 values.extend(columns[name][start:stop])
         self._fill += take
 
-    def _pixel_buffer(self, dtype: np.dtype) -> np.ndarray:
+    def _pixel_buffer(self) -> np.ndarray:
         if "pixels" not in self._buffers:
-            self._buffers["pixels"] = np.empty((self._rows_per_shard, self._pixel_values), dtype)
+            self._buffers["pixels"] = np.empty((self._rows_per_shard, self._pixel_values), self._pixel_dtype)
         return self._buffers["pixels"]
 
     def _record_batch(self, placeholder: np.ndarray | None) -> pa.RecordBatch:
@@ -334,7 +335,7 @@ class CacheWriter:
                 arrays.append(arrow_strings(self._strings[field.name]))
                 continue
             if field.name == "pixels":
-                values = placeholder if placeholder is not None else self._pixel_buffer(self._pixels[0].rows.dtype)[:n]
+                values = placeholder if placeholder is not None else self._pixel_buffer()[:n]
             else:
                 values = np.ascontiguousarray(self._buffers[field.name][:n])
             flat = arrow_array(values.reshape(-1))
@@ -380,7 +381,7 @@ class CacheWriter:
         IPC writer hands over each large buffer as a view of its memory, found here by address),
         and the lent pieces take the placeholder's place."""
         lent = any(piece.loan is not None for piece in self._pixels)
-        placeholder = np.empty((self._fill, self._pixel_values), self._pixels[0].rows.dtype) if lent else None
+        placeholder = np.empty((self._fill, self._pixel_values), self._pixel_dtype) if lent else None
         sink = _CollectingSink()
         with pa.ipc.new_file(sink, self._schema) as ipc:
             ipc.write_batch(self._record_batch(placeholder))
