@@ -264,10 +264,12 @@ def _jpegs_of_worker(paths: list[str], worker: int, workers: int):
 
 
 def _decode_share(args: tuple[list[str], int, int, str]) -> int:
+    from vilbert.pipeline.images import jpeg_output_buffer
+
     paths, worker, workers, decoder = args
-    count, buffer = 0, np.empty((SIZE, SIZE, 3), np.uint8)
+    count, buffer = 0, jpeg_output_buffer(SIZE, SIZE)
     for data in _jpegs_of_worker(paths, worker, workers):
-        if decoder == "simplejpeg":  # into a reused buffer, as ours: the fastest this decoder goes
+        if decoder == "simplejpeg":  # into a reused, unaligned buffer, as ours: the fastest this decoder goes
             import simplejpeg
 
             simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=buffer)
@@ -287,6 +289,7 @@ def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
     import simplejpeg
 
     from vilbert.pipeline._decode_pool import _store, normalization_lut
+    from vilbert.pipeline.images import jpeg_output_buffer
 
     paths, worker, workers, pixel_dtype, out = args
     lut = normalization_lut(MEAN, STD) if pixel_dtype == "float16" else None
@@ -294,7 +297,7 @@ def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
     rows = np.zeros((CHUNK, row_bytes), np.uint8)  # pixels, then the ids and the count (zeros here)
     pixels = rows[:, : 3 * SIZE * SIZE * np.dtype(pixel_dtype).itemsize].view(pixel_dtype)
     pixels = pixels.reshape(CHUNK, 3, SIZE, SIZE)
-    rgb = np.empty((SIZE, SIZE, 3), np.uint8)
+    rgb = jpeg_output_buffer(SIZE, SIZE)
     shard_rows, count, fill, in_shard, shard = (128 << 20) // row_bytes, 0, 0, 0, 0
     handle = None
 

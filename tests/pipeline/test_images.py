@@ -18,6 +18,7 @@ from vilbert.pipeline.images import (
     encode_jpeg,
     image_format,
     jpeg_orientation,
+    jpeg_output_buffer,
     load_resized,
 )
 
@@ -263,3 +264,18 @@ def test_encode_jpeg_round_trips() -> None:
     assert mad(back, pixels) < TOLERANCE
     with pytest.raises(ValueError, match="uint8"):
         encode_jpeg(pixels.astype(np.float32))
+
+
+@pytest.mark.parametrize("size", [224, 32])
+def test_jpeg_output_buffers_keep_every_row_off_the_aligned_stores(size: int) -> None:
+    # libjpeg-turbo's SIMD colour conversion stores a 16- or 32-byte aligned row non-temporally; a
+    # buffer whose rows all start 8 bytes past a 16-byte boundary gets cached stores, and the same pixels.
+    rgb = np.random.default_rng(5).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    data = encode_jpeg(rgb, quality=95)
+    buffers = [jpeg_output_buffer(size, size) for _ in range(8)]
+    for buffer in buffers:
+        assert buffer.shape == (size, size, 3) and buffer.dtype == np.uint8 and buffer.flags.writeable
+        assert {(buffer.ctypes.data + row * buffer.strides[0]) % 16 for row in range(size)} == {8}
+        decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=buffer)
+        assert np.shares_memory(decoded, buffer)
+        np.testing.assert_array_equal(decoded, simplejpeg.decode_jpeg(data, colorspace="RGB"))

@@ -40,7 +40,14 @@ import numpy as np
 import simplejpeg
 
 from vilbert.errors import DataError
-from vilbert.pipeline.images import RESIZE_MODES, ImageDecodeError, decode_resize, image_format, jpeg_orientation
+from vilbert.pipeline.images import (
+    RESIZE_MODES,
+    ImageDecodeError,
+    decode_resize,
+    image_format,
+    jpeg_orientation,
+    jpeg_output_buffer,
+)
 from vilbert.pipeline.local_files import LocalFile, LocalFileError
 
 __all__ = ["RESIZE_MODES", "Decoded", "DecodePool", "normalization_lut", "decode_chunk"]
@@ -115,7 +122,7 @@ _BUFFERS = threading.local()
 def _rgb_buffer(size: int) -> np.ndarray:
     buffer = getattr(_BUFFERS, "rgb", None)
     if buffer is None or buffer.shape[0] != size:
-        buffer = _BUFFERS.rgb = np.empty((size, size, 3), np.uint8)
+        buffer = _BUFFERS.rgb = jpeg_output_buffer(size, size)  # not aligned: see its docstring
     return buffer
 
 

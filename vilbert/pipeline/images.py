@@ -64,6 +64,7 @@ __all__ = [
     "load_resized",
     "encode_jpeg",
     "jpeg_orientation",
+    "jpeg_output_buffer",
 ]
 
 RESIZE_MODES = ("center-crop", "pad", "stretch")
@@ -172,6 +173,27 @@ def load_resized(
     if orientation in _ORIENT:  # turned after resizing: a square is cheap to transpose, a photo is not
         out = np.ascontiguousarray(_ORIENT[orientation](out))
     return ResizedImage(out, orig_width, orig_height)
+
+
+_UNALIGNED = 8
+"""Where a `jpeg_output_buffer` starts: 8 bytes past a 64-byte boundary, so never 16-byte aligned."""
+
+
+def jpeg_output_buffer(height: int, width: int) -> np.ndarray:
+    """An uninitialised `(height, width, 3)` uint8 array for `simplejpeg.decode_jpeg(buffer=...)` that
+    libjpeg-turbo fills with ordinary, cached stores.
+
+    Its x86 SIMD colour conversion writes an output row that starts 16-byte (SSE2) or 32-byte (AVX2)
+    aligned with non-temporal stores, which go around the cache to memory: the decode itself costs
+    more and whoever reads the pixels next reads them from memory. numpy's allocations are 16-byte
+    aligned, 32-byte aligned or not by chance, so a decode worker's reused buffer made a whole run
+    fast or a fifth slower (docs/results.md, appendix C). Here every row starts off alignment where a
+    row is a multiple of 16 bytes long (224 pixels: 672 bytes).
+    """
+    nbytes = height * width * 3
+    raw = np.empty(nbytes + 64 + _UNALIGNED, np.uint8)
+    start = -raw.ctypes.data % 64 + _UNALIGNED
+    return raw[start : start + nbytes].reshape(height, width, 3)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
