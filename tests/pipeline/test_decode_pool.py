@@ -7,8 +7,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from vilbert.pipeline._decode_pool import DecodePool, decode_chunk, normalization_lut
+from vilbert.pipeline._decode_pool import DecodePool, _stage, decode_chunk, normalization_lut
 from vilbert.pipeline.images import decode_resize, encode_jpeg
+from vilbert.pipeline.local_files import LocalFile
 
 SIZE = 32
 
@@ -47,3 +48,28 @@ def test_float16_rows_are_the_lookup_of_the_uint8_rows_on_worker_processes():
         rgb = decode_resize(image, size=SIZE)
         expected = np.stack([lut[c][rgb[:, :, c]] for c in range(3)])
         np.testing.assert_array_equal(pixels[i], expected)
+
+
+def test_staged_piped_and_local_images_decode_alike_while_stages_are_reused(tmp_path, monkeypatch):
+    # A stage smaller than the chunk's images: the first images are staged in shared memory, the
+    # ones that no longer fit and every LocalFile travel through the pipe; six chunks through two
+    # stages reuse each stage while the other chunk decodes.
+    images = _images()
+    (tmp_path / "local.jpg").write_bytes(images[0])
+    local = LocalFile(tmp_path.resolve(), "local.jpg", where="list.txt:1")
+    chunks = [[*images[i % 2 :], local] for i in range(6)]
+    monkeypatch.setattr(DecodePool, "STAGE_BYTES", sum(map(len, images[:3])))
+    staged = [type(s).__name__ for s in _stage(chunks[0], np.zeros(DecodePool.STAGE_BYTES, np.uint8))]
+    assert staged[:3] == ["_Staged"] * 3 and "bytes" in staged and staged[-1] == "LocalFile"
+    pool = DecodePool(workers=2, chunk_size=len(images) + 1, image_size=SIZE, resize_mode="center-crop",
+                      pixel_dtype="uint8", mean=(0.5,) * 3, std=(0.5,) * 3, in_flight=2)  # fmt: skip
+    with pool:
+        results = []
+        for result in pool.map_ordered(chunks, lambda x: x, len):
+            results.append((result.pixels.copy(), result.failures))
+            pool.release(result)
+    for chunk, (pixels, failures) in zip(chunks, results, strict=True):
+        expected = np.zeros_like(pixels)
+        assert failures == decode_chunk(chunk, expected, size=SIZE, mode="center-crop", lut=None)
+        assert [i for i, _ in failures.items()] == [len(chunk) - 2]  # the broken JPEG, by index
+        np.testing.assert_array_equal(pixels, expected)

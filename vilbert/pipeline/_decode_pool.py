@@ -1,16 +1,18 @@
 """Preprocess's parallel image stage: decode + resize + normalize into shared memory, in order.
 
 The parent owns one anonymous shared mapping split into slots of `chunk_size` images
-(`[slots, chunk, 3, H, W]`, float16 or uint8). It sends a worker the slot index and the chunk's
-encoded images (bytes, or `LocalFile`s: compact, read and checked by the worker, so one file at a
-time per worker is in memory); the worker decodes each image with
-`vilbert.pipeline.images.decode_resize` and writes the normalized pixels straight into the slot, so
-no pixel array is pickled. Results come back in submission order; a slot is reused only after the
-consumer releases it (possibly from another thread, once the rows are written: preprocess lends
-them to the cache writer until their shard is on disk). At most `in_flight` chunks are submitted
-and not yet yielded (their encoded images wait in the executor's queue), and at most `in_flight +
-lendable` slots exist, so memory stays bounded. Free slots are reused last-in first-out, so a run
-that needs few of them touches few pages.
+(`[slots, chunk, 3, H, W]`, float16 or uint8), and a second one with a stage of `STAGE_BYTES` for
+each chunk in flight. It copies a chunk's encoded images into the chunk's stage and sends a worker
+the slot, the stage and each image's place in it (an image that does not fit, and a `LocalFile`:
+compact, read and checked by the worker, so one file at a time per worker is in memory, go through
+the executor's pipe); the worker decodes each image with `vilbert.pipeline.images.decode_resize` and
+writes the normalized pixels straight into the slot, so neither pixels nor encoded images are
+pickled (the pipe cost more: docs/results.md, appendix C). Results come back in submission order; a
+slot is reused only after the consumer releases it (possibly from another thread, once the rows are
+written: preprocess lends them to the cache writer until their shard is on disk). At most
+`in_flight` chunks are submitted and not yet yielded, and at most `in_flight + lendable` slots
+exist, so memory stays bounded. Free slots and stages are reused last-in first-out, so a run that
+needs few of them touches few pages.
 
 Normalization to float16 is a per-channel lookup table of the 256 possible values, computed in
 float64 and rounded once: exact to float16 precision, and cheaper than float arithmetic (numpy's
@@ -140,18 +142,46 @@ def _store(rgb: np.ndarray, out: np.ndarray, lut: np.ndarray | None) -> None:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(pixels: np.ndarray, size: int, mode: str, lut: np.ndarray | None) -> None:
-    # `pixels` views the parent's anonymous shared mapping, inherited through fork (not pickled).
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """An encoded image at `stage[start:end]` of its chunk's stage."""
+
+    start: int
+    end: int
+
+
+Sent = bytes | LocalFile | _Staged
+"""An image as a worker receives it."""
+
+
+def _init_worker(pixels: np.ndarray, stages: np.ndarray, size: int, mode: str, lut: np.ndarray | None) -> None:
+    # `pixels` and `stages` view the parent's anonymous shared mappings, inherited through fork.
     # One thread per worker: the pool already uses every core (decode_resize may run torch ops).
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    _WORKER.update(pixels=pixels, size=size, mode=mode, lut=lut)
+    _WORKER.update(pixels=pixels, stages=stages, size=size, mode=mode, lut=lut)
 
 
-def _worker_chunk(slot: int, images: list[bytes | LocalFile]) -> Failures:
+def _worker_chunk(slot: int, stage: int, sent: list[Sent]) -> Failures:
     w = _WORKER
+    staged = w["stages"][stage]
+    images = [staged[i.start : i.end].tobytes() if isinstance(i, _Staged) else i for i in sent]
     return decode_chunk(images, w["pixels"][slot], size=w["size"], mode=w["mode"], lut=w["lut"])
+
+
+def _stage(images: list[bytes | LocalFile], stage: np.ndarray) -> list[Sent]:
+    """Copy the images that fit into `stage`, in order; the rest (and every `LocalFile`) go as they are."""
+    sent: list[Sent] = []
+    at = 0
+    for image in images:
+        if isinstance(image, bytes) and at + len(image) <= len(stage):
+            stage[at : at + len(image)] = np.frombuffer(image, np.uint8)
+            sent.append(_Staged(at, at + len(image)))
+            at += len(image)
+        else:
+            sent.append(image)
+    return sent
 
 
 def _ready() -> None:
@@ -186,6 +216,9 @@ class DecodePool:
 
     IN_FLIGHT_PER_WORKER = 2
     """Chunks per worker in flight (plus 4) by default: one decoding, one queued."""
+    STAGE_BYTES = 8 << 20
+    """Encoded images a chunk in flight may stage in shared memory (a fetch output's chunk of 32 takes
+    ~0.8 MiB); pages are touched only as far as chunks fill them."""
     WAIT_S = 0.25
     """How long `map_ordered` waits for a free slot, with nothing in flight, before calling `on_wait`."""
 
@@ -214,6 +247,7 @@ class DecodePool:
             self._free.put(slot)
         self._executor: ProcessPoolExecutor | None = None
         self.pixels: np.ndarray | None = None
+        self._stages: np.ndarray | None = None
 
     def __enter__(self) -> DecodePool:
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
@@ -226,11 +260,13 @@ class DecodePool:
         # Anonymous shared memory: no name to leak in /dev/shm if the run is killed, and it is
         # unmapped only when the last array viewing it is gone (a view in a traceback stays valid).
         self.pixels = np.frombuffer(mmap.mmap(-1, nbytes), self.dtype).reshape(self.shape)
+        stages = mmap.mmap(-1, self.in_flight * self.STAGE_BYTES)
+        self._stages = np.frombuffer(stages, np.uint8).reshape(self.in_flight, self.STAGE_BYTES)
         self._executor = ProcessPoolExecutor(
             self.workers,
             mp_context=multiprocessing.get_context("fork"),
             initializer=_init_worker,
-            initargs=(self.pixels, self.image_size, self.resize_mode, self.lut),
+            initargs=(self.pixels, self._stages, self.image_size, self.resize_mode, self.lut),
         )
         # Start every worker now, before this process uses the tokenizer's threads.
         for future in [self._executor.submit(_ready) for _ in range(self.workers)]:
@@ -240,7 +276,7 @@ class DecodePool:
     def __exit__(self, *exc: object) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
-        self.pixels = None
+        self.pixels = self._stages = None
 
     def map_ordered(
         self,
@@ -258,7 +294,8 @@ class DecodePool:
         in flight (to raise the consumer's error, or to have it give slots back).
         """
         assert self.pixels is not None, "use DecodePool as a context manager"
-        pending: deque[tuple[list[Any], int, Future[Failures], T]] = deque()
+        pending: deque[tuple[list[Any], int, int, Future[Failures], T]] = deque()
+        free_stages = list(range(self.in_flight))  # a chunk's stage is free again once it is decoded
         source = iter(chunks)
         exhausted = False
         while True:
@@ -271,11 +308,12 @@ class DecodePool:
                     exhausted = True
                     self._free.put(slot)
                     break
-                future = self._submit(slot, [image(item) for item in chunk])
-                pending.append((chunk, slot, future, prepare(chunk)))
+                stage = free_stages.pop()
+                future = self._submit(slot, stage, [image(item) for item in chunk])
+                pending.append((chunk, slot, stage, future, prepare(chunk)))
             if not pending:
                 return
-            chunk, slot, future, prepared = pending.popleft()
+            chunk, slot, stage, future, prepared = pending.popleft()
             try:
                 failures = future.result()
             except BrokenProcessPool as err:
@@ -283,6 +321,7 @@ class DecodePool:
                     "a decode worker died (killed for memory, or a crash in an image decoder); completed "
                     "shards are kept: rerun with --resume, with fewer --workers if memory is short"
                 ) from err
+            free_stages.append(stage)
             yield Decoded(chunk, prepared, self.pixels[slot, : len(chunk)], failures, slot)
 
     def _next_slot(self, *, wait: bool, on_wait: Callable[[], None] | None) -> int | None:
@@ -300,9 +339,10 @@ class DecodePool:
         """Give `result`'s slot back for reuse (its `pixels` must not be read afterwards)."""
         self._free.put(result.slot)
 
-    def _submit(self, slot: int, images: list[bytes | LocalFile]) -> Future[Failures]:
+    def _submit(self, slot: int, stage: int, images: list[bytes | LocalFile]) -> Future[Failures]:
         if self._executor is not None:
-            return self._executor.submit(_worker_chunk, slot, images)
+            assert self._stages is not None
+            return self._executor.submit(_worker_chunk, slot, stage, _stage(images, self._stages[stage]))
         future: Future[Failures] = Future()
         out = self.pixels[slot]
         future.set_result(decode_chunk(images, out, size=self.image_size, mode=self.resize_mode, lut=self.lut))
