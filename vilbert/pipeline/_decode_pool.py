@@ -217,8 +217,8 @@ class DecodePool:
     IN_FLIGHT_PER_WORKER = 2
     """Chunks per worker in flight (plus 4) by default: one decoding, one queued."""
     STAGE_BYTES = 8 << 20
-    """Encoded images a chunk in flight may stage in shared memory (a fetch output's chunk of 32 takes
-    ~0.8 MiB); pages are touched only as far as chunks fill them."""
+    """Encoded images a chunk in flight may stage in shared memory (a chunk of 224x224 JPEGs fills a
+    small part of it); pages are touched only as far as chunks fill them."""
     WAIT_S = 0.25
     """How long `map_ordered` waits for a free slot, with nothing in flight, before calling `on_wait`."""
 

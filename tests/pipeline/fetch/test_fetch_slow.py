@@ -31,7 +31,7 @@ def test_three_thousand_urls_full_failure_mix(tmp_path: Path) -> None:
         assert all(server.attempts[p] == 1 for p in slow)
         assert len(saved) > 2000 and {"opt-out", "timeout", "http-404", "truncated"} <= set(failed.values())
         # The server shares this process and its 2 cores with the fetch: a stall of seconds on a busy
-        # CI machine (once: 17 URLs) can end a body read at the deadline. The fetch records such a URL
+        # CI machine can end a body read at the deadline. The fetch records such a URL
         # as a transient timeout, which a rerun retries; anything else, or more than a few, fails here.
         first = {r["line"] for r in saved_rows(out)}
         late = saved - first
