@@ -187,7 +187,7 @@ def jpeg_output_buffer(height: int, width: int) -> np.ndarray:
     aligned with non-temporal stores, which go around the cache to memory: the decode itself costs
     more and whoever reads the pixels next reads them from memory. numpy's allocations are 16-byte
     aligned, 32-byte aligned or not by chance, so a decode worker's reused buffer made a whole run
-    fast or a fifth slower (docs/results.md, appendix C). Here every row starts off alignment where a
+    fast or slow (docs/results.md, appendix C). Here every row starts off alignment where a
     row is a multiple of 16 bytes long (224 pixels: 672 bytes).
     """
     nbytes = height * width * 3
