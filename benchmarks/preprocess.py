@@ -65,7 +65,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from machine_share import cpu_times, shares
@@ -281,61 +280,105 @@ def _decode_share(args: tuple[list[str], int, int, str]) -> int:
     return count
 
 
+class _ShardOut:
+    """One shard file written the way the cache writes its pixels: straight from memory (`O_DIRECT`)
+    where the file system takes it, else through the page cache; `close` fsyncs it and drops it from
+    the page cache. Every write but a shard's last must be whole 512-byte blocks from aligned memory."""
+
+    def __init__(self, path: Path) -> None:
+        from vilbert.cache._shard_file import aligned_empty
+
+        self.path, self.size, self._pad = path, 0, aligned_empty((1 << 20,), np.uint8)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = bool(getattr(os, "O_DIRECT", 0))
+        try:
+            self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0) if self.direct else flags, 0o644)
+        except OSError:
+            self.direct, self.fd = False, os.open(path, flags, 0o644)
+
+    def write(self, data: memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if self.direct and view.nbytes % 512:  # the shard's last write: padded, then cut at close
+            padded = -(-view.nbytes // 512) * 512
+            if self._pad.nbytes < padded:
+                from vilbert.cache._shard_file import aligned_empty
+
+                self._pad = aligned_empty((padded,), np.uint8)
+            self._pad[: view.nbytes] = np.frombuffer(view, np.uint8)
+            view, size = memoryview(self._pad[:padded]), self.size + view.nbytes
+        else:
+            size = self.size + view.nbytes
+        try:
+            written = 0
+            while written < view.nbytes:
+                written += os.pwrite(self.fd, view[written:], self.size + written)
+        except OSError:
+            if not self.direct:
+                raise
+            os.close(self.fd)  # refused: the rest through the page cache
+            self.direct, self.fd = False, os.open(self.path, os.O_WRONLY, 0o644)
+            return self.write(data)
+        self.size = size
+
+    def close(self) -> None:
+        os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(self.fd)
+
+
 def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
     """One worker's share of the decode-and-write ceiling: decode, convert to the stored dtype (the
-    float16 lookup or the uint8 transpose, as ours), and append the rows, 64 to a `write()`, to 128 MiB
-    shards of its own, each fsynced (on a thread of its own, as the cache writer does) and dropped
-    from the page cache."""
+    float16 lookup or the uint8 transpose, as ours) into one of two aligned chunks of 64 rows, and
+    write each chunk's pixels, as soon as it is full, to 128 MiB shards of its own on a writer thread
+    (`_ShardOut`: as the cache writes them), each shard ending with its rows' token ids (zeros here)."""
     import simplejpeg
 
+    from vilbert.cache._shard_file import aligned_empty
     from vilbert.pipeline._decode_pool import _store, normalization_lut
     from vilbert.pipeline.images import jpeg_output_buffer
 
     paths, worker, workers, pixel_dtype, out = args
     lut = normalization_lut(MEAN, STD) if pixel_dtype == "float16" else None
-    row_bytes = _row_bytes(pixel_dtype)
-    rows = np.zeros((CHUNK, row_bytes), np.uint8)  # pixels, then the ids and the count (zeros here)
-    pixels = rows[:, : 3 * SIZE * SIZE * np.dtype(pixel_dtype).itemsize].view(pixel_dtype)
-    pixels = pixels.reshape(CHUNK, 3, SIZE, SIZE)
-    rgb = jpeg_output_buffer(SIZE, SIZE)
-    shard_rows, count, fill, in_shard, shard = (128 << 20) // row_bytes, 0, 0, 0, 0
-    handle = None
+    chunks = [aligned_empty((CHUNK, 3, SIZE, SIZE), np.dtype(pixel_dtype)) for _ in range(2)]
+    ids_bytes = MAX_LEN * 4 + 8
+    shard_rows = (128 << 20) // _row_bytes(pixel_dtype)
+    rgb, writer = jpeg_output_buffer(SIZE, SIZE), ThreadPoolExecutor(1)
+    writes: list = [None, None]
+    shard: list = [None, 0, 0]  # the open `_ShardOut`, its rows, shards so far (the writer thread's)
 
-    def write_rows() -> None:
-        nonlocal handle
-        if handle is None:
-            handle = open(out / f"worker-{worker:02d}-shard-{shard:05d}.bin", "wb")  # noqa: SIM115
-        handle.write(rows[:fill])
+    def write(pixels: np.ndarray) -> None:  # on the writer thread
+        if shard[0] is None:
+            shard[0] = _ShardOut(out / f"worker-{worker:02d}-shard-{shard[2]:05d}.bin")
+        shard[0].write(memoryview(pixels.reshape(-1).view(np.uint8)))
+        shard[1] += len(pixels)
+        if shard[1] == shard_rows:
+            end_shard()
 
-    def commit(full: BinaryIO) -> None:
-        full.flush()
-        os.fsync(full.fileno())
-        os.posix_fadvise(full.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        full.close()
+    def end_shard() -> None:
+        if shard[0] is not None:
+            shard[0].write(memoryview(np.zeros(shard[1] * ids_bytes, np.uint8)))
+            shard[0].close()
+            shard[:] = [None, 0, shard[2] + 1]
 
-    def close_shard() -> None:  # its fsync on the commit thread, as the cache writer's
-        nonlocal handle, shard
-        if handle is not None:
-            commits.append(committer.submit(commit, handle))
-            handle, shard = None, shard + 1
-
-    committer, commits = ThreadPoolExecutor(1), []
+    count, fill, which, in_shard = 0, 0, 0, 0
     for data in _jpegs_of_worker(paths, worker, workers):
         simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=rgb)
-        _store(rgb, pixels[fill], lut)  # ours' conversion: the float16 lookup or the uint8 transpose
+        _store(rgb, chunks[which][fill], lut)  # ours' conversion: the float16 lookup or the uint8 transpose
         count, fill, in_shard = count + 1, fill + 1, in_shard + 1
         if fill == CHUNK or in_shard == shard_rows:
-            write_rows()
-            fill = 0
-        if in_shard == shard_rows:
-            close_shard()
-            in_shard = 0
+            writes[which] = writer.submit(write, chunks[which][:fill])
+            which, fill = 1 - which, 0
+            if writes[which] is not None:
+                writes[which].result()  # that chunk is on the disk: fill it again
+            in_shard %= shard_rows
     if fill:
-        write_rows()
-    close_shard()
-    committer.shutdown()
-    for done in commits:
-        done.result()
+        writer.submit(write, chunks[which][:fill])
+    writer.submit(end_shard)
+    writer.shutdown()
+    for done in writes:
+        if done is not None:
+            done.result()
     return count
 
 
@@ -394,24 +437,25 @@ def run_write_only(data: Path, out: Path, tokenizer: Path) -> int:
 
 
 def run_disk_bound(data: Path, out: Path, pixel_dtype: str) -> int:
-    """The disk alone: the bytes a cache of these rows holds, written as the cache writes them (128 MiB
-    shards, each `write()` of a 64-row chunk, fsynced and dropped from the page cache), no other work.
-    Every preprocess must put these bytes on the disk, so no preprocess is faster than this."""
+    """The disk alone: the bytes a cache of these rows holds, written as the cache writes its pixels
+    (128 MiB shards, 64 rows a write, straight from memory where the file system takes it: `_ShardOut`),
+    each fsynced and dropped from the page cache, no other work. Every preprocess must put these bytes
+    on the disk, so no preprocess is faster than this."""
+    from vilbert.cache._shard_file import aligned_empty
     from vilbert.pipeline.fetch import count_fetched
 
     n = count_fetched(data)
     row_bytes = _row_bytes(pixel_dtype)
-    chunk = np.random.default_rng(0).integers(0, 256, CHUNK * row_bytes, dtype=np.uint8)  # not compressible
+    chunk = aligned_empty((CHUNK * row_bytes,), np.uint8)
+    chunk[:] = np.random.default_rng(0).integers(0, 256, chunk.size, dtype=np.uint8)  # not compressible
     shard_rows = (128 << 20) // row_bytes
     out.mkdir(parents=True, exist_ok=True)
     for shard, first in enumerate(range(0, n, shard_rows)):
         rows = min(shard_rows, n - first)
-        with open(out / f"shard-{shard:05d}.bin", "wb") as handle:
-            for start in range(0, rows, CHUNK):
-                handle.write(chunk[: min(CHUNK, rows - start) * row_bytes])
-            handle.flush()
-            os.fsync(handle.fileno())
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        file = _ShardOut(out / f"shard-{shard:05d}.bin")
+        for start in range(0, rows, CHUNK):
+            file.write(memoryview(chunk[: min(CHUNK, rows - start) * row_bytes]))
+        file.close()
     return n
 
 
@@ -507,6 +551,7 @@ def measure(contender: str, data: Path, out: Path, tokenizer: Path, workers: int
         str(tokenizer),
     ] + (["--workers", str(workers)] if workers is not None else [])
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # the previous contender's deleted output reaches the disk now, not during this one's fsyncs
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak: dict[str, int] = {}
     done = threading.Event()

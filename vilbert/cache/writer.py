@@ -23,6 +23,10 @@ record batch whatever the producer's batch sizes, so the same rows in the same o
 byte-identical shards. The manifest's `created_at` is the only timestamp. The side files start with
 `_` or `.`, which Arrow dataset readers skip: the directory opens as a dataset of its shards.
 
+A shard's first pixel value sits at a multiple of 4,096 bytes in the file (padding in the record
+batch's metadata), so its pixel rows go to the disk straight from memory where the file system
+takes it (`_shard_file`: `O_DIRECT`, else the page cache, the same bytes).
+
 A full shard is hashed on one thread while it is written on another; its fsync, rename and
 progress record run on a commit thread while the next shard fills (at most one waits), and its
 pages then leave the page cache, so the next shard reuses them instead of taking fresh memory.
@@ -47,11 +51,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
+from vilbert.cache._shard_file import PIXEL_ALIGNMENT, ShardFiles, aligned_empty
 from vilbert.cache.format import (
     CHANNELS,
     MANIFEST_NAME,
@@ -116,6 +121,10 @@ class CacheWriter:
         self._lock: int | None = None
         self._shards: list[ShardInfo] = []
         self._checksum_algorithm = default_checksum_algorithm()
+        self._files = ShardFiles()
+        self._align_pad = 0
+        """Bytes of padding in each record batch's metadata that put the pixels at PIXEL_ALIGNMENT
+        (the same for every shard of a cache; found again if a shard's layout differs)."""
         self.rows_done = 0
         """Rows in completed shards kept by `resume` (set on entering): the producer skips this many."""
         self._buffers: dict[str, np.ndarray] = {}
@@ -324,7 +333,7 @@ class CacheWriter:
 
     def _pixel_buffer(self) -> np.ndarray:
         if "pixels" not in self._buffers:
-            self._buffers["pixels"] = np.empty((self._rows_per_shard, self._pixel_values), self._pixel_dtype)
+            self._buffers["pixels"] = aligned_empty((self._rows_per_shard, self._pixel_values), self._pixel_dtype)
         return self._buffers["pixels"]
 
     def _record_batch(self, placeholder: np.ndarray | None) -> pa.RecordBatch:
@@ -352,16 +361,10 @@ class CacheWriter:
         index = len(self._shards)
         name = shard_name(index)
         tmp = self.path / f".{name}.tmp"
-        chunks, size = self._shard_bytes()
+        chunks, size, pixels = self._shard_bytes()
         digest = _Digest(chunks, self._checksum_algorithm)
-        handle = open(tmp, "wb")  # noqa: SIM115 - closed by the commit
         try:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-        except BaseException:
-            handle.close()
-            raise
+            fd = self._files.write(tmp, chunks, pixels)  # closed by the commit
         finally:
             checksum = digest.result()  # the rows' buffers are reused once this returns
         self._shards.append(ShardInfo(name=name, rows=self._fill, bytes=size, checksum=checksum))
@@ -372,33 +375,48 @@ class CacheWriter:
         for piece in pieces:
             if piece.loan is not None:
                 piece.loan.returned()
-        self._commit_later(handle, tmp, list(self._shards))
+        self._commit_later(fd, tmp, list(self._shards))
 
-    def _shard_bytes(self) -> tuple[list[memoryview], int]:
-        """The unflushed shard's Arrow file as memory views, in order, and its size.
+    def _shard_bytes(self) -> tuple[list[memoryview], int, slice | None]:
+        """The unflushed shard's Arrow file as memory views, in order, its size, and which of the
+        views hold the pixel rows (None if the IPC writer copied them: then they are not found).
 
-        With lent pixels, the batch is laid out around an untouched placeholder of their size (the
-        IPC writer hands over each large buffer as a view of its memory, found here by address),
-        and the lent pieces take the placeholder's place."""
+        The batch is laid out around the pixels' memory (a placeholder of their size when rows are
+        lent), and the IPC writer hands over each large buffer as a view of that memory, found here
+        by address. Padding in the record batch's custom metadata puts the first pixel value at a
+        multiple of `PIXEL_ALIGNMENT` in the file, so the rows can go to the disk as they lie in
+        memory (`_shard_file`); lent pieces then take the placeholder's place."""
         lent = any(piece.loan is not None for piece in self._pixels)
         placeholder = np.empty((self._fill, self._pixel_values), self._pixel_dtype) if lent else None
-        sink = _CollectingSink()
-        with pa.ipc.new_file(sink, self._schema) as ipc:
-            ipc.write_batch(self._record_batch(placeholder))
-        if placeholder is None:
-            return sink.chunks, sink.size
-        address = placeholder.ctypes.data
-        found = [i for i, chunk in enumerate(sink.chunks) if pa.py_buffer(chunk).address == address]
-        if len(found) != 1 or sink.chunks[found[0]].nbytes != placeholder.nbytes:
-            self.detach()  # an IPC writer that copies: write the shard from the writer's own buffer
-            return self._shard_bytes()
+        pixels = placeholder if placeholder is not None else self._pixel_buffer()[: self._fill]
+        batch = self._record_batch(placeholder)
+        for _ in range(8):  # the first try fits but for the first shard and a changed layout
+            chunks, size = _ipc_file(self._schema, batch, self._align_pad)
+            found = [i for i, chunk in enumerate(chunks) if pa.py_buffer(chunk).address == pixels.ctypes.data]
+            located = len(found) == 1 and chunks[found[0]].nbytes == pixels.nbytes
+            if not located:
+                if lent:
+                    self.detach()  # an IPC writer that copies: write the shard from the writer's own buffer
+                    return self._shard_bytes()
+                offset = _pixel_offset(chunks)  # found by reading the file back: the same layout, slower
+            else:
+                offset = sum(chunk.nbytes for chunk in chunks[: found[0]])
+            miss = offset % PIXEL_ALIGNMENT
+            if miss == 0:
+                break
+            self._align_pad += -miss if miss <= self._align_pad else PIXEL_ALIGNMENT - miss
+        if not located:
+            return chunks, size, None
+        at = found[0]
+        if not lent:
+            return chunks, size, slice(at, at + 1)
         pieces = [memoryview(piece.rows).cast("B") for piece in self._pixels]
-        return sink.chunks[: found[0]] + pieces + sink.chunks[found[0] + 1 :], sink.size
+        return chunks[:at] + pieces + chunks[at + 1 :], size, slice(at, at + len(pieces))
 
-    def _commit_later(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
+    def _commit_later(self, fd: int, tmp: Path, shards: list[ShardInfo]) -> None:
         if self._committer is None:
             self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"cache-commit-{self._settings.split}")
-        self._commits.append(self._committer.submit(self._commit, handle, tmp, shards))
+        self._commits.append(self._committer.submit(self._commit, fd, tmp, shards))
         self._wait_commits(keep=1)  # at most one shard waits for the disk while the next one fills
 
     def _wait_commits(self, keep: int = 0) -> None:
@@ -406,27 +424,27 @@ class CacheWriter:
         while len(self._commits) > keep:
             self._commits.popleft().result()
 
-    def _commit(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
+    def _commit(self, fd: int, tmp: Path, shards: list[ShardInfo]) -> None:
         """fsync the shard, rename it to its final name, record it in the progress file.
 
         After a failed commit the later shards are not committed: completed shards stay a prefix."""
         if self._commit_failed:
-            handle.close()
+            os.close(fd)
             return
         try:
-            self._commit_shard(handle, tmp, shards)
+            self._commit_shard(fd, tmp, shards)
         except BaseException:
             self._commit_failed = True
             raise
 
-    def _commit_shard(self, handle: BinaryIO, tmp: Path, shards: list[ShardInfo]) -> None:
+    def _commit_shard(self, fd: int, tmp: Path, shards: list[ShardInfo]) -> None:
         shard = shards[-1]
         try:
-            os.fsync(handle.fileno())
-            size = os.fstat(handle.fileno()).st_size
-            _drop_from_page_cache(handle.fileno())
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            _drop_from_page_cache(fd)
         finally:
-            handle.close()
+            os.close(fd)
         if size != shard.bytes:
             raise CacheError(f"{tmp}: wrote {shard.bytes} bytes but the file holds {size}")
         os.replace(tmp, self.path / shard.name)
@@ -475,6 +493,25 @@ class _Loan:
         self._held -= 1
         if self._held == 0:
             self._release()
+
+
+_PAD_KEY = "vilbert.pad"
+"""The record batch metadata key whose value (spaces) aligns the pixels; readers ignore it."""
+
+
+def _ipc_file(schema: pa.Schema, batch: pa.RecordBatch, pad: int) -> tuple[list[memoryview], int]:
+    """`batch` as an Arrow IPC file: its pieces in order (large buffers as views) and its size."""
+    sink = _CollectingSink()
+    with pa.ipc.new_file(sink, schema) as ipc:
+        ipc.write_batch(batch, custom_metadata={_PAD_KEY: " " * pad})
+    return sink.chunks, sink.size
+
+
+def _pixel_offset(chunks: list[memoryview]) -> int:
+    """Where the pixel values start in the Arrow file made of `chunks` (read back from a copy)."""
+    data = pa.py_buffer(b"".join(chunks))
+    values = pa.ipc.open_file(data).get_batch(0).column("pixels").values
+    return values.buffers()[1].address + values.offset * values.type.byte_width - data.address
 
 
 class _CollectingSink:

@@ -104,7 +104,13 @@ class SkipLog:
 
 class BackgroundWriter:
     """Runs the cache writes on one thread, in submission order, while this thread reads, plans,
-    submits and tokenizes: the writes (copy, file write, checksum, fsync) mostly release the GIL."""
+    submits and tokenizes: the writes (copy, file write, checksum, fsync) mostly release the GIL.
+
+    Args:
+        max_queued: Jobs waiting at most before `submit` blocks. Preprocess queues as many as the
+            pool has slots: each job holds a slot, so the slots bound the memory, and a writer
+            waiting for the disk (a shard's direct write) never stops the decoding while slots last.
+    """
 
     def __init__(self, max_queued: int = 2) -> None:
         self._jobs: queue.Queue[tuple[Callable[[], None], Callable[[], None]] | None] = queue.Queue(max_queued)

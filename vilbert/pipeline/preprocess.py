@@ -225,7 +225,7 @@ def preprocess(
                       lendable=run.lent_slots())  # fmt: skip
     one_thread = tokenizer_on_one_thread() if workers > 0 else nullcontext()  # the pool has the cores
     try:
-        with one_thread, pool, BackgroundWriter() as background:
+        with one_thread, pool, BackgroundWriter(max_queued=pool.slots) as background:
             chunks = _batched(run.plan(items), options.chunk_size)
             prepare = lambda chunk: encoder([s.caption for _, s in chunk])  # noqa: E731 - tokenize while decoding
 
