@@ -2,8 +2,8 @@
 file system takes that, else through the page cache.
 
 A buffered `write()` copies every byte into the page cache, and the kernel's copy of a cache's
-pixels cost as much CPU as a fifth of all preprocessing (docs/results.md, appendix C); a direct
-write hands the device the caller's memory, and the CPU only pins the pages. Direct writes need the
+pixels was preprocess's largest CPU cost after the JPEG decode (docs/results.md, appendix C); a
+direct write hands the device the caller's memory, and the CPU only pins the pages. Direct writes need the
 file offset, the length and the memory address of each write aligned to the device's block size.
 The writer lays every shard out so that its pixel values start at a multiple of
 `PIXEL_ALIGNMENT` in the file, and pixel rows are whole multiples of `DIRECT_ALIGNMENT` bytes at the
