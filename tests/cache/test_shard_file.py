@@ -122,6 +122,13 @@ def test_rows_that_are_not_whole_blocks_go_through_the_page_cache(tmp_path, disk
         assert _pixel_offset(file) % shard_file.PIXEL_ALIGNMENT == 0
 
 
+def test_vilbert_direct_io_0_keeps_shards_in_the_page_cache(tmp_path, monkeypatch, disk):
+    monkeypatch.setenv("VILBERT_DIRECT_IO", "0")
+    rows = build_cache(tmp_path / "c", n=20)  # float16 rows: whole blocks, direct otherwise
+    assert disk.opened and not any(disk.opened)
+    assert CacheReader(tmp_path / "c").gather(np.arange(20))["pixels"].tobytes() == rows["pixels"].tobytes()
+
+
 def test_aligned_empty_starts_on_a_page():
     for shape in [(1,), (3, 224, 224), (7, 1536)]:
         array = shard_file.aligned_empty(shape, np.float16)

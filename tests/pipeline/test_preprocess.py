@@ -225,6 +225,39 @@ def test_same_inputs_give_byte_identical_shards_whatever_the_workers(tmp_path: P
     assert runs["w0"] == runs["w2"] and len(runs["w0"]["train"]) > 2
 
 
+def test_shards_go_to_the_disk_straight_from_the_decode_slots_with_the_same_bytes(
+    tmp_path: Path, fetched: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    from vilbert.cache import _shard_file
+
+    opened: list[bool] = []
+    real_open = os.open
+
+    def spy(path, flags, *args):  # type: ignore[no-untyped-def]
+        if os.path.basename(str(path)).startswith(".shard-"):
+            opened.append(bool(_shard_file._O_DIRECT and flags & _shard_file._O_DIRECT))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(_shard_file.os, "open", spy)
+    options = PreprocessOptions(**{**small(workers=2, chunk_size=16).__dict__, "target_shard_bytes": 40_000})
+    digests = {}
+    for name, direct_io in (("direct", "1"), ("page-cache", "0")):
+        monkeypatch.setenv("VILBERT_DIRECT_IO", direct_io)
+        opened.clear()
+        with caplog.at_level(logging.INFO, logger=_shard_file.__name__):
+            preprocess(FetchSource([fetched["dir"]]), tmp_path / name, fetched["tokenizer"], options)
+        refused = "direct writes refused" in caplog.text  # this machine's file system may not take them
+        if direct_io == "1":
+            assert len(opened) > 4 and (all(opened) or refused)  # every shard, until a refusal
+        else:
+            assert len(opened) > 4 and not any(opened)
+        digests[name] = {s: shard_digests(tmp_path / name / s) for s in ("train", "test")}
+    assert digests["direct"] == digests["page-cache"]
+    assert verify_cache(tmp_path / "direct" / "train").ok
+
+
 def test_resume_after_a_crash_gives_the_same_shards(tmp_path: Path, fetched: dict) -> None:
     options = PreprocessOptions(**{**small(chunk_size=8).__dict__, "target_shard_bytes": 40_000})
     preprocess(FetchSource([fetched["dir"]]), tmp_path / "clean", fetched["tokenizer"], options)

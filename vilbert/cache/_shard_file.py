@@ -41,9 +41,16 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
 class ShardFiles:
-    """Writes shard files for one cache; stops trying direct writes once the file system refuses one."""
+    """Writes shard files for one cache; stops trying direct writes once the file system refuses one.
 
-    def __init__(self, direct: bool = True) -> None:
+    Args:
+        direct: Try direct writes; None: unless the environment sets `VILBERT_DIRECT_IO=0` (for a
+            file system that takes `O_DIRECT` but serves it slowly).
+    """
+
+    def __init__(self, direct: bool | None = None) -> None:
+        if direct is None:
+            direct = os.environ.get("VILBERT_DIRECT_IO", "1").strip() != "0"
         self.direct = direct and bool(_O_DIRECT)
         self._bounce = np.empty(0, np.uint8)
 
