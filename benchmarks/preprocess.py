@@ -19,13 +19,15 @@ or a copy of it in another layout, and run in fresh subprocesses, one after anot
 - **ours, uint8 pixels** (without --quick): ours storing raw uint8 (`--pixel-dtype uint8`):
   half the bytes to write and hash, and a transpose instead of the normalization lookup.
 - **decode+write, float16 / uint8**: the decode-and-write ceiling: every core decodes its share (as
-  the ceiling), converts it to the stored dtype (ours' float16 lookup or uint8 transpose) and writes
-  the rows to 128 MiB shards of its own, 64 to a `write()`, each fsynced on a thread and dropped
-  from the page cache: what any preprocess must do to put a cache on this disk, with nothing shared.
+  the ceiling), converts it to the stored dtype (ours' float16 lookup or uint8 transpose) into one
+  of two aligned 64-row chunks, and a writer thread sends each full chunk to 128 MiB shards of its
+  own the way the cache writes pixels (straight from memory, `O_DIRECT`, where the file system
+  takes it), each shard fsynced: what any preprocess must do to put a cache on this disk, with
+  nothing shared.
 - **disk bound, float16 / uint8**: the disk alone: the bytes a cache of these rows holds (301 KB a
   row in float16, 151 KB in uint8), written the way the cache writes them (128 MiB shards of 64-row
-  `write()`s, each fsynced, then dropped from the page cache), in one process with no other work.
-  No preprocess that keeps its promise (a shard is on disk before it counts) beats it.
+  writes straight from memory, each shard fsynced), in one process with no other work. No
+  preprocess that keeps its promise (a shard is on disk before it counts) beats it.
 
 The contenders the ratios judge (ours in its three layouts and in uint8, the decode-only and the
 decode-and-write ceilings) run round-robin, three times each, and the median run of each is shown:
