@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vilbert.cache import verify_cache
+from vilbert.cache import CacheReader, verify_cache
 from vilbert.errors import CacheError
 
 
@@ -69,6 +69,8 @@ def test_cli_verify_exits_0_with_a_summary(cache_u8, run_cli):
     result = run_cli("cache", "verify", str(cache_u8[0]))
     assert result.returncode == 0, result.stderr
     assert f"OK {cache_u8[0]}: 3 shards, 20 rows" in " ".join(result.stdout.split())
+    algorithm = CacheReader(cache_u8[0]).manifest.shards[0].checksum.split(":")[0]  # xxh3_128 where installed
+    assert f"verified ({algorithm}, schema, contents)" in " ".join(result.stdout.split())
 
 
 def test_cli_verify_exits_1_naming_the_bad_shard(cache_u8):

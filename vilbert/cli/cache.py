@@ -101,10 +101,11 @@ def verify(directory: Path = DIR_ARGUMENT) -> None:
 
         report = verify_cache(directory, progress=progress)
     report.raise_if_bad()
+    algorithms = sorted({s.checksum.split(":", 1)[0] for s in report.manifest.shards}) if report.manifest else []
     console.print(
         f"OK {directory}: {report.shards_checked} shard{'' if report.shards_checked == 1 else 's'}, "
         f"{report.rows:,} rows, "
-        f"{_size(report.bytes)} verified (sha256, schema, contents)"
+        f"{_size(report.bytes)} verified ({', '.join([*algorithms, 'schema', 'contents'])})"
     )
 
 
