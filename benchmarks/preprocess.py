@@ -288,7 +288,7 @@ class _ShardOut:
     the page cache. Every write but a shard's last must be whole 512-byte blocks from aligned memory."""
 
     def __init__(self, path: Path) -> None:
-        from vilbert.cache._shard_file import aligned_empty
+        from vilbert.cache.format import aligned_empty
 
         self.path, self.size, self._pad = path, 0, aligned_empty((1 << 20,), np.uint8)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -303,7 +303,7 @@ class _ShardOut:
         if self.direct and view.nbytes % 512:  # the shard's last write: padded, then cut at close
             padded = -(-view.nbytes // 512) * 512
             if self._pad.nbytes < padded:
-                from vilbert.cache._shard_file import aligned_empty
+                from vilbert.cache.format import aligned_empty
 
                 self._pad = aligned_empty((padded,), np.uint8)
             self._pad[: view.nbytes] = np.frombuffer(view, np.uint8)
@@ -336,7 +336,7 @@ def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
     (`_ShardOut`: as the cache writes them), each shard ending with its rows' token ids (zeros here)."""
     import simplejpeg
 
-    from vilbert.cache._shard_file import aligned_empty
+    from vilbert.cache.format import aligned_empty
     from vilbert.pipeline._decode_pool import _store, normalization_lut
     from vilbert.pipeline.images import jpeg_output_buffer
 
@@ -443,7 +443,7 @@ def run_disk_bound(data: Path, out: Path, pixel_dtype: str) -> int:
     (128 MiB shards, 64 rows a write, straight from memory where the file system takes it: `_ShardOut`),
     each fsynced and dropped from the page cache, no other work. Every preprocess must put these bytes
     on the disk, so no preprocess is faster than this."""
-    from vilbert.cache._shard_file import aligned_empty
+    from vilbert.cache.format import aligned_empty
     from vilbert.pipeline.fetch import count_fetched
 
     n = count_fetched(data)

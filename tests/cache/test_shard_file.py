@@ -13,6 +13,7 @@ import pytest
 
 from vilbert.cache import CacheReader
 from vilbert.cache import _shard_file as shard_file
+from vilbert.cache.format import aligned_empty
 
 from .conftest import build_cache, make_rows, new_writer, shard_files
 
@@ -71,7 +72,7 @@ def test_direct_and_page_cache_writes_give_the_same_aligned_shards(tmp_path, mon
     def build(path):
         with new_writer(path) as writer:
             for s in range(0, 20, 5):
-                pixels = shard_file.aligned_empty(rows["pixels"][s : s + 5].shape, np.float16) if lent else None
+                pixels = aligned_empty(rows["pixels"][s : s + 5].shape, np.float16) if lent else None
                 if pixels is not None:
                     pixels[...] = rows["pixels"][s : s + 5]
                 args = [rows[k][s : s + 5] for k in ("keys", "input_ids", "num_tokens", "labels", "captions")]
@@ -131,5 +132,5 @@ def test_vilbert_direct_io_0_keeps_shards_in_the_page_cache(tmp_path, monkeypatc
 
 def test_aligned_empty_starts_on_a_page():
     for shape in [(1,), (3, 224, 224), (7, 1536)]:
-        array = shard_file.aligned_empty(shape, np.float16)
+        array = aligned_empty(shape, np.float16)
         assert array.shape == shape and array.ctypes.data % shard_file.PIXEL_ALIGNMENT == 0

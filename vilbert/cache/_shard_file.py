@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PIXEL_ALIGNMENT", "DIRECT_ALIGNMENT", "ShardFiles", "aligned_empty"]
+from vilbert.cache.format import aligned_empty
+
+__all__ = ["PIXEL_ALIGNMENT", "DIRECT_ALIGNMENT", "ShardFiles"]
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +81,16 @@ class ShardFiles:
         except OSError as err:
             if err.errno not in _REFUSED:
                 raise
-            return self._refused(path, err)
+            self._refused(path, err)
+            return None
         try:
             self._write_direct(fd, chunks, pixels)
         except OSError as err:
             os.close(fd)
             if err.errno not in _REFUSED:
                 raise
-            return self._refused(path, err)
+            self._refused(path, err)
+            return None
         except BaseException:
             os.close(fd)
             raise
@@ -95,41 +99,31 @@ class ShardFiles:
     def _refused(self, path: Path, err: OSError) -> None:
         log.info("%s: direct writes refused (%s); shards go through the page cache", path.parent, err.strerror)
         self.direct = False
-        return None
 
     def _write_direct(self, fd: int, chunks: Sequence[memoryview], pixels: slice) -> None:
-        head = self._bounced(chunks[: pixels.start])
+        head, offset = self._bounced(chunks[: pixels.start])
         _pwrite_all(fd, head, 0)
-        offset = head.nbytes
         for piece in chunks[pixels]:
             _pwrite_all(fd, piece, offset)
             offset += piece.nbytes
-        tail_bytes = sum(chunk.nbytes for chunk in chunks[pixels.stop :])
-        tail = self._bounced(chunks[pixels.stop :], pad_to=DIRECT_ALIGNMENT)
+        tail, tail_bytes = self._bounced(chunks[pixels.stop :], pad_to=DIRECT_ALIGNMENT)
         _pwrite_all(fd, tail, offset)
         os.ftruncate(fd, offset + tail_bytes)  # the tail was padded to a whole block
 
-    def _bounced(self, chunks: Sequence[memoryview], pad_to: int = 1) -> memoryview:
-        """`chunks` copied one after another into an aligned buffer, zero-padded to a multiple of `pad_to`."""
+    def _bounced(self, chunks: Sequence[memoryview], pad_to: int = 1) -> tuple[memoryview, int]:
+        """`chunks` copied one after another into an aligned buffer, zero-padded to a multiple of
+        `pad_to`, and their size without the padding."""
         size = sum(chunk.nbytes for chunk in chunks)
         padded = -(-size // pad_to) * pad_to
         if self._bounce.nbytes < padded:
-            self._bounce = aligned_empty((2 * padded,), np.uint8)
+            self._bounce = aligned_empty((2 * padded,), np.uint8, PIXEL_ALIGNMENT)
         buffer = self._bounce[:padded]
         at = 0
         for chunk in chunks:
             buffer[at : at + chunk.nbytes] = np.frombuffer(chunk, np.uint8)
             at += chunk.nbytes
         buffer[at:] = 0
-        return memoryview(buffer)
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """An uninitialized array starting at a multiple of `PIXEL_ALIGNMENT` in memory."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + PIXEL_ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % PIXEL_ALIGNMENT
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+        return memoryview(buffer), size
 
 
 def _direct_writable(chunks: Sequence[memoryview], pixels: slice) -> bool:

@@ -39,6 +39,7 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
     "CHECKSUM_ALGORITHMS",
+    "aligned_empty",
     "default_checksum_algorithm",
     "checksum_algorithm",
     "new_digest",
@@ -412,6 +413,14 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, ensure_ascii: bool
     """Write JSON to a temporary name, fsync, rename over `path`, fsync the directory."""
     text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=ensure_ascii) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type, alignment: int = 4096) -> np.ndarray:
+    """An uninitialized array whose first byte is at a multiple of `alignment` in memory."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from vilbert.cache._shard_file import PIXEL_ALIGNMENT, ShardFiles, aligned_empty
+from vilbert.cache._shard_file import PIXEL_ALIGNMENT, ShardFiles
 from vilbert.cache.format import (
     CHANNELS,
     MANIFEST_NAME,
@@ -64,11 +64,13 @@ from vilbert.cache.format import (
     TOKENIZER_NAME,
     Manifest,
     ShardInfo,
+    aligned_empty,
     arrow_array,
     arrow_strings,
     default_checksum_algorithm,
     fsync_dir,
     new_digest,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from vilbert.cache.resume import PROGRESS_NAME, lock_directory, prepare_directory, unlock_directory
@@ -149,7 +151,7 @@ class CacheWriter:
         self._lock = lock_directory(self.path)
         try:
             self._shards = prepare_directory(self.path, self.mode, self._config, self._schema)
-            _write_bytes_atomic(self.path / TOKENIZER_NAME, self.spec.tokenizer_bytes)
+            write_bytes_atomic(self.path / TOKENIZER_NAME, self.spec.tokenizer_bytes)
         except BaseException:
             self._closed = True
             self._release()
@@ -333,7 +335,8 @@ class CacheWriter:
 
     def _pixel_buffer(self) -> np.ndarray:
         if "pixels" not in self._buffers:
-            self._buffers["pixels"] = aligned_empty((self._rows_per_shard, self._pixel_values), self._pixel_dtype)
+            shape = (self._rows_per_shard, self._pixel_values)
+            self._buffers["pixels"] = aligned_empty(shape, self._pixel_dtype, PIXEL_ALIGNMENT)
         return self._buffers["pixels"]
 
     def _record_batch(self, placeholder: np.ndarray | None) -> pa.RecordBatch:
@@ -575,15 +578,6 @@ def _drop_from_page_cache(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as err:  # advice only: a file system may not take it
             log.debug("posix_fadvise(DONTNEED) refused (%s); the shard stays in the page cache", err)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _expect_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from vilbert.cache.format import aligned_empty
 from vilbert.errors import DataError
 
 try:  # libspng: decodes PNG about twice as fast as PIL; optional, PIL is the fallback
@@ -191,9 +192,7 @@ def jpeg_output_buffer(height: int, width: int) -> np.ndarray:
     row is a multiple of 16 bytes long (224 pixels: 672 bytes).
     """
     nbytes = height * width * 3
-    raw = np.empty(nbytes + 64 + _UNALIGNED, np.uint8)
-    start = -raw.ctypes.data % 64 + _UNALIGNED
-    return raw[start : start + nbytes].reshape(height, width, 3)
+    return aligned_empty((nbytes + _UNALIGNED,), np.uint8, alignment=64)[_UNALIGNED:].reshape(height, width, 3)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
