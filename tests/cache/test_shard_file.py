@@ -134,3 +134,50 @@ def test_aligned_empty_starts_on_a_page():
     for shape in [(1,), (3, 224, 224), (7, 1536)]:
         array = aligned_empty(shape, np.float16)
         assert array.shape == shape and array.ctypes.data % shard_file.PIXEL_ALIGNMENT == 0
+
+
+@pytest.mark.skipif(not shard_file._O_DIRECT, reason="no O_DIRECT on this platform")
+def test_pixel_rows_reach_the_disk_while_their_shard_fills(tmp_path, disk, caplog):
+    rows = make_rows(7, "float16")  # one shard of 7 rows of 1,536 bytes: whole 512-byte blocks
+    pixels = aligned_empty(rows["pixels"].shape, np.float16)
+    pixels[...] = rows["pixels"]
+    with caplog.at_level(logging.INFO, logger=shard_file.__name__), new_writer(tmp_path / "c") as writer:
+        args = [rows[k][:5] for k in ("keys", "input_ids", "num_tokens", "labels", "captions")]
+        writer.write(args[0], pixels[:5], *args[1:], release=lambda: None)
+        tmp = tmp_path / "c" / ".shard-00000.arrow.tmp"
+        if "direct writes refused" in caplog.text:  # this machine's file system does not take them
+            assert not tmp.exists() or tmp.stat().st_size == 0
+        else:  # five of the shard's seven rows are in its file already, where the finished file has them
+            start = writer._pixel_start
+            assert start % shard_file.PIXEL_ALIGNMENT == 0 and start >= 4096
+            assert tmp.read_bytes()[start:] == pixels[:5].tobytes()
+        args = [rows[k][5:] for k in ("keys", "input_ids", "num_tokens", "labels", "captions")]
+        writer.write(args[0], pixels[5:], *args[1:], release=lambda: None)
+    (file,) = shard_files(tmp_path / "c")
+    if "direct writes refused" in caplog.text:
+        assert disk.opened == [True, False]  # refused once, then the page cache
+    else:
+        assert disk.opened == [True]  # streamed, then completed in place: never opened twice
+    assert _pixel_offset(file) == writer._pixel_start
+    assert CacheReader(tmp_path / "c").gather(np.arange(7))["pixels"].tobytes() == rows["pixels"].tobytes()
+
+
+def test_keys_too_long_for_the_reserved_room_put_the_pixels_further_with_the_same_bytes(tmp_path, monkeypatch, disk):
+    rows = make_rows(20, "float16")
+    rows["keys"] = [f"{'k' * 700}{i:03d}" for i in range(20)]  # 7 rows a shard: 4.9 KB of keys
+    for name, direct in (("direct", shard_file._O_DIRECT), ("buffered", 0)):
+        monkeypatch.setattr(shard_file, "_O_DIRECT", direct)
+        with new_writer(tmp_path / name) as writer:
+            assert writer._pixel_start < 7 * 700  # the room left for keys of up to 60 bytes
+            for s in range(0, 20, 5):
+                writer.write(
+                    *[rows[k][s : s + 5] for k in ("keys", "pixels", "input_ids", "num_tokens", "labels", "captions")]
+                )
+    direct, buffered = shard_files(tmp_path / "direct"), shard_files(tmp_path / "buffered")
+    for a, b in zip(direct, buffered, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+        offset = _pixel_offset(a)
+        assert offset % shard_file.PIXEL_ALIGNMENT == 0 and offset > 7 * 700  # past the keys, still aligned
+    reader = CacheReader(tmp_path / "direct")
+    assert reader.gather(np.arange(20))["pixels"].tobytes() == rows["pixels"].tobytes()
+    assert reader.keys(np.arange(20)) == rows["keys"]

@@ -25,7 +25,11 @@ byte-identical shards. The manifest's `created_at` is the only timestamp. The si
 
 A shard's first pixel value sits at a multiple of 4,096 bytes in the file (padding in the record
 batch's metadata), so its pixel rows go to the disk straight from memory where the file system
-takes it (`_shard_file`: `O_DIRECT`, else the page cache, the same bytes).
+takes it (`_shard_file`: `O_DIRECT`, else the page cache, the same bytes). That offset is fixed
+before the shard's first row arrives (`_pixel_room`: room for the schema and the batch's header and
+keys of up to 60 bytes a row), so the rows go to the disk as they come, while the shard fills; a
+shard whose keys outgrow the room puts its pixels at the next multiple of 4,096 and is written
+whole when complete.
 
 A full shard is hashed on one thread while it is written on another; its fsync, rename and
 progress record run on a commit thread while the next shard fills (at most one waits), and its
@@ -56,7 +60,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from vilbert.cache._shard_file import PIXEL_ALIGNMENT, ShardFiles
+from vilbert.cache._shard_file import PIXEL_ALIGNMENT, PixelStream, ShardFiles
 from vilbert.cache.format import (
     CHANNELS,
     MANIFEST_NAME,
@@ -124,9 +128,13 @@ class CacheWriter:
         self._shards: list[ShardInfo] = []
         self._checksum_algorithm = default_checksum_algorithm()
         self._files = ShardFiles()
+        self._pixel_start = _pixel_room(self._schema, self._rows_per_shard)
+        """Where each shard's first pixel value goes in the file, if what precedes it fits there."""
         self._align_pad = 0
-        """Bytes of padding in each record batch's metadata that put the pixels at PIXEL_ALIGNMENT
+        """Bytes of padding in each record batch's metadata that put the pixels at `_pixel_start`
         (the same for every shard of a cache; found again if a shard's layout differs)."""
+        self._stream: PixelStream | None = None
+        """The unflushed shard's file, receiving its pixel rows as they come (None: written whole)."""
         self.rows_done = 0
         """Rows in completed shards kept by `resume` (set on entering): the producer skips this many."""
         self._buffers: dict[str, np.ndarray] = {}
@@ -249,6 +257,9 @@ class CacheWriter:
         """Drop unflushed rows; completed shards and the progress file stay for `resume`."""
         self._closed = True
         self._buffers, self._pixels = {}, []  # lent rows are dropped without their release
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         self._stop_committer()
         for tmp in self.path.glob(".shard-*.arrow.tmp"):
             tmp.unlink(missing_ok=True)
@@ -328,6 +339,11 @@ class CacheWriter:
         else:
             loan.lent()
             self._pixels.append(_Piece(fill, np.ascontiguousarray(pixels), loan))
+        if fill == 0:
+            tmp = self.path / f".{shard_name(len(self._shards))}.tmp"
+            self._stream = self._files.stream(tmp, self._pixel_start, self._pixel_values * self._pixel_dtype.itemsize)
+        if self._stream is not None:
+            self._stream.put(fill, self._pixels[-1].rows)  # to the disk now, while the shard fills
         for name, values in self._strings.items():
             if name in columns:
                 values.extend(columns[name][start:stop])
@@ -367,7 +383,8 @@ class CacheWriter:
         chunks, size, pixels = self._shard_bytes()
         digest = _Digest(chunks, self._checksum_algorithm)
         try:
-            fd = self._files.write(tmp, chunks, pixels)  # closed by the commit
+            fd = self._files.write(tmp, chunks, pixels, self._stream)  # closed by the commit
+            self._stream = None
         finally:
             checksum = digest.result()  # the rows' buffers are reused once this returns
         self._shards.append(ShardInfo(name=name, rows=self._fill, bytes=size, checksum=checksum))
@@ -386,13 +403,15 @@ class CacheWriter:
 
         The batch is laid out around the pixels' memory (a placeholder of their size when rows are
         lent), and the IPC writer hands over each large buffer as a view of that memory, found here
-        by address. Padding in the record batch's custom metadata puts the first pixel value at a
-        multiple of `PIXEL_ALIGNMENT` in the file, so the rows can go to the disk as they lie in
-        memory (`_shard_file`); lent pieces then take the placeholder's place."""
+        by address. Padding in the record batch's custom metadata puts the first pixel value at
+        `_pixel_start` (or, if what precedes it does not fit there, at the next multiple of
+        `PIXEL_ALIGNMENT`), so the rows can go to the disk as they lie in memory (`_shard_file`);
+        lent pieces then take the placeholder's place."""
         lent = any(piece.loan is not None for piece in self._pixels)
         placeholder = np.empty((self._fill, self._pixel_values), self._pixel_dtype) if lent else None
         pixels = placeholder if placeholder is not None else self._pixel_buffer()[: self._fill]
         batch = self._record_batch(placeholder)
+        target = self._pixel_start
         for _ in range(8):  # the first try fits but for the first shard and a changed layout
             chunks, size = _ipc_file(self._schema, batch, self._align_pad)
             found = [i for i, chunk in enumerate(chunks) if pa.py_buffer(chunk).address == pixels.ctypes.data]
@@ -404,10 +423,11 @@ class CacheWriter:
                 offset = _pixel_offset(chunks)  # found by reading the file back: the same layout, slower
             else:
                 offset = sum(chunk.nbytes for chunk in chunks[: found[0]])
-            miss = offset % PIXEL_ALIGNMENT
-            if miss == 0:
+            if offset == target:
                 break
-            self._align_pad += -miss if miss <= self._align_pad else PIXEL_ALIGNMENT - miss
+            if offset - self._align_pad > target:  # the header outgrew the room: the next aligned offset
+                target = -(-(offset - self._align_pad) // PIXEL_ALIGNMENT) * PIXEL_ALIGNMENT
+            self._align_pad = max(0, self._align_pad + target - offset)
         if not located:
             return chunks, size, None
         at = found[0]
@@ -500,6 +520,20 @@ class _Loan:
 
 _PAD_KEY = "vilbert.pad"
 """The record batch metadata key whose value (spaces) aligns the pixels; readers ignore it."""
+
+_KEY_ROOM = 64
+"""Bytes of each row's key that `_pixel_room` leaves room for: its 4-byte offset and 60 bytes (fetch
+output's keys take 9, img2dataset's 9, with --key-prefix a few more)."""
+
+
+def _pixel_room(schema: pa.Schema, rows: int) -> int:
+    """The file offset for a shard's first pixel value: past the file's start, the schema and a
+    batch header (sized as the whole file of an empty batch, footer included), and `rows` keys of
+    `_KEY_ROOM` bytes, rounded up to `PIXEL_ALIGNMENT`. Depends only on the cache's settings, so
+    a shard's bytes do not depend on how or when it was written."""
+    empty = pa.RecordBatch.from_arrays([pa.nulls(0, field.type) for field in schema], schema=schema)  # no pandas
+    _, size = _ipc_file(schema, empty, 0)
+    return -(-(size + rows * _KEY_ROOM) // PIXEL_ALIGNMENT) * PIXEL_ALIGNMENT
 
 
 def _ipc_file(schema: pa.Schema, batch: pa.RecordBatch, pad: int) -> tuple[list[memoryview], int]:
