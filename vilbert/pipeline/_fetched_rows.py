@@ -4,7 +4,7 @@
 every page it has read stays resident: its RSS grows with the fetch output, by about the size of the
 JPEGs (20,000 images: +450 MB; CC3M: tens of GB of page cache counted as the reader's). Preprocess
 reads the same rows in the same order (by source line, then by output in the order given; tested
-against `iter_fetched`), but maps a part only while it copies a batch's rows out of it.
+against `iter_fetched`), but keeps a part mapped only while a batch of its rows is in use.
 """
 
 from __future__ import annotations
@@ -66,16 +66,21 @@ def _open(source: pa.NativeFile, path: Path) -> pa.ipc.RecordBatchFileReader:
 
 
 def _take(paths: list[Path], parts: np.ndarray, rows: np.ndarray, columns: list[str] | None = None) -> pa.RecordBatch:
-    """Rows (parts[i], rows[i]) in the given order (all columns, or `columns`), copied out of mappings
-    closed right after."""
+    """Rows (parts[i], rows[i]) in the given order (all columns, or `columns`), out of mappings closed
+    right after: consecutive rows (a part's rows in line order, as fetch writes them) as a slice,
+    which keeps only its part's mapping alive, and only while the batch lives; others copied."""
     pieces, positions = [], []
     for part in np.unique(parts):
         mask = parts == part
+        picked = rows[mask]
         with pa.memory_map(str(paths[part])) as source:
             table = _open(source, paths[part]).read_all()
             if columns is not None:
                 table = table.select(columns)
-            pieces.append(table.take(arrow_array(rows[mask])).combine_chunks())  # a copy: the map can go
+            if np.array_equal(picked, np.arange(picked[0], picked[0] + len(picked))):
+                pieces.append(table.slice(int(picked[0]), len(picked)).combine_chunks())  # no copy: a view
+            else:
+                pieces.append(table.take(arrow_array(picked)).combine_chunks())  # a copy
             del table
         positions.append(np.nonzero(mask)[0])
     merged = pa.concat_tables(pieces)
