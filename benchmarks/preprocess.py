@@ -17,13 +17,13 @@ or a copy of it in another layout, and run in fresh subprocesses, one after anot
 - **cache write only** (context): `CacheWriter.write` of the same number of ready-made float16 rows
   in one process: the copy, file write, checksum and fsync every preprocess pays on top of decoding.
 - **ours, uint8 pixels** (without --quick): ours storing raw uint8 (`--pixel-dtype uint8`):
-  half the bytes to write and hash, and a transpose instead of the normalization lookup.
+  half the bytes to write and hash, and a split into channel planes instead of the normalization lookup.
 - **decode+write, float16 / uint8**: the decode-and-write ceiling: every core decodes its share (as
-  the ceiling), converts it to the stored dtype (ours' float16 lookup or uint8 transpose) into one
-  of two aligned 64-row chunks, and a writer thread sends each full chunk to 128 MiB shards of its
-  own the way the cache writes pixels (straight from memory, `O_DIRECT`, where the file system
-  takes it), each shard fsynced: what any preprocess must do to put a cache on this disk, with
-  nothing shared.
+  the ceiling), converts it to the stored dtype as ours does (RGBX split into planes, float16
+  through the lookup) into one of two aligned 64-row chunks, and a writer thread sends each full
+  chunk to 128 MiB shards of its own the way the cache writes pixels (straight from memory,
+  `O_DIRECT`, where the file system takes it), each shard fsynced: what any preprocess must do to
+  put a cache on this disk, with nothing shared.
 - **disk bound, float16 / uint8**: the disk alone: the bytes a cache of these rows holds (301 KB a
   row in float16, 151 KB in uint8), written the way the cache writes them (128 MiB shards of 64-row
   writes straight from memory, each shard fsynced), in one process with no other work. No
@@ -330,22 +330,20 @@ class _ShardOut:
 
 
 def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
-    """One worker's share of the decode-and-write ceiling: decode, convert to the stored dtype (the
-    float16 lookup or the uint8 transpose, as ours) into one of two aligned chunks of 64 rows, and
-    write each chunk's pixels, as soon as it is full, to 128 MiB shards of its own on a writer thread
-    (`_ShardOut`: as the cache writes them), each shard ending with its rows' token ids (zeros here)."""
-    import simplejpeg
-
+    """One worker's share of the decode-and-write ceiling: decode and convert to the stored dtype as
+    ours does (`RGBXImage`: RGBX, split into planes, through the float16 lookup) into one of two
+    aligned chunks of 64 rows, and write each chunk's pixels, as soon as it is full, to 128 MiB
+    shards of its own on a writer thread (`_ShardOut`: as the cache writes them), each shard ending
+    with its rows' token ids (zeros here)."""
     from vilbert.cache.format import aligned_empty
-    from vilbert.pipeline._decode_pool import _store, normalization_lut
-    from vilbert.pipeline.images import jpeg_output_buffer
+    from vilbert.pipeline._decode_pool import RGBXImage, normalization_lut
 
     paths, worker, workers, pixel_dtype, out = args
     lut = normalization_lut(MEAN, STD) if pixel_dtype == "float16" else None
     chunks = [aligned_empty((CHUNK, 3, SIZE, SIZE), np.dtype(pixel_dtype)) for _ in range(2)]
     ids_bytes = MAX_LEN * 4 + 8
     shard_rows = (128 << 20) // _row_bytes(pixel_dtype)
-    rgb, writer = jpeg_output_buffer(SIZE, SIZE), ThreadPoolExecutor(1)
+    image, writer = RGBXImage(SIZE), ThreadPoolExecutor(1)
     writes: list = [None, None]
     shard: list = [None, 0, 0]  # the open `_ShardOut`, its rows, shards so far (the writer thread's)
 
@@ -365,8 +363,7 @@ def _decode_write_share(args: tuple[list[str], int, int, str, Path]) -> int:
 
     count, fill, which, in_shard = 0, 0, 0, 0
     for data in _jpegs_of_worker(paths, worker, workers):
-        simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=rgb)
-        _store(rgb, chunks[which][fill], lut)  # ours' conversion: the float16 lookup or the uint8 transpose
+        image.decode(data).store(chunks[which][fill], lut)  # ours' decode and conversion
         count, fill, in_shard = count + 1, fill + 1, in_shard + 1
         if fill == CHUNK or in_shard == shard_rows:
             writes[which] = writer.submit(write, chunks[which][:fill])

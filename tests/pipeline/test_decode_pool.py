@@ -18,9 +18,11 @@ def _images() -> list[bytes]:
     rng = np.random.default_rng(3)
     jpegs = [encode_jpeg(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), quality=90) for _ in range(4)]
     larger = encode_jpeg(rng.integers(0, 256, (SIZE * 2, SIZE + 9, 3), dtype=np.uint8), quality=90)
+    grey = io.BytesIO()  # at the size too: the shortcut decodes it to RGBX like the colour ones
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8), "L").save(grey, "JPEG", quality=90)
     png = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(png, "PNG")
-    return [*jpegs, larger, png.getvalue(), b"\xff\xd8\xff\xe0 not a jpeg"]
+    return [*jpegs, grey.getvalue(), larger, png.getvalue(), b"\xff\xd8\xff\xe0 not a jpeg"]
 
 
 def test_each_row_holds_its_own_image_and_failures_are_named():

@@ -66,6 +66,7 @@ __all__ = [
     "encode_jpeg",
     "jpeg_orientation",
     "jpeg_output_buffer",
+    "jpeg_output_bytes",
 ]
 
 RESIZE_MODES = ("center-crop", "pad", "stretch")
@@ -191,8 +192,13 @@ def jpeg_output_buffer(height: int, width: int) -> np.ndarray:
     fast or slow (docs/results.md, appendix C). Here every row starts off alignment where a
     row is a multiple of 16 bytes long (224 pixels: 672 bytes).
     """
-    nbytes = height * width * 3
-    return aligned_empty((nbytes + _UNALIGNED,), np.uint8, alignment=64)[_UNALIGNED:].reshape(height, width, 3)
+    return jpeg_output_bytes(height * width * 3).reshape(height, width, 3)
+
+
+def jpeg_output_bytes(nbytes: int) -> np.ndarray:
+    """`nbytes` uninitialised bytes starting 8 bytes past a 64-byte boundary (`jpeg_output_buffer`'s
+    memory: rows of any multiple of 16 bytes laid out from it start off the aligned stores)."""
+    return aligned_empty((nbytes + _UNALIGNED,), np.uint8, alignment=64)[_UNALIGNED:]
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
