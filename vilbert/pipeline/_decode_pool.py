@@ -14,12 +14,14 @@ written: preprocess lends them to the cache writer until their shard is on disk)
 exist, so memory stays bounded. Free slots and stages are reused last-in first-out, so a run that
 needs few of them touches few pages.
 
-Normalization to float16 is a per-channel lookup table of the 256 possible values, computed in
-float64 and rounded once: exact to float16 precision, and cheaper than float arithmetic (numpy's
-float32 -> float16 cast alone costs more). Measured in the pipeline, a per-channel `take` from the
-strided HWC image beats reordering to CHW first (1.13 ms against 0.96 ms of worker CPU per image)
-and a 65,536-entry table of pixel pairs (1.24 ms: its 768 KiB miss the cache that two workers and
-the other processes share, where the 512-byte table stays in L1).
+At-size JPEGs (fetch output) decode to RGBX and split into channel planes by a cast of 32-bit
+words (`RGBXImage`: 11 us a 224x224 image, where numpy's transposing copy of RGB took 43 us);
+anything resized is HWC RGB, transposed or looked up per channel. Normalization to float16 is a
+per-channel lookup table of the 256 possible values, computed in float64 and rounded once: exact
+to float16 precision, and cheaper than float arithmetic (numpy's float32 -> float16 cast alone
+costs more), than a 65,536-entry table of pixel pairs (its 768 KiB miss the cache that two workers
+and the other processes share, where the 512-byte table stays in L1), and, on an HWC image, than
+reordering it to CHW first (docs/results.md, appendix C).
 """
 
 from __future__ import annotations
