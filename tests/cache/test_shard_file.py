@@ -181,3 +181,27 @@ def test_keys_too_long_for_the_reserved_room_put_the_pixels_further_with_the_sam
     reader = CacheReader(tmp_path / "direct")
     assert reader.gather(np.arange(20))["pixels"].tobytes() == rows["pixels"].tobytes()
     assert reader.keys(np.arange(20)) == rows["keys"]
+
+
+def test_a_lent_piece_off_the_block_alignment_has_its_shard_written_whole_with_the_same_bytes(tmp_path, monkeypatch):
+    rows = make_rows(14, "float16")
+
+    def build(path, misalign):
+        with new_writer(path) as writer:
+            for s in range(0, 14, 5):
+                n = min(5, 14 - s)
+                memory = aligned_empty((n * 1536 + 8,), np.uint8)[8 if misalign and s == 5 else 0 :][: n * 1536]
+                pixels = memory.view(np.float16).reshape(n, 3, 16, 16)  # rows 8 bytes past a block: not direct
+                pixels[...] = rows["pixels"][s : s + n]
+                args = [rows[k][s : s + n] for k in ("keys", "input_ids", "num_tokens", "labels", "captions")]
+                writer.write(args[0], pixels, *args[1:], release=lambda: None)
+
+    build(tmp_path / "misaligned", misalign=True)
+    monkeypatch.setattr(shard_file, "_O_DIRECT", 0)
+    build(tmp_path / "buffered", misalign=False)
+    misaligned, buffered = shard_files(tmp_path / "misaligned"), shard_files(tmp_path / "buffered")
+    assert len(misaligned) == 2
+    for a, b in zip(misaligned, buffered, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    got = CacheReader(tmp_path / "misaligned").gather(np.arange(14))["pixels"]
+    assert got.tobytes() == rows["pixels"].tobytes()

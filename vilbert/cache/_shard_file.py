@@ -69,14 +69,8 @@ class ShardFiles:
         they cannot go straight to the disk (then `write` writes the whole file at the end)."""
         if not self.direct or offset % PIXEL_ALIGNMENT or row_bytes % DIRECT_ALIGNMENT:
             return None
-        try:
-            fd = os.open(path, _CREATE | _O_DIRECT, 0o644)
-        except OSError as err:
-            if err.errno not in _REFUSED:
-                raise
-            self._refused(path, err)
-            return None
-        return PixelStream(self, path, fd, offset, row_bytes)
+        fd = self._open_direct(path)
+        return None if fd is None else PixelStream(self, path, fd, offset, row_bytes)
 
     def write(
         self, path: Path, chunks: Sequence[memoryview], pixels: slice | None, streamed: PixelStream | None = None
@@ -104,13 +98,19 @@ class ShardFiles:
             raise
         return fd
 
-    def _try_direct(self, path: Path, chunks: Sequence[memoryview], pixels: slice) -> int | None:
+    def _open_direct(self, path: Path) -> int | None:
+        """`path` created for direct writes; None if the file system refuses them."""
         try:
-            fd = os.open(path, _CREATE | _O_DIRECT, 0o644)
+            return os.open(path, _CREATE | _O_DIRECT, 0o644)
         except OSError as err:
             if err.errno not in _REFUSED:
                 raise
             self._refused(path, err)
+            return None
+
+    def _try_direct(self, path: Path, chunks: Sequence[memoryview], pixels: slice) -> int | None:
+        fd = self._open_direct(path)
+        if fd is None:
             return None
         try:
             self._write_direct(fd, chunks, pixels)
@@ -174,12 +174,12 @@ class PixelStream:
         """Write `rows` (`[n, ...]`, C-contiguous) as rows `row`, `row + 1`, ... of the shard."""
         if self.broken or self._fd is None:
             return
-        data = memoryview(rows).cast("B")
-        if row != self.rows or data.nbytes != len(rows) * self.row_bytes or rows.ctypes.data % DIRECT_ALIGNMENT:
+        whole = rows.flags.c_contiguous and rows.nbytes == len(rows) * self.row_bytes
+        if row != self.rows or not whole or rows.ctypes.data % DIRECT_ALIGNMENT:
             self.broken = True
             return
         try:
-            _pwrite_all(self._fd, data, self.offset + row * self.row_bytes)
+            _pwrite_all(self._fd, memoryview(rows).cast("B"), self.offset + row * self.row_bytes)
         except OSError as err:
             if err.errno not in _REFUSED:
                 raise
