@@ -17,7 +17,7 @@ A shard's pixels can also go to the disk while the shard fills (`PixelStream`): 
 room for everything before them, so their offset is known before the rest of the file is, and each
 piece of rows is written at its place as it arrives; when the shard is complete only the bytes
 before and after them remain to write. The disk then works while the rows are being decoded, not
-after the last of them (a run's last shard was a tenth of a second of waiting at its end). Whatever
+after the last of them (docs/results.md, appendix C). Whatever
 stops a piece from going straight to the disk (unaligned memory, a refusal, a layout that outgrew the
 reserved room) leaves the whole file to be written at the end, as without streaming.
 """
@@ -110,10 +110,14 @@ class ShardFiles:
 
     def _try_direct(self, path: Path, chunks: Sequence[memoryview], pixels: slice) -> int | None:
         fd = self._open_direct(path)
-        if fd is None:
-            return None
+        return None if fd is None else self._finish_direct(path, fd, chunks, pixels)
+
+    def _finish_direct(
+        self, path: Path, fd: int, chunks: Sequence[memoryview], pixels: slice, *, pixels_written: bool = False
+    ) -> int | None:
+        """`_write_direct` into `fd`, returned; on a refusal it is closed and None returned."""
         try:
-            self._write_direct(fd, chunks, pixels)
+            self._write_direct(fd, chunks, pixels, pixels_written=pixels_written)
         except OSError as err:
             os.close(fd)
             if err.errno not in _REFUSED:
@@ -129,16 +133,16 @@ class ShardFiles:
         log.info("%s: direct writes refused (%s); shards go through the page cache", path.parent, err.strerror)
         self.direct = False
 
-    def _write_direct(self, fd: int, chunks: Sequence[memoryview], pixels: slice) -> None:
+    def _write_direct(self, fd: int, chunks: Sequence[memoryview], pixels: slice, *, pixels_written: bool) -> None:
+        """The file's bytes before and after its pixel rows through the bounce buffer, and the rows
+        themselves as they lie in memory (unless `pixels_written`: a `PixelStream` wrote them)."""
         head, offset = self._bounced(chunks[: pixels.start])
         _pwrite_all(fd, head, 0)
         for piece in chunks[pixels]:
-            _pwrite_all(fd, piece, offset)
+            if not pixels_written:
+                _pwrite_all(fd, piece, offset)
             offset += piece.nbytes
-        self._write_tail(fd, chunks[pixels.stop :], offset)
-
-    def _write_tail(self, fd: int, chunks: Sequence[memoryview], offset: int) -> None:
-        tail, tail_bytes = self._bounced(chunks, pad_to=DIRECT_ALIGNMENT)
+        tail, tail_bytes = self._bounced(chunks[pixels.stop :], pad_to=DIRECT_ALIGNMENT)
         _pwrite_all(fd, tail, offset)
         os.ftruncate(fd, offset + tail_bytes)  # the tail was padded to a whole block
 
@@ -194,26 +198,15 @@ class PixelStream:
         fd, self._fd = self._fd, None
         if fd is None:
             return None
-        try:
-            if not self.broken and pixels is not None:
-                before = sum(chunk.nbytes for chunk in chunks[: pixels.start])
-                pixel_bytes = sum(chunk.nbytes for chunk in chunks[pixels])
-                if before == self.offset and pixel_bytes == self.rows * self.row_bytes:
-                    head, _ = self._files._bounced(chunks[: pixels.start])
-                    _pwrite_all(fd, head, 0)
-                    self._files._write_tail(fd, chunks[pixels.stop :], before + pixel_bytes)
-                    return fd
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in _REFUSED:
-                raise
-            self._files._refused(self.path, err)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
+        if not self.broken and pixels is not None and self._holds(chunks, pixels):
+            return self._files._finish_direct(self.path, fd, chunks, pixels, pixels_written=True)
         os.close(fd)
         return None
+
+    def _holds(self, chunks: Sequence[memoryview], pixels: slice) -> bool:
+        """Whether the streamed rows are exactly `chunks[pixels]`, where `chunks` puts them."""
+        before = sum(chunk.nbytes for chunk in chunks[: pixels.start])
+        return before == self.offset and sum(chunk.nbytes for chunk in chunks[pixels]) == self.rows * self.row_bytes
 
     def close(self) -> None:
         """Give the file up (the shard is abandoned)."""

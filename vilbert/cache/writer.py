@@ -340,14 +340,18 @@ class CacheWriter:
             loan.lent()
             self._pixels.append(_Piece(fill, np.ascontiguousarray(pixels), loan))
         if fill == 0:
-            tmp = self.path / f".{shard_name(len(self._shards))}.tmp"
-            self._stream = self._files.stream(tmp, self._pixel_start, self._pixel_values * self._pixel_dtype.itemsize)
+            row_bytes = self._pixel_values * self._pixel_dtype.itemsize
+            self._stream = self._files.stream(self._temp_path(len(self._shards)), self._pixel_start, row_bytes)
         if self._stream is not None:
             self._stream.put(fill, self._pixels[-1].rows)  # to the disk now, while the shard fills
         for name, values in self._strings.items():
             if name in columns:
                 values.extend(columns[name][start:stop])
         self._fill += take
+
+    def _temp_path(self, index: int) -> Path:
+        """Where shard `index` is written before it is complete (renamed by the commit)."""
+        return self.path / f".{shard_name(index)}.tmp"
 
     def _pixel_buffer(self) -> np.ndarray:
         if "pixels" not in self._buffers:
@@ -378,8 +382,7 @@ class CacheWriter:
         release the GIL); the fsync, rename and progress record go to the commit thread, so the
         next shard fills while the disk catches up."""
         index = len(self._shards)
-        name = shard_name(index)
-        tmp = self.path / f".{name}.tmp"
+        name, tmp = shard_name(index), self._temp_path(index)
         chunks, size, pixels = self._shard_bytes()
         digest = _Digest(chunks, self._checksum_algorithm)
         try:

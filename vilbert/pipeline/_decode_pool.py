@@ -15,12 +15,12 @@ exist, so memory stays bounded. Free slots and stages are reused last-in first-o
 needs few of them touches few pages.
 
 At-size JPEGs (fetch output) decode to RGBX and split into channel planes by a cast of 32-bit
-words (`RGBXImage`: 11 us a 224x224 image, where numpy's transposing copy of RGB took 43 us);
-anything resized is HWC RGB, transposed or looked up per channel. Normalization to float16 is a
-per-channel lookup table of the 256 possible values, computed in float64 and rounded once: exact
-to float16 precision, and cheaper than float arithmetic (numpy's float32 -> float16 cast alone
-costs more), than a 65,536-entry table of pixel pairs (its 768 KiB miss the cache that two workers
-and the other processes share, where the 512-byte table stays in L1), and, on an HWC image, than
+words (`RGBXImage`: a quarter of the cost of numpy's transposing copy of RGB); anything resized
+is HWC RGB, transposed or looked up per channel. Normalization to float16 is a per-channel lookup
+table of the 256 possible values, computed in float64 and rounded once: exact to float16
+precision, and cheaper than float arithmetic (numpy's float32 -> float16 cast alone costs more),
+than a 65,536-entry table of pixel pairs (its 768 KiB miss the cache that two workers and the
+other processes share, where the 512-byte table stays in L1), and, on an HWC image, than
 reordering it to CHW first (docs/results.md, appendix C).
 """
 
@@ -125,9 +125,9 @@ class RGBXImage:
     channel planes.
 
     libjpeg-turbo writes 4 bytes a pixel (R, G, B, then 255) as fast as 3, and 4-byte pixels split
-    into planes without numpy's transposing copy, which moves one byte at a time (43 us a 224x224
-    image): channel `c` is the low byte of the little-endian 32-bit word at byte `c` of each pixel, so
-    casting those words to uint8 writes plane `c`, a vectorized pass (11 us for all three). The
+    into planes without numpy's transposing copy, which moves one byte at a time: channel `c` is the
+    low byte of the little-endian 32-bit word at byte `c` of each pixel, so casting those words to
+    uint8 writes plane `c`, a vectorized pass (docs/results.md, appendix C). The
     buffer starts off the aligned stores (`jpeg_output_bytes`) and has 4 bytes to spare for the last
     word of channels 1 and 2.
     """
