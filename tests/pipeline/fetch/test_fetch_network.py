@@ -59,6 +59,10 @@ class TinyServer(BackgroundServer):
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await self.stopping.wait()
             return response
+        if name == "mute":  # never answers: no headers
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.stopping.wait()
+            return web.Response(status=500)
         if name == "trickle":  # a body that never ends, one byte at a time
             response = web.StreamResponse()
             await response.prepare(request)
@@ -153,7 +157,15 @@ def test_body_deadline_costs_one_deadline(server: TinyServer, name: str) -> None
     result, elapsed = get(server.url(name), timeout_s=1.0, retries=3)
     assert result.reason == "timeout" and result.transient, "a rerun retries it"
     assert result.attempts == 1 and server.hits[name] == 1, "a slow body is not retried within the run"
+    assert result.message.startswith("body not complete within 1 s (")
     assert 0.9 <= elapsed < 2.0
+
+
+def test_a_deadline_before_the_headers_is_retried(server: TinyServer) -> None:
+    result, elapsed = get(server.url("mute"), timeout_s=0.5, retries=1)
+    assert result.reason == "timeout" and result.transient and result.message == "no answer within 0.5 s"
+    assert result.attempts == 2 and server.hits["mute"] == 2
+    assert 1.0 <= elapsed < 2.5
 
 
 def test_connection_refused_is_transient() -> None:

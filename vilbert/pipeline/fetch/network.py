@@ -258,10 +258,7 @@ class Downloader:
                 _record(result, failure)
                 retry, retry_after = failure.retry, failure.retry_after
             except asyncio.TimeoutError:
-                _record(
-                    result,
-                    _Failure("timeout", f"no complete answer within {self.options.timeout_s:g} s", transient=True),
-                )
+                _record(result, _Failure("timeout", _deadline_message(state, self.options.timeout_s), transient=True))
                 retry, retry_after = not state.reading, None
             except BaseException:
                 self.budget.give(state.held)
@@ -362,6 +359,7 @@ class Downloader:
                 await self.budget.take(2 * size - state.held)
                 state.held = 2 * size
             chunks.append(chunk)
+            state.received = size
         body = b"".join(chunks)
         del chunks
         self.budget.give(state.held - size)  # the chunks are gone: the body alone is held until release
@@ -375,6 +373,15 @@ class _AttemptState:
     """Headers are in: a deadline now means a slow body (not retried in the run)."""
     held: int = 0
     """Bytes of the body budget this attempt holds."""
+    received: int = 0
+    """Bytes of the body read so far."""
+
+
+def _deadline_message(state: _AttemptState, seconds: float) -> str:
+    """What a deadline cut: the wait for an answer (retried) or a slow body (left to a rerun)."""
+    if state.reading:
+        return f"body not complete within {seconds:g} s ({state.received} bytes read)"
+    return f"no answer within {seconds:g} s"
 
 
 async def _with_deadline(coro, seconds: float):
