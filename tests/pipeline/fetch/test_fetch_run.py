@@ -188,3 +188,18 @@ def test_thread_decoding_gives_torch_its_thread_count_back(tmp_path: Path, corpu
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+HOWS = ("thread", "process")
+
+
+def test_decode_processes_save_the_same_images_as_threads(corpus: Path, tmp_path: Path) -> None:
+    with serve_in_background(corpus, SERVER) as server:
+        ok = [p for p, o in server.plan.items() if o.kind == "ok"][:3]
+        tsv = tmp_path / "cc.tsv"
+        tsv.write_text("".join(f"caption {i}\t{server.base_url}{p}\n" for i, p in enumerate(ok)))
+        for how in HOWS:
+            report = fetch_cc(tsv, tmp_path / how, loopback_options(decode_in=how, decode_workers=1))
+            assert report["run"]["saved"] == 3, how
+    jpegs = {how: pa.Table.from_batches(iter_fetched(tmp_path / how))["jpeg"].to_pylist() for how in HOWS}
+    assert len(jpegs["thread"]) == 3 and jpegs["thread"] == jpegs["process"]

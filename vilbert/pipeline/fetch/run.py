@@ -3,7 +3,7 @@
 One asyncio event loop runs `max_in_flight` worker coroutines that take rows from a bounded queue
 (filled from the streamed list), download through one `Downloader`, and hand bodies to a pool of
 decode threads (two more than cores, so every core works while the loop waits on the network or
-holds the GIL). Finished rows go to the `PartWriter`, whose parts are written on an I/O thread. The
+holds the GIL; `decode_threads.py`). Finished rows go to the `PartWriter`, whose parts are written on an I/O thread. The
 run ends by itself: every request has a deadline, and the queue ends with one stop marker per worker.
 """
 
@@ -21,14 +21,15 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from vilbert.cache.format import write_json_atomic
 from vilbert.errors import FetchError, UsageError
 from vilbert.pipeline.fetch.decode import decode_job, init_worker
+from vilbert.pipeline.fetch.decode_threads import DecodeThreads
 from vilbert.pipeline.fetch.inputs import BadLine, UrlRow, read_cc_tsv, read_url_table
 from vilbert.pipeline.fetch.network import TRANSIENT_REASONS, Downloader, NetworkOptions
 from vilbert.pipeline.fetch.proxies import redact_proxy
@@ -40,6 +41,8 @@ __all__ = ["WEB_MAX_PIXELS", "FetchOptions", "fetch_cc", "fetch_url_table", "fet
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict], None]
+Decode = Callable[..., Awaitable]
+"""`decode(fn, *args)`: run `fn(*args)` off the event loop and await its result."""
 WEB_MAX_PIXELS = 40_000_000
 """Fetch refuses larger images unread (`too-large`): a 24 MP camera photo fits, and each decode holds
 about 4 bytes per pixel per decode thread (PIL's own limit, 89 MP, costs ~1.2 GB per decode)."""
@@ -147,9 +150,9 @@ def fetch_rows(
         done = done_lines(out, retry_failed=options.retry_failed)
         writer = PartWriter(out, rows_per_part=options.rows_per_part, seconds_per_part=options.seconds_per_part)
         stats = _Stats(already_done=len(done))
-        with _lean_gc(), _decode_pool(options) as pool:
+        with _lean_gc(), _decode_pool(options) as decode:
             gc.freeze()  # torch and the decoders, imported by the pool just now, too
-            _run_event_loop(_Run(options, writer, pool, stats, progress).main(rows(), done), options.event_loop)
+            _run_event_loop(_Run(options, writer, decode, stats, progress).main(rows(), done), options.event_loop)
         return _finish(out, options, source, stats)
 
 
@@ -271,14 +274,14 @@ def _lean_gc() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _decode_pool(options: FetchOptions) -> Iterator[Executor]:
+def _decode_pool(options: FetchOptions) -> Iterator[Decode]:
+    """`submit(fn, *args) -> awaitable` on decode threads (`DecodeThreads`) or processes."""
     cores = os.cpu_count() or 1
     # Threads: two beyond the cores, so a core stays busy while a thread waits for the GIL (its Python
     # glue between decode, resize and encode) that the event loop holds. Measured on 2 cores, 4,000
     # URLs at 0 ms latency, back to back: 4 threads saved more images per second than 2, at less CPU
     # per image (benchmarks/RESULTS.md). Each thread holds at most one decoded image (`max_pixels`).
     workers = options.decode_workers or (cores + 2 if options.decode_in == "thread" else cores)
-    restore_threads = None
     if options.decode_in == "thread":
         # Import torch before the first request: an import running beside the event loop holds the GIL
         # for seconds, and the loop's requests would miss their deadlines. `init_worker` sets torch's
@@ -288,18 +291,21 @@ def _decode_pool(options: FetchOptions) -> Iterator[Executor]:
 
         restore_threads = functools.partial(torch.set_num_threads, torch.get_num_threads())
         init_worker()
-        pool: Executor = ThreadPoolExecutor(workers, thread_name_prefix="vilbert-decode")
-    else:
-        context = multiprocessing.get_context("forkserver")
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker)
-        for _ in range(workers):  # start the workers (and their imports) while the first downloads run
-            pool.submit(init_worker)
+        threads = DecodeThreads(workers)
+        try:
+            yield threads.submit
+        finally:
+            threads.shutdown()
+            restore_threads()
+        return
+    context = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker)
+    for _ in range(workers):  # start the workers (and their imports) while the first downloads run
+        pool.submit(init_worker)
     try:
-        yield pool
+        yield lambda fn, *args: asyncio.get_running_loop().run_in_executor(pool, fn, *args)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if restore_threads is not None:
-            restore_threads()
 
 
 @dataclass
@@ -342,9 +348,9 @@ class _Run:
     """One run's event-loop side: producer, workers, periodic flush and progress."""
 
     def __init__(
-        self, options: FetchOptions, writer: PartWriter, pool: Executor, stats: _Stats, progress: Progress | None
+        self, options: FetchOptions, writer: PartWriter, decode: Decode, stats: _Stats, progress: Progress | None
     ) -> None:
-        self.options, self.writer, self.pool, self.stats, self.progress = options, writer, pool, stats, progress
+        self.options, self.writer, self.decode, self.stats, self.progress = options, writer, decode, stats, progress
         self.io = ThreadPoolExecutor(1, thread_name_prefix="vilbert-parts")  # one thread: parts in order
         self.writes: list[Future] = []
 
@@ -387,7 +393,6 @@ class _Run:
             await queue.put(None)
 
     async def _worker(self, queue: asyncio.Queue, downloader: Downloader) -> None:
-        loop = asyncio.get_running_loop()
         opts = self.options
         while (row := await queue.get()) is not None:
             self.stats.in_flight += 1
@@ -401,9 +406,8 @@ class _Run:
                     continue
                 self.stats.bytes_downloaded += len(got.body)
                 try:
-                    result = await loop.run_in_executor(
-                        self.pool, decode_job, got.body, opts.size, opts.mode, opts.quality, opts.max_pixels
-                    )
+                    job = (got.body, opts.size, opts.mode, opts.quality, opts.max_pixels)
+                    result = await self.decode(decode_job, *job)
                 except Exception as err:  # a decoder crash must cost one image, not the run
                     result = ("fail", "decode-error", f"{type(err).__name__}: {err}")
                 downloader.release(got)  # the body is decoded: its bytes go back to the budget
