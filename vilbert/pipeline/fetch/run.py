@@ -1,10 +1,11 @@
 """Orchestration: URL list -> (download, decode, resize, encode) -> image parts + failures + report.
 
 One asyncio event loop runs `max_in_flight` worker coroutines that take rows from a bounded queue
-(filled from the streamed list), download through one `Downloader`, and hand bodies to a pool of
-decode threads (two more than cores, so every core works while the loop waits on the network or
-holds the GIL; `decode_threads.py`). Finished rows go to the `PartWriter`, whose parts are written on an I/O thread. The
-run ends by itself: every request has a deadline, and the queue ends with one stop marker per worker.
+(filled from the streamed list), download through one `Downloader`, and hand bodies to decode
+threads (`DecodeThreads`: two more than cores, so every core works while the loop waits on the
+network or holds the GIL). Finished rows go to the `PartWriter`, whose parts are written on an I/O
+thread. The run ends by itself: every request has a deadline, and the queue ends with one stop
+marker per worker.
 """
 
 from __future__ import annotations
@@ -275,7 +276,7 @@ def _lean_gc() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _decode_pool(options: FetchOptions) -> Iterator[Decode]:
-    """`submit(fn, *args) -> awaitable` on decode threads (`DecodeThreads`) or processes."""
+    """`decode(fn, *args) -> awaitable`, run on decode threads (`DecodeThreads`) or processes."""
     cores = os.cpu_count() or 1
     # Threads: two beyond the cores, so a core stays busy while a thread waits for the GIL (its Python
     # glue between decode, resize and encode) that the event loop holds. Measured on 2 cores, 4,000
