@@ -82,9 +82,15 @@ def test_endless_and_stalled_bodies_cost_one_deadline(fetched: dict) -> None:
     slow = [p for p, o in fetched["plan"].items() if o.kind in ("endless", "stall")]
     assert slow
     for path in slow:
-        assert failures[path]["reason"] == "timeout" and failures[path]["transient"]
-        assert DEADLINE_S * 0.9 <= failures[path]["seconds"] <= DEADLINE_S + 1.0  # + event-loop lag on a busy box
-        assert fetched["attempts"][path] == 1
+        failure = failures[path]
+        assert failure["reason"] == "timeout" and failure["transient"], "a rerun retries it"
+        assert failure["message"].startswith("body not complete within"), "the run's last attempt read headers"
+        if fetched["attempts"][path] == 1:
+            assert DEADLINE_S * 0.9 <= failure["seconds"] <= DEADLINE_S + 1.0  # + event-loop lag on a busy box
+    # A slow body is not retried in the run (test_fetch_network checks it on its own server); here an
+    # answer late on a busy CI machine can meet the deadline before its headers, which is retried.
+    retried = {p: fetched["attempts"][p] for p in slow if fetched["attempts"][p] > 1}
+    assert len(retried) <= 1, f"slow URLs attempted again: {retried}"
     assert fetched["elapsed"] < 60, "the run ends by itself"
 
 
